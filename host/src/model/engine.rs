@@ -1,0 +1,119 @@
+//! The torch side: a loaded TorchScript module and the forward passes over planned chunks.
+//! Only the model thread (see `mod.rs`) touches it: libtorch calls block.
+
+use std::path::Path;
+
+use tch::{CModule, Device, Kind, Tensor};
+
+use super::manifest::{Manifest, Task};
+use super::{ModelError, Output, Precision};
+use crate::batcher::{BatchLimits, ChunkOrder, plan_chunks};
+
+pub(super) struct Engine {
+    module: CModule,
+    device: Device,
+    pad_id: i64,
+    task: Task,
+    num_labels: usize,
+    limits: BatchLimits,
+    order: ChunkOrder,
+}
+
+/// What one `run` cost, for timing metadata and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub forward_passes: usize,
+    /// Tokens the model computed, padding included.
+    pub padded_tokens: usize,
+    /// Tokens of the sequences themselves.
+    pub real_tokens: usize,
+}
+
+impl Engine {
+    pub fn load(
+        dir: &Path,
+        manifest: &Manifest,
+        device: Device,
+        precision: Precision,
+        limits: BatchLimits,
+        order: ChunkOrder,
+    ) -> Result<Self, ModelError> {
+        let variant = precision.variant(device);
+        let file = manifest.variants.get(&variant).ok_or_else(|| ModelError::MissingVariant {
+            variant: variant.clone(),
+            available: manifest.variants.keys().cloned().collect(),
+        })?;
+        let path = dir.join(file);
+        let mut module =
+            CModule::load_on_device(&path, device).map_err(|source| ModelError::Load { path: path.clone(), source })?;
+        module.set_eval();
+        Ok(Self {
+            module,
+            device,
+            pad_id: manifest.pad_token_id,
+            task: manifest.task,
+            num_labels: manifest.labels.len(),
+            limits,
+            order,
+        })
+    }
+
+    /// Runs every sequence, in as few padded forward passes as the limits allow, and returns
+    /// one output per sequence in input order.
+    pub fn run(&self, sequences: &[Vec<u32>]) -> Result<(Vec<Output>, RunStats), ModelError> {
+        let _no_grad = tch::no_grad_guard();
+        let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        let mut outputs: Vec<Option<Output>> = vec![None; sequences.len()];
+        let mut stats = RunStats { real_tokens: lengths.iter().sum(), ..RunStats::default() };
+        for chunk in plan_chunks(&lengths, self.limits, self.order) {
+            let rows: Vec<&[u32]> = chunk.indices.iter().map(|&i| sequences[i].as_slice()).collect();
+            let results = self.forward(&rows, chunk.padded_len)?;
+            for (i, output) in chunk.indices.iter().zip(results) {
+                outputs[*i] = Some(output);
+            }
+            stats.forward_passes += 1;
+            stats.padded_tokens += chunk.padded_tokens();
+        }
+        let outputs = outputs.into_iter().map(|o| o.expect("every index is in one chunk")).collect();
+        Ok((outputs, stats))
+    }
+
+    /// One forward pass over `rows`, padded to `padded_len`.
+    fn forward(&self, rows: &[&[u32]], padded_len: usize) -> Result<Vec<Output>, ModelError> {
+        let mut ids = vec![self.pad_id; rows.len() * padded_len];
+        let mut mask = vec![0i64; rows.len() * padded_len];
+        for (r, row) in rows.iter().enumerate() {
+            let start = r * padded_len;
+            for (j, &id) in row.iter().enumerate() {
+                ids[start + j] = i64::from(id);
+                mask[start + j] = 1;
+            }
+        }
+        let shape = [rows.len() as i64, padded_len as i64];
+        let ids = Tensor::from_slice(&ids).view(shape).to_device(self.device);
+        let mask = Tensor::from_slice(&mask).view(shape).to_device(self.device);
+        let logits = self.module.forward_ts(&[ids, mask])?;
+
+        let expected: Vec<i64> = match self.task {
+            Task::SequenceClassification => vec![shape[0], self.num_labels as i64],
+            Task::TokenClassification => vec![shape[0], shape[1], self.num_labels as i64],
+        };
+        if logits.size() != expected {
+            return Err(ModelError::OutputShape { expected, got: logits.size() });
+        }
+        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))?;
+        let labels = self.num_labels;
+        Ok(match self.task {
+            Task::SequenceClassification => flat
+                .chunks_exact(labels)
+                .map(|row| Output { data: row.to_vec(), shape: vec![labels] })
+                .collect(),
+            // Drop the padding rows: each sequence gets logits for its own tokens only.
+            Task::TokenClassification => flat
+                .chunks_exact(padded_len * labels)
+                .zip(rows)
+                .map(|(block, row)| Output { data: block[..row.len() * labels].to_vec(), shape: vec![row.len(), labels] })
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,61 @@
+//! `manifest.json`, written by `tools/export_model.py` beside the TorchScript module.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::ModelError;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// One row of logits per sequence: `[labels]`.
+    SequenceClassification,
+    /// One row of logits per token: `[tokens, labels]`, trimmed to the sequence's own length.
+    TokenClassification,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    pub task: Task,
+    pub labels: Vec<String>,
+    pub max_length: usize,
+    pub inputs: Vec<String>,
+    /// Traced files by `<device>-<dtype>` (`cpu-float32`, `cuda-float16`, ...): a trace bakes in
+    /// its device and dtype, so each combination the host may run is its own file.
+    pub variants: BTreeMap<String, String>,
+    pub pad_token_id: i64,
+    /// Token ids must be below this: an out-of-range id would fault inside the model (on CUDA,
+    /// poisoning the whole context), so the runtime refuses it first.
+    pub vocab_size: usize,
+    /// `<name>-<first 12 hex digits of sha256>`: changes whenever the weights or tokenizer do.
+    pub version: String,
+    pub sha256: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("manifest.json");
+        let invalid = |message: String| ModelError::Manifest { path: path.clone(), message };
+        let text = std::fs::read_to_string(&path).map_err(|e| invalid(e.to_string()))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(invalid(format!(
+                "format_version {} is not supported (expected {FORMAT_VERSION}); re-export the model",
+                manifest.format_version
+            )));
+        }
+        if manifest.inputs != ["input_ids", "attention_mask"] {
+            return Err(invalid(format!("inputs {:?} are not [input_ids, attention_mask]", manifest.inputs)));
+        }
+        if manifest.labels.is_empty() || manifest.max_length < 2 {
+            return Err(invalid("needs at least one label and a max_length of 2 or more".into()));
+        }
+        Ok(manifest)
+    }
+}
