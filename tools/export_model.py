@@ -353,8 +353,9 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _random_rows(lengths: list[int], vocab: int, generator: torch.Generator) -> list[list[int]]:
-    # Ids from 1000 up avoid every tokenizer's special tokens, which live at the start.
-    return [torch.randint(1000, vocab, (n,), generator=generator).tolist() for n in lengths]
+    # Skip the start of the vocabulary, where tokenizers keep their special tokens.
+    low = min(1000, vocab // 4)
+    return [torch.randint(low, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
 def _rows_of(output: torch.Tensor, lengths: list[int], task: str) -> list[torch.Tensor]:

@@ -1,0 +1,60 @@
+# batchbox: `make serve` runs the server on the default model, `make test` runs every test.
+# Both set up what they need first (`make setup`): the Python venv with the pinned torch,
+# the wasm32-wasip2 target and the exported default model. Setup is idempotent.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.requirements-installed
+DEFAULT_MODEL := models/minilm-topics
+TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json
+BENCH_MODEL := models/synthetic-deberta-v3-base
+EXPORT := tools/export_model.py
+
+.PHONY: setup serve test test-models bench clean
+
+setup: $(VENV_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
+
+# The venv, and `.venv/torch`: the link .cargo/config.toml points torch-sys at.
+$(VENV_STAMP): tools/requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tools/requirements.txt
+	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/torch
+	touch $@
+
+.PHONY: wasm-target
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+$(DEFAULT_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
+	$(PY) $(EXPORT) default --out $(DEFAULT_MODEL)
+
+# Tiny DeBERTa-v3-style checkpoints (spm.model, no tokenizer.json), as a user would bring them.
+models/test/tiny-deberta/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtures/make_deberta_checkpoint.py
+	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-best
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-best --out models/test/tiny-deberta
+
+models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtures/make_deberta_checkpoint.py
+	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-ner --token-classification
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-ner --out models/test/tiny-deberta-ner
+
+test-models: $(TEST_MODELS)
+
+test: setup test-models
+	$(PY) -m pytest -q -p no:warnings tools/tests
+	cargo test --workspace
+
+serve: setup
+	cargo build --release -p batchbox-host
+	@echo "The HTTP server arrives with the plugin runtime; meanwhile, predictions for sentences on stdin:"
+	./target/release/batchbox --config shared_config.yaml predict
+
+$(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
+	$(PY) $(EXPORT) synthetic --size base --out $(BENCH_MODEL)
+
+bench: setup $(BENCH_MODEL)/manifest.json
+	cargo bench -p batchbox-host --bench runtime
+
+clean:
+	cargo clean
+	rm -rf models $(VENV)

