@@ -11,7 +11,7 @@ TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-n
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 
-.PHONY: setup serve test test-models bench clean
+.PHONY: setup serve test test-models plugins bench clean
 
 setup: $(VENV_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
 
@@ -40,14 +40,19 @@ models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtur
 
 test-models: $(TEST_MODELS)
 
-test: setup test-models
-	$(PY) -m pytest -q -p no:warnings tools/tests
-	cargo test --workspace
+# The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target).
+plugins: wasm-target
+	cd plugins && cargo build --release
 
-serve: setup
+# Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
+# compile faster with an optimised Cranelift.
+test: setup test-models plugins
+	$(PY) -m pytest -q -p no:warnings tools/tests
+	cargo test --release --workspace
+
+serve: setup plugins
 	cargo build --release -p batchbox-host
-	@echo "The HTTP server arrives with the plugin runtime; meanwhile, predictions for sentences on stdin:"
-	./target/release/batchbox --config shared_config.yaml predict
+	./target/release/batchbox --config shared_config.yaml serve
 
 $(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
 	$(PY) $(EXPORT) synthetic --size base --out $(BENCH_MODEL)

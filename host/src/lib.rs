@@ -2,8 +2,12 @@
 //!
 //! - [`config`]: `shared_config.yaml`, validated into typed settings;
 //! - [`batcher`]: how sequences are grouped into forward passes (pure logic);
-//! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it.
+//! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it;
+//! - [`plugins`]: the WebAssembly plugin runtime (wasmtime, component model);
+//! - [`server`]: HTTP, host-owned routes, and the one place errors become statuses.
 
 pub mod batcher;
 pub mod config;
 pub mod model;
+pub mod plugins;
+pub mod server;

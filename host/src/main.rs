@@ -1,12 +1,16 @@
 //! The `batchbox` command line.
 
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use batchbox::config::{Config, DeviceSpec};
 use batchbox::model::{Model, ModelOptions, Task};
+use batchbox::plugins::PluginRuntime;
+use batchbox::server::{self, App, Loaded};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -24,6 +28,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve HTTP: host routes and the configured plugins' routes.
+    Serve {
+        /// Address to listen on (overrides `server.bind`); port 0 picks a free one.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+        /// Port to listen on, keeping the configured address.
+        #[arg(long, env = "PORT")]
+        port: Option<u16>,
+    },
     /// Classify sentences given as arguments (or one per line on stdin) and print the top labels.
     Predict { sentences: Vec<String> },
 }
@@ -39,7 +52,51 @@ fn main() -> anyhow::Result<()> {
         config.model.device = device;
     }
     match cli.command {
+        Command::Serve { bind, port } => {
+            if let Some(bind) = bind {
+                config.server.bind = bind;
+            }
+            if let Some(port) = port {
+                config.server.bind.set_port(port);
+            }
+            tokio::runtime::Runtime::new()?.block_on(serve(config))
+        }
         Command::Predict { sentences } => predict(&config, sentences),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Listen first, so /health answers while the model loads and /ready tells when it is done.
+    let listener = tokio::net::TcpListener::bind(config.server.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+    let address = listener.local_addr()?;
+    println!("listening on http://{address}");
+    tracing::info!(%address, "listening");
+    let app = Arc::new(App::new(&config));
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let server = tokio::spawn(server::serve(listener, app.clone(), grace, shutdown_signal()));
+
+    let started = Instant::now();
+    let options = ModelOptions::from_config(&config);
+    let model = tokio::task::spawn_blocking(move || Model::load(&options)).await??;
+    let plugins = PluginRuntime::load(&config.plugins, model.clone(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
+    let info = model.info();
+    tracing::info!(
+        model = %info.manifest.version, device = %info.device, precision = ?info.precision,
+        plugins = config.plugins.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready"
+    );
+    app.set_loaded(Loaded { model, plugins });
+    server.await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
     }
 }
 

@@ -1,0 +1,159 @@
+//! What the plugin layer costs: the 120-sentence request through the WebAssembly plugin, with
+//! and without HTTP, against the model's own time for the same request.
+//!
+//! `make bench`, or `cargo bench -p batchbox-host --bench plugins -- [--rounds N]`.
+//! Needs the default model (`make setup`) and the plugins (`make plugins`).
+//!
+//! Overhead is measured per request: end-to-end time minus the time the response's metadata
+//! says went to tokenizing, queueing and inference. Medians of those differences are robust to
+//! the model's own noise, which is far larger than the overhead.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use batchbox::config::Config;
+use batchbox::model::{Model, ModelOptions};
+use batchbox::plugins::{PluginRuntime, Request};
+use batchbox::server::{self, App, Loaded};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::Value;
+
+#[derive(Parser)]
+struct Args {
+    /// Timed requests per setup (after warm-up).
+    #[arg(long, default_value_t = 30)]
+    rounds: usize,
+    /// No-op requests for the instantiation figure.
+    #[arg(long, default_value_t = 2000)]
+    noop_requests: usize,
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+const PREDICT: &str = "/api/v1/predict/sentences";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut config = Config::load(&root.join("shared_config.yaml"))?;
+    config.model.device = batchbox::config::DeviceSpec::Cpu;
+    config.server.bind = "127.0.0.1:0".parse()?;
+    config.plugins.push(serde_yaml::from_str(&format!(
+        "{{name: faults, wasm: {}, routes: [/faults/ok]}}",
+        root.join("plugins/target/wasm32-wasip2/release/test_faults.wasm").display()
+    ))?);
+    let body = std::fs::read(root.join("tests/fixtures/test_120_sentences.json"))?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let model = {
+            let options = ModelOptions::from_config(&config);
+            tokio::task::spawn_blocking(move || Model::load(&options)).await??
+        };
+        let plugins = PluginRuntime::load(&config.plugins, model.clone(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
+        let request = |path: &str, body: &[u8]| Request {
+            method: "POST".into(),
+            path: path.into(),
+            query: String::new(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_vec(),
+        };
+
+        // Instantiation with pooling: a request that does nothing but exist.
+        let mut noop = Histogram::<u64>::new(3)?;
+        for i in 0..args.noop_requests + 100 {
+            let started = Instant::now();
+            plugins.handle("faults", 0, request("/faults/ok", b"")).await?;
+            if i >= 100 {
+                noop.record(started.elapsed().as_nanos() as u64)?;
+            }
+        }
+
+        // The 120 sentences through the plugin, in process (no HTTP).
+        let mut in_process = Samples::default();
+        for i in 0..args.rounds + 3 {
+            let started = Instant::now();
+            let response = plugins.handle("sentence-classifier", 0, request(PREDICT, &body)).await?;
+            let elapsed = started.elapsed();
+            anyhow::ensure!(response.status == 200, "{}", String::from_utf8_lossy(&response.body));
+            if i >= 3 {
+                in_process.record(elapsed, &serde_json::from_slice(&response.body)?);
+            }
+        }
+
+        // And end to end over HTTP, against a server in this process.
+        let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
+        let url = format!("http://{}{PREDICT}", listener.local_addr()?);
+        let app = Arc::new(App::new(&config));
+        app.set_loaded(Loaded { model: model.clone(), plugins });
+        tokio::spawn(server::serve(listener, app, Duration::from_secs(1), std::future::pending()));
+        let rounds = args.rounds;
+        let over_http = tokio::task::spawn_blocking(move || -> anyhow::Result<Samples> {
+            let agent = ureq::Agent::new_with_defaults();
+            let mut samples = Samples::default();
+            for i in 0..rounds + 3 {
+                let started = Instant::now();
+                let mut response = agent.post(&url).header("content-type", "application/json").send(&body[..])?;
+                let text = response.body_mut().read_to_string()?;
+                let elapsed = started.elapsed();
+                if i >= 3 {
+                    samples.record(elapsed, &serde_json::from_str(&text)?);
+                }
+            }
+            Ok(samples)
+        })
+        .await??;
+
+        println!("model: {} on {}, {:?}", model.info().manifest.version, model.info().device, model.info().precision);
+        println!("\n| measure | median | p90 | share of end to end (median) |");
+        println!("|---|---:|---:|---:|");
+        println!(
+            "| instantiate + configure + no-op call (pooling), {} requests | {:.1} µs | {:.1} µs | |",
+            args.noop_requests,
+            noop.value_at_quantile(0.5) as f64 / 1e3,
+            noop.value_at_quantile(0.9) as f64 / 1e3
+        );
+        in_process.print("120 sentences, plugin in process");
+        over_http.print("120 sentences over HTTP");
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Per-request end-to-end times and the overhead part of each.
+#[derive(Default)]
+struct Samples {
+    total_ms: Vec<f64>,
+    model_ms: Vec<f64>,
+    overhead_ms: Vec<f64>,
+}
+
+impl Samples {
+    fn record(&mut self, elapsed: Duration, response: &Value) {
+        let b = &response["metadata"]["breakdown_ms"];
+        let model: f64 = ["tokenize", "queue", "inference"].iter().map(|k| b[k].as_f64().unwrap()).sum();
+        let total = elapsed.as_secs_f64() * 1e3;
+        self.total_ms.push(total);
+        self.model_ms.push(model);
+        self.overhead_ms.push(total - model);
+    }
+
+    fn print(&self, what: &str) {
+        let median = |v: &[f64]| quantile(v, 0.5);
+        let share = 100.0 * median(&self.overhead_ms) / median(&self.total_ms);
+        println!("| {what}: end to end | {:.1} ms | {:.1} ms | |", median(&self.total_ms), quantile(&self.total_ms, 0.9));
+        println!("| {what}: tokenize + queue + inference | {:.1} ms | {:.1} ms | |", median(&self.model_ms), quantile(&self.model_ms, 0.9));
+        println!(
+            "| {what}: overhead (the rest) | {:.3} ms | {:.3} ms | {share:.2}% |",
+            median(&self.overhead_ms),
+            quantile(&self.overhead_ms, 0.9)
+        );
+    }
+}
+
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}

@@ -1,0 +1,278 @@
+//! The plugin runtime: WebAssembly components (wasmtime, component model) that handle requests.
+//!
+//! - One [`Engine`] for all plugins, with the pooling allocator (instantiation in microseconds)
+//!   and epoch interruption (a CPU deadline for guest code).
+//! - Each plugin is compiled once at start into an `InstancePre`; the compiled code is cached on
+//!   disk, keyed by the .wasm's hash and the engine's settings, so a restart does not recompile.
+//! - Every request gets a fresh `Store` and instance: nothing leaks between requests. The store
+//!   caps linear memory; the epoch callback stops a guest whose own time, host calls excluded,
+//!   passes its CPU limit; a `tokio::time::timeout` bounds the whole call.
+//! - WASI grants nothing: no preopened directories, no environment, no sockets. What a plugin
+//!   prints goes to the host's log, tagged with its name.
+
+mod host_api;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::config::{PluginConfig, PluginLimits};
+use crate::model::Model;
+
+pub use bindings::exports::batchbox::plugin::handler::{Request, Response};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit",
+        imports: {
+            "batchbox:plugin/host.tokenize": async | trappable,
+            "batchbox:plugin/host.infer": async | trappable,
+            default: trappable,
+        },
+        exports: { default: async },
+    });
+}
+
+/// How often the epoch advances: the granularity of CPU deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// What a plugin may print per request before further output is dropped.
+const OUTPUT_CAPACITY: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin {plugin}: cannot read {path}: {source}")]
+    Read { plugin: String, path: PathBuf, source: std::io::Error },
+    #[error("plugin {plugin}: cannot load the component: {message}")]
+    Compile { plugin: String, message: String },
+    #[error("plugin {plugin} rejected its config: {message}")]
+    Configure { plugin: String, message: String },
+    #[error("plugin {plugin} exceeded its CPU time limit of {limit_ms} ms")]
+    CpuLimit { plugin: String, limit_ms: u64 },
+    #[error("plugin {plugin} did not answer within {limit_ms} ms")]
+    WallTimeout { plugin: String, limit_ms: u64 },
+    #[error("no free plugin instance (more than the configured max_instances requests in flight)")]
+    NoCapacity,
+    #[error("plugin {plugin} failed: {message}")]
+    Trapped { plugin: String, message: String },
+}
+
+/// Per-request state of one instance.
+pub(crate) struct RequestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    model: Arc<Model>,
+    plugin: Arc<str>,
+    request_id: u64,
+    started: Instant,
+    /// Time spent inside host calls, which the CPU deadline does not count.
+    host_time: Duration,
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+struct LoadedPlugin {
+    name: Arc<str>,
+    pre: bindings::PluginPre<RequestState>,
+    config_json: String,
+    limits: PluginLimits,
+}
+
+pub struct PluginRuntime {
+    engine: Engine,
+    plugins: HashMap<String, LoadedPlugin>,
+    model: Arc<Model>,
+}
+
+impl PluginRuntime {
+    /// Compiles (or loads from the cache) every plugin and checks that it accepts its config.
+    pub async fn load(
+        configs: &[PluginConfig],
+        model: Arc<Model>,
+        max_instances: u32,
+        cache_dir: &Path,
+    ) -> Result<Self, PluginError> {
+        let engine = new_engine(configs, max_instances).map_err(|e| PluginError::Compile { plugin: "*".into(), message: e.to_string() })?;
+        let mut linker: Linker<RequestState> = Linker::new(&engine);
+        let link_error = |e: wasmtime::Error| PluginError::Compile { plugin: "*".into(), message: e.to_string() };
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_error)?;
+        bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state).map_err(link_error)?;
+        start_epoch_ticker(&engine);
+
+        let mut runtime = Self { engine, plugins: HashMap::new(), model };
+        for config in configs {
+            let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: config.name.clone(), message: format!("{e:#}") };
+            let component = load_component(&runtime.engine, config, cache_dir)?;
+            let pre = linker.instantiate_pre(&component).map_err(compile_error)?;
+            let pre = bindings::PluginPre::new(pre).map_err(compile_error)?;
+            // No `config:` in the file means an empty object, so plugins can default every field.
+            let config_json = match &config.config {
+                serde_yaml::Value::Null => "{}".to_owned(),
+                value => serde_json::to_string(value).map_err(|e| PluginError::Configure {
+                    plugin: config.name.clone(),
+                    message: format!("config is not representable as JSON: {e}"),
+                })?,
+            };
+            let plugin = LoadedPlugin { name: config.name.as_str().into(), pre, config_json, limits: config.limits };
+            // Configure once now, so a bad config stops startup instead of failing every request.
+            runtime.call(&plugin, 0, None).await?;
+            runtime.plugins.insert(config.name.clone(), plugin);
+        }
+        Ok(runtime)
+    }
+
+    /// Handles one request with a fresh instance of the named plugin.
+    pub async fn handle(&self, plugin: &str, request_id: u64, request: Request) -> Result<Response, PluginError> {
+        let plugin = self.plugins.get(plugin).expect("routes only name loaded plugins");
+        Ok(self.call(plugin, request_id, Some(request)).await?.expect("a request gets a response"))
+    }
+
+    /// Instantiates, configures and (given a request) calls `handle`, within the plugin's limits.
+    async fn call(&self, plugin: &LoadedPlugin, request_id: u64, request: Option<Request>) -> Result<Option<Response>, PluginError> {
+        let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let state = RequestState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(plugin.limits.memory_bytes).instances(16).build(),
+            model: self.model.clone(),
+            plugin: plugin.name.clone(),
+            request_id,
+            started: Instant::now(),
+            host_time: Duration::ZERO,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        let cpu_limit = Duration::from_millis(plugin.limits.cpu_ms);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |store| {
+            let state = store.data();
+            let guest_time = state.started.elapsed().saturating_sub(state.host_time);
+            // Over the limit: trap. Otherwise let other tasks run, then check again next tick.
+            Ok(if guest_time > cpu_limit { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+        });
+
+        let run = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            let handler = instance.batchbox_plugin_handler();
+            if let Err(message) = handler.call_configure(&mut store, &plugin.config_json).await? {
+                return Ok(Err(message));
+            }
+            match request {
+                Some(request) => handler.call_handle(&mut store, &request).await.map(|r| Ok(Some(r))),
+                None => Ok(Ok(None)),
+            }
+        };
+        let limit = Duration::from_millis(plugin.limits.wall_ms);
+        let outcome = tokio::time::timeout(limit, run).await;
+        log_output(&plugin.name, request_id, "stdout", &stdout);
+        log_output(&plugin.name, request_id, "stderr", &stderr);
+        let name = || plugin.name.to_string();
+        match outcome {
+            Err(_) => Err(PluginError::WallTimeout { plugin: name(), limit_ms: plugin.limits.wall_ms }),
+            Ok(Err(trap)) => Err(classify_trap(trap, name(), plugin.limits.cpu_ms)),
+            Ok(Ok(Err(message))) => Err(PluginError::Configure { plugin: name(), message }),
+            Ok(Ok(Ok(response))) => Ok(response),
+        }
+    }
+}
+
+/// One engine for every plugin. Pool slots are sized for the most generous plugin; each store's
+/// limiter then holds its plugin to its own limit.
+fn new_engine(configs: &[PluginConfig], max_instances: u32) -> wasmtime::Result<Engine> {
+    let max_memory = configs.iter().map(|p| p.limits.memory_bytes).max().unwrap_or(64 << 20);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(max_instances)
+        // A wasip2 component holds a few core instances, memories and tables of its own.
+        .total_core_instances(max_instances * 8)
+        .total_memories(max_instances * 2)
+        .total_tables(max_instances * 4)
+        .total_stacks(max_instances)
+        .max_memory_size(max_memory);
+    let mut config = wasmtime::Config::new();
+    config
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// A thread that advances the engine's epoch; it lives as long as the process.
+fn start_epoch_ticker(engine: &Engine) {
+    let engine = engine.weak();
+    std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || {
+            while let Some(engine) = engine.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch ticker");
+}
+
+/// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before.
+fn load_component(engine: &Engine, config: &PluginConfig, cache_dir: &Path) -> Result<Component, PluginError> {
+    let plugin = config.name.clone();
+    let wasm = std::fs::read(&config.wasm).map_err(|source| PluginError::Read { plugin: plugin.clone(), path: config.wasm.clone(), source })?;
+    let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut engine_hash);
+    let mut key = Sha256::new();
+    key.update(&wasm);
+    key.update(engine_hash.finish().to_le_bytes());
+    let key: String = key.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let cached = cache_dir.join(format!("{plugin}-{key}.cwasm"));
+
+    if cached.is_file() {
+        // SAFETY: the cache directory is the operator's (like the .wasm files) and the file name
+        // carries the hash of both the source and the engine's settings.
+        match unsafe { Component::deserialize_file(engine, &cached) } {
+            Ok(component) => return Ok(component),
+            Err(e) => tracing::warn!(plugin, error = %e, "ignoring unusable cached plugin code"),
+        }
+    }
+    let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), message: format!("{e:#}") };
+    let started = Instant::now();
+    let compiled = engine.precompile_component(&wasm).map_err(compile_error)?;
+    tracing::info!(plugin, elapsed_ms = started.elapsed().as_millis() as u64, "compiled plugin");
+    // The cache only saves time: failing to write it is worth a warning, not an error.
+    let write = std::fs::create_dir_all(cache_dir).and_then(|()| {
+        let partial = cached.with_extension("partial");
+        std::fs::write(&partial, &compiled)?;
+        std::fs::rename(&partial, &cached)
+    });
+    if let Err(e) = write {
+        tracing::warn!(plugin, path = %cached.display(), error = %e, "cannot cache compiled plugin");
+    }
+    // SAFETY: `compiled` was produced by this engine a moment ago.
+    unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)
+}
+
+fn classify_trap(error: wasmtime::Error, plugin: String, cpu_ms: u64) -> PluginError {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => PluginError::CpuLimit { plugin, limit_ms: cpu_ms },
+        _ if format!("{error:#}").contains("pooling allocator") => PluginError::NoCapacity,
+        _ => PluginError::Trapped { plugin, message: format!("{error:#}") },
+    }
+}
+
+fn log_output(plugin: &str, request_id: u64, stream: &str, pipe: &MemoryOutputPipe) {
+    let contents = pipe.contents();
+    for line in String::from_utf8_lossy(&contents).lines().filter(|l| !l.is_empty()) {
+        tracing::info!(plugin, request_id, stream, "{line}");
+    }
+}

@@ -1,0 +1,257 @@
+//! HTTP: hyper 1.x on tokio. Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered
+//! here; every other configured route goes to its plugin. Every error is a JSON body
+//! `{"error": {"code": ..., "message": ...}}`, and [`ApiError`] is the one place that maps
+//! errors to HTTP statuses.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::model::Model;
+use crate::plugins::{self, PluginError, PluginRuntime};
+
+type Response = hyper::Response<Full<Bytes>>;
+
+/// What the server needs once startup is done: until then only `/health` answers 200.
+pub struct Loaded {
+    pub model: Arc<Model>,
+    pub plugins: PluginRuntime,
+}
+
+pub struct App {
+    loaded: OnceLock<Loaded>,
+    /// Exact path → plugin name.
+    routes: HashMap<String, String>,
+    max_body_bytes: usize,
+    model_name: String,
+    next_request_id: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("{method} is not allowed on {path}; use {allow}")]
+    MethodNotAllowed { method: Method, path: String, allow: &'static str },
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("cannot read the request body: {0}")]
+    BadBody(String),
+    #[error("the model and plugins are still loading")]
+    NotReady,
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("the plugin's response is not valid HTTP: {0}")]
+    BadPluginResponse(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::NotReady | Self::Plugin(PluginError::NoCapacity) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Plugin(PluginError::WallTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Plugin(_) | Self::BadPluginResponse(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BadBody(_) => "bad_body",
+            Self::NotReady => "not_ready",
+            Self::Plugin(PluginError::NoCapacity) => "overloaded",
+            Self::Plugin(PluginError::WallTimeout { .. }) => "plugin_timeout",
+            Self::Plugin(PluginError::CpuLimit { .. }) => "plugin_cpu_limit",
+            Self::Plugin(_) => "plugin_failed",
+            Self::BadPluginResponse(_) => "bad_plugin_response",
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() && !matches!(self, Self::NotReady) {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let mut response = json_response(status, &json!({ "error": { "code": self.code(), "message": self.to_string() } }));
+        match self {
+            Self::MethodNotAllowed { allow, .. } => {
+                response.headers_mut().insert("allow", HeaderValue::from_static(allow));
+            }
+            Self::NotReady | Self::Plugin(PluginError::NoCapacity) => {
+                response.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl App {
+    pub fn new(config: &Config) -> Self {
+        let routes = config
+            .plugins
+            .iter()
+            .flat_map(|p| p.routes.iter().map(|r| (r.clone(), p.name.clone())))
+            .collect();
+        Self {
+            loaded: OnceLock::new(),
+            routes,
+            max_body_bytes: config.server.max_body_bytes,
+            model_name: config.model.name.clone(),
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Marks the server ready: `/ready` answers 200 and plugin routes are served.
+    pub fn set_loaded(&self, loaded: Loaded) {
+        let _ = self.loaded.set(loaded);
+    }
+
+    async fn handle(&self, request: hyper::Request<Incoming>) -> Response {
+        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mut response = self.route(id, request).await.unwrap_or_else(ApiError::into_response);
+        response.headers_mut().insert("x-request-id", HeaderValue::from(id));
+        response
+    }
+
+    async fn route(&self, id: u64, request: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+        let path = request.uri().path().to_owned();
+        let host_route = matches!(path.as_str(), "/health" | "/ready" | "/v1/models");
+        if host_route && request.method() != Method::GET {
+            return Err(ApiError::MethodNotAllowed { method: request.method().clone(), path, allow: "GET" });
+        }
+        match path.as_str() {
+            "/health" => return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
+            "/ready" => {
+                let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
+                let version = &loaded.model.info().manifest.version;
+                return Ok(json_response(StatusCode::OK, &json!({ "status": "ready", "model_version": version })));
+            }
+            "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
+            _ => {}
+        }
+        let plugin = self.routes.get(&path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
+        let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
+        let request = self.plugin_request(request).await?;
+        let response = loaded.plugins.handle(plugin, id, request).await?;
+        plugin_response(response)
+    }
+
+    fn models(&self) -> Result<serde_json::Value, ApiError> {
+        let info = self.loaded.get().ok_or(ApiError::NotReady)?.model.info();
+        let m = &info.manifest;
+        Ok(json!({ "models": [{
+            "name": self.model_name,
+            "model": m.name,
+            "version": m.version,
+            "task": m.task,
+            "labels": m.labels,
+            "max_length": m.max_length,
+            "device": info.device,
+            "precision": format!("{:?}", info.precision).to_lowercase(),
+        }]}))
+    }
+
+    /// Reads the body (at most `max_body_bytes`) and copies what a plugin sees of the request.
+    async fn plugin_request(&self, request: hyper::Request<Incoming>) -> Result<plugins::Request, ApiError> {
+        let limit = self.max_body_bytes;
+        let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        let (parts, body) = request.into_parts();
+        let body = Limited::new(body, limit).collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() { ApiError::BodyTooLarge { limit } } else { ApiError::BadBody(e.to_string()) }
+        })?;
+        Ok(plugins::Request {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or_default().to_owned(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+                .collect(),
+            body: body.to_bytes().to_vec(),
+        })
+    }
+}
+
+fn plugin_response(response: plugins::Response) -> Result<Response, ApiError> {
+    let status = StatusCode::from_u16(response.status).map_err(|_| ApiError::BadPluginResponse(format!("status {}", response.status)))?;
+    let mut http = hyper::Response::new(Full::new(Bytes::from(response.body)));
+    *http.status_mut() = status;
+    for (name, value) in response.headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| ApiError::BadPluginResponse(format!("header name {name:?}")))?;
+        let value = HeaderValue::from_str(&value).map_err(|_| ApiError::BadPluginResponse(format!("value of header {name}")))?;
+        http.headers_mut().append(name, value);
+    }
+    Ok(http)
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Serves HTTP/1.1 until `shutdown` resolves, then stops accepting and lets in-flight requests
+/// finish for up to `grace`.
+pub async fn serve(listener: TcpListener, app: Arc<App>, grace: Duration, shutdown: impl Future<Output = ()>) {
+    let http = hyper::server::conn::http1::Builder::new();
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let service = service_fn(move |request| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(request).await) }
+                });
+                let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all requests finished"),
+        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; dropping what is left"),
+    }
+}

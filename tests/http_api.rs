@@ -1,0 +1,354 @@
+//! The real server binary, real plugins, the real default model, real HTTP on an ephemeral port.
+//!
+//! Needs `make setup` (default model) and `make plugins` (the .wasm files).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use batchbox::batcher::{BatchLimits, ChunkOrder};
+use batchbox::config::{CpuDtype, DeviceSpec};
+use batchbox::model::{Model, ModelOptions};
+use serde_json::{Value, json};
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn wasm(name: &str) -> PathBuf {
+    let path = workspace().join("plugins/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run `make plugins`", path.display());
+    path
+}
+
+fn fixture_sentences() -> Vec<String> {
+    let text = std::fs::read_to_string(workspace().join("tests/fixtures/test_120_sentences.json")).unwrap();
+    let value: Value = serde_json::from_str(&text).unwrap();
+    value["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+}
+
+/// A running `batchbox serve`, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+}
+
+const PREDICT: &str = "/api/v1/predict/sentences";
+
+impl Server {
+    fn config(name: &str, classifier_config: &str) -> PathBuf {
+        let dir = workspace().join("target/http-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            r#"
+model: {{ name: minilm-topics, path: {model}, device: cpu }}
+api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
+server: {{ bind: "127.0.0.1:0", max_body_bytes: 2097152, plugin_cache_dir: {cache}, shutdown_grace_ms: 10000 }}
+plugins:
+  - name: sentence-classifier
+    wasm: {classifier}
+    routes: [{PREDICT}]
+    config: {classifier_config}
+  - name: faults
+    wasm: {faults}
+    routes: [/faults/ok, /faults/panic, /faults/loop]
+    limits: {{ cpu_ms: 200, wall_ms: 10000 }}
+"#,
+            model = workspace().join("models/minilm-topics").display(),
+            cache = dir.join("plugin-cache").display(),
+            classifier = wasm("sentence_classifier").display(),
+            faults = wasm("test_faults").display(),
+        );
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        path
+    }
+
+    fn start() -> Server {
+        let config = Self::config("default", "{ max_sentences: 1000, max_sentence_chars: 10000 }");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line.trim().strip_prefix("listening on ").expect("the server prints its address").to_owned();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let server = Server { child, base, agent };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while server.get("/ready").0 != 200 {
+            assert!(Instant::now() < deadline, "the server did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.agent.get(format!("{}{path}", self.base)).call().unwrap();
+        read(response)
+    }
+
+    fn post(&self, path: &str, body: impl AsRef<[u8]>) -> (u16, Value) {
+        let response = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .send(body.as_ref())
+            .unwrap();
+        read(response)
+    }
+
+    fn predict(&self, sentences: &[&str]) -> Value {
+        let (status, body) = self.post(PREDICT, json!({ "sentences": sentences }).to_string());
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}")))
+}
+
+fn assert_json_error(status: u16, body: &Value, want_status: u16, want_code: &str, what: &str) {
+    assert_eq!(status, want_status, "{what}: {body}");
+    assert_eq!(body["error"]["code"], want_code, "{what}: {body}");
+    assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
+}
+
+#[test]
+fn predicts_120_sentences_with_the_runtimes_numbers() {
+    let server = Server::start();
+    let sentences = fixture_sentences();
+    let (status, body) = server.post(PREDICT, json!({ "sentences": sentences }).to_string());
+    assert_eq!(status, 200, "{body}");
+
+    // The model runtime, driven directly, for the same sentences.
+    let model = Model::load(&ModelOptions {
+        path: workspace().join("models/minilm-topics"),
+        device: DeviceSpec::Cpu,
+        use_fp16: true,
+        cpu_dtype: CpuDtype::Fp32,
+        limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
+        queue_capacity: 4,
+        chunk_order: ChunkOrder::LengthSorted,
+    })
+    .unwrap();
+    let encodings = model.tokenize(&sentences).unwrap();
+    let direct = model.infer_blocking(encodings.iter().map(|e| e.ids.clone()).collect()).unwrap().outputs;
+
+    let labels: Vec<&str> = body["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert_eq!(labels, model.info().manifest.labels);
+    let rows = body["probabilities"].as_array().unwrap();
+    assert_eq!(rows.len(), 120);
+    for (i, (row, logits)) in rows.iter().zip(&direct).enumerate() {
+        let p: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(p.len(), labels.len());
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "row {i} sums to {}", p.iter().sum::<f64>());
+        let max = logits.data.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = logits.data.iter().map(|x| (x - max).exp()).sum();
+        for (got, logit) in p.iter().zip(&logits.data) {
+            assert!((got - f64::from((logit - max).exp() / z)).abs() < 1e-5, "row {i}");
+        }
+        let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(body["predictions"][i], labels[best]);
+    }
+
+    let meta = &body["metadata"];
+    assert_eq!(meta["num_sentences"], 120);
+    let words: usize = sentences.iter().map(|s| s.split_whitespace().count()).sum();
+    assert_eq!(meta["total_words"], words);
+    assert_eq!(meta["total_tokens"], encodings.iter().map(|e| e.ids.len()).sum::<usize>());
+    assert_eq!(meta["model_version"], model.info().manifest.version.as_str());
+    assert_eq!(meta["truncated"], json!([]));
+    assert!(meta["forward_passes"].as_u64().unwrap() >= 4);
+    let total = meta["processing_time_ms"].as_f64().unwrap();
+    let parts: f64 = ["tokenize", "queue", "inference", "plugin"].iter().map(|k| meta["breakdown_ms"][k].as_f64().unwrap()).sum();
+    assert!(total > 0.0 && meta["breakdown_ms"]["inference"].as_f64().unwrap() > 0.0, "{meta}");
+    assert!((parts - total).abs() < 0.5, "breakdown {parts} ms vs total {total} ms");
+}
+
+#[test]
+fn order_shape_and_both_body_forms() {
+    let server = Server::start();
+    let sentences = ["The striker scored twice.", "Parliament passed the budget.", "Shares fell 4% today."];
+    let forward = server.predict(&sentences);
+    let (status, bare) = server.post(PREDICT, json!(["Shares fell 4% today.", "Parliament passed the budget.", "The striker scored twice."]).to_string());
+    assert_eq!(status, 200, "{bare}");
+    let mut reversed = bare["probabilities"].as_array().unwrap().clone();
+    reversed.reverse();
+    assert_eq!(&reversed, forward["probabilities"].as_array().unwrap());
+    assert_eq!(forward["predictions"], json!(["sports", "politics", "business"]));
+
+    let (status, empty) = server.post(PREDICT, r#"{"sentences": []}"#);
+    assert_eq!(status, 200, "{empty}");
+    assert_eq!(empty["probabilities"], json!([]));
+    assert_eq!(empty["predictions"], json!([]));
+    assert_eq!(empty["metadata"]["num_sentences"], 0);
+
+    let long = "word ".repeat(2000);
+    let truncated = server.predict(&["short", &long]);
+    assert_eq!(truncated["metadata"]["truncated"], json!([1]));
+}
+
+#[test]
+fn bad_requests_get_documented_errors_and_the_server_keeps_serving() {
+    let server = Server::start();
+    let many = json!({ "sentences": vec!["a sentence"; 10_000] }).to_string();
+    let huge_sentence = json!({ "sentences": ["x".repeat(1 << 20)] }).to_string();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("invalid UTF-8", b"{\"sentences\": [\"caf\xe9\"]}".to_vec(), 400, "invalid_json"),
+        ("truncated JSON", br#"{"sentences": ["a", "#.to_vec(), 400, "invalid_json"),
+        ("not JSON", b"hello".to_vec(), 400, "invalid_json"),
+        ("empty body", Vec::new(), 400, "invalid_json"),
+        ("sentences is a string", br#"{"sentences": "hello"}"#.to_vec(), 400, "invalid_request"),
+        ("numbers", br#"{"sentences": [1, 2]}"#.to_vec(), 400, "invalid_request"),
+        ("null body", b"null".to_vec(), 400, "invalid_request"),
+        ("null sentences", br#"{"sentences": null}"#.to_vec(), 400, "invalid_request"),
+        ("null item", br#"{"sentences": ["ok", null]}"#.to_vec(), 400, "invalid_request"),
+        ("nested arrays", br#"[["a", "b"]]"#.to_vec(), 400, "invalid_request"),
+        ("missing field", b"{}".to_vec(), 400, "invalid_request"),
+        ("unknown field", br#"{"sentences": ["a"], "lang": "en"}"#.to_vec(), 400, "invalid_request"),
+        ("empty string", br#"{"sentences": ["fine", ""]}"#.to_vec(), 400, "invalid_request"),
+        ("whitespace only", br#"{"sentences": ["  \t\n "]}"#.to_vec(), 400, "invalid_request"),
+        ("10k sentences", many.into_bytes(), 413, "too_many_sentences"),
+        ("a 1 MB sentence", huge_sentence.into_bytes(), 413, "sentence_too_long"),
+    ];
+    for (what, body, status, code) in &cases {
+        let (got, error) = server.post(PREDICT, body);
+        assert_json_error(got, &error, *status, code, what);
+        // Each failure leaves the server serving.
+        assert_eq!(server.predict(&["Still here."])["predictions"].as_array().unwrap().len(), 1, "after {what}");
+    }
+
+    let response = server.agent.get(format!("{}{PREDICT}", server.base)).call().unwrap();
+    assert_eq!(response.headers().get("allow").unwrap(), "POST");
+    let (status, error) = read(response);
+    assert_json_error(status, &error, 405, "method_not_allowed", "GET on the predict route");
+    let (status, error) = server.post("/api/v1/nope", "[]");
+    assert_json_error(status, &error, 404, "not_found", "unknown route");
+    let (status, error) = server.post("/health", "");
+    assert_json_error(status, &error, 405, "method_not_allowed", "POST on /health");
+
+    // Over the body limit: refused from the Content-Length alone, before reading the body.
+    let (status, error) = raw_request(&server, &format!("POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\nConnection: close\r\n\r\n"));
+    assert_json_error(status, &error, 413, "body_too_large", "oversize body");
+    // And a chunked body that grows past it.
+    let chunk = vec![b'a'; 1 << 20];
+    let mut stream = TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    write!(stream, "POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    for _ in 0..3 {
+        if write!(stream, "{:x}\r\n", chunk.len()).and_then(|()| stream.write_all(&chunk)).and_then(|()| stream.write_all(b"\r\n")).is_err() {
+            break; // the server may answer and close before the rest is sent
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let (status, error) = read_raw(stream);
+    assert_json_error(status, &error, 413, "body_too_large", "chunked oversize body");
+
+    // Unusual but valid text is served.
+    let odd = server.predict(&["Great game 🎉⚽", "今日は良い天気です。", "مرحبا بالعالم", "tab\there\u{0007}bell\u{0000}nul"]);
+    assert_eq!(odd["predictions"].as_array().unwrap().len(), 4);
+    assert_eq!(server.predict(&["Still here."])["predictions"].as_array().unwrap().len(), 1);
+}
+
+fn raw_request(server: &Server, head: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    read_raw(stream)
+}
+
+fn read_raw(mut stream: TcpStream) -> (u16, Value) {
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}")))
+}
+
+#[test]
+fn host_routes_answer() {
+    let server = Server::start();
+    assert_eq!(server.get("/health"), (200, json!({ "status": "ok" })));
+    let (status, ready) = server.get("/ready");
+    assert_eq!(status, 200);
+    assert!(ready["model_version"].as_str().unwrap().starts_with("minilm-topics-"));
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    assert_eq!(models["models"][0]["task"], "sequence-classification");
+    assert_eq!(models["models"][0]["labels"].as_array().unwrap().len(), 7);
+    assert_eq!(models["models"][0]["device"], "cpu");
+}
+
+#[test]
+fn a_panicking_plugin_gets_500_and_the_next_request_succeeds() {
+    let server = Server::start();
+    let (status, error) = server.post("/faults/panic", "");
+    assert_json_error(status, &error, 500, "plugin_failed", "panicking plugin");
+    assert_eq!(server.post("/faults/ok", ""), (200, json!("ok")));
+    assert_eq!(server.predict(&["The band announced a tour."])["predictions"], json!(["entertainment"]));
+}
+
+#[test]
+fn a_looping_plugin_is_stopped_by_its_cpu_deadline() {
+    let server = Server::start();
+    let started = Instant::now();
+    let (status, error) = server.post("/faults/loop", "");
+    let elapsed = started.elapsed();
+    assert_json_error(status, &error, 500, "plugin_cpu_limit", "looping plugin");
+    // cpu_ms is 200: stopped well before the 10 s wall limit.
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    assert_eq!(server.post("/faults/ok", ""), (200, json!("ok")));
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests() {
+    let mut server = Server::start();
+    let sentences = fixture_sentences();
+    let url = format!("{}{PREDICT}", server.base);
+    let agent = server.agent.clone();
+    let in_flight = std::thread::spawn(move || {
+        let response = agent.post(url).send(json!({ "sentences": sentences }).to_string()).unwrap();
+        read(response)
+    });
+    // Long enough for the request to arrive; the model needs far longer to answer it.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let (status, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["probabilities"].as_array().unwrap().len(), 120);
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn a_plugin_that_rejects_its_config_stops_startup() {
+    let config = Server::config("bad-plugin-config", "{ max_sentences: many }");
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("plugin sentence-classifier rejected its config") && stderr.contains("max_sentences"), "{stderr}");
+}
