@@ -57,8 +57,9 @@ serve: setup plugins
 $(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
 	$(PY) $(EXPORT) synthetic --size base --out $(BENCH_MODEL)
 
-bench: setup $(BENCH_MODEL)/manifest.json
+bench: setup plugins $(BENCH_MODEL)/manifest.json
 	cargo bench -p batchbox-host --bench runtime
+	cargo bench -p batchbox-host --bench plugins
 
 clean:
 	cargo clean

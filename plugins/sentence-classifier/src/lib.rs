@@ -106,8 +106,9 @@ fn classify(request: &Request) -> Result<Response, Response> {
         .map(|i| (i.queue_us as f64 / 1e3, i.compute_us as f64 / 1e3, i.forward_passes))
         .unwrap_or_default();
     let total_ms = ms(started);
+    let plugin_ms = (total_ms - tokenize_ms - infer_ms).max(0.0) + (infer_ms - queue_ms - compute_ms).max(0.0);
     let metadata = Metadata {
-        processing_time_ms: total_ms,
+        processing_time_ms: round(total_ms),
         total_words: sentences.iter().map(|s| s.split_whitespace().count()).sum(),
         total_tokens: ids.iter().map(Vec::len).sum(),
         num_sentences: sentences.len(),
@@ -115,12 +116,12 @@ fn classify(request: &Request) -> Result<Response, Response> {
         truncated: encodings.iter().enumerate().filter(|(_, e)| e.truncated).map(|(i, _)| i).collect(),
         forward_passes,
         breakdown_ms: Breakdown {
-            tokenize: tokenize_ms,
-            queue: queue_ms,
-            inference: compute_ms,
+            tokenize: round(tokenize_ms),
+            queue: round(queue_ms),
+            inference: round(compute_ms),
             // Everything that was not the host's work: parsing, softmax, serialising, and the
             // crossing of the boundary (infer's wall time beyond its queue and compute).
-            plugin: (total_ms - tokenize_ms - infer_ms).max(0.0) + (infer_ms - queue_ms - compute_ms).max(0.0),
+            plugin: round(plugin_ms),
         },
     };
     Ok(json(200, &Prediction { probabilities, labels: info.labels, predictions, metadata }))
@@ -190,6 +191,11 @@ fn argmax(values: &[f32]) -> usize {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Milliseconds to the microsecond: finer digits are noise.
+fn round(ms: f64) -> f64 {
+    (ms * 1e3).round() / 1e3
 }
 
 batchbox_sdk::export_plugin!(SentenceClassifier);
