@@ -68,7 +68,10 @@ plugins:
     }
 
     fn start() -> Server {
-        let config = Self::config("default", "{ max_sentences: 1000, max_sentence_chars: 10000 }");
+        Self::launch(&Self::config("default", "{ max_sentences: 1000, max_sentence_chars: 10000 }"))
+    }
+
+    fn launch(config: &Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_batchbox"))
             .args(["--config", config.to_str().unwrap(), "serve"])
             .env("RUST_LOG", "error")
@@ -351,4 +354,42 @@ fn a_plugin_that_rejects_its_config_stops_startup() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("plugin sentence-classifier rejected its config") && stderr.contains("max_sentences"), "{stderr}");
+}
+
+#[test]
+fn a_bad_config_stops_startup_naming_the_key() {
+    let good = std::fs::read_to_string(Server::config("for-bad-key", "{}")).unwrap();
+    let path = workspace().join("target/http-tests/bad-key.yaml");
+    std::fs::write(&path, good.replace("inference_batch_size", "inference_batch_sise")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox")).args(["--config", path.to_str().unwrap(), "serve"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown field `inference_batch_sise`"), "{stderr}");
+}
+
+#[test]
+fn compiled_plugins_are_cached_on_disk_across_restarts() {
+    // A cache of its own: other tests' servers must not write into it meanwhile.
+    let cache = workspace().join("target/http-tests/plugin-cache-restarts");
+    let _ = std::fs::remove_dir_all(&cache);
+    let shared = workspace().join("target/http-tests/plugin-cache");
+    let config = workspace().join("target/http-tests/restarts.yaml");
+    let text = std::fs::read_to_string(Server::config("restarts-base", "{}")).unwrap();
+    std::fs::write(&config, text.replace(shared.to_str().unwrap(), cache.to_str().unwrap())).unwrap();
+    let cached = || -> Vec<(PathBuf, std::time::SystemTime)> {
+        let mut files: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .map(|p| (p.clone(), std::fs::metadata(&p).unwrap().modified().unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    drop(Server::launch(&config));
+    let first = cached();
+    assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("sentence-classifier-")), "{first:?}");
+    assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("faults-")), "{first:?}");
+    drop(Server::launch(&config));
+    assert_eq!(cached(), first, "a restart reuses the compiled code instead of writing it again");
 }

@@ -1,7 +1,8 @@
 //! batchbox: serves a libtorch classifier with batched inference.
 //!
 //! - [`config`]: `shared_config.yaml`, validated into typed settings;
-//! - [`batcher`]: how sequences are grouped into forward passes (pure logic);
+//! - [`batcher`]: how sequences are grouped into forward passes, within one call and across
+//!   calls and tenants (pure logic);
 //! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it;
 //! - [`plugins`]: the WebAssembly plugin runtime (wasmtime, component model);
 //! - [`server`]: HTTP, host-owned routes, and the one place errors become statuses.

@@ -1,5 +1,4 @@
-//! Splitting a set of sequences into forward passes. Pure: no torch, no I/O, so the rules
-//! can be tested on their own.
+//! Splitting one call's sequences into forward passes.
 //!
 //! A forward pass pads every row to the longest one, so its cost is `rows × longest`.
 //! Sorting by length puts similar lengths together and keeps that padding small; the two

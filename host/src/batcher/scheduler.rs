@@ -1,0 +1,537 @@
+//! The cross-request scheduler: every in-flight `infer` call's sequences wait here, and each
+//! forward pass is chosen from all of them.
+//!
+//! - **Length grouping.** A batch is built around an anchor sequence, which sets its padded
+//!   length; the rest of the batch is the waiting sequences closest to it in length (never longer),
+//!   so padding stays small whatever order requests arrived in.
+//! - **Fairness.** Callers are grouped by tenant. Tenants take turns providing the anchor, and
+//!   every batch splits its token budget among the waiting tenants (deficit round-robin over real
+//!   tokens), so a tenant flooding the queue cannot push another's request back by more than
+//!   about a batch.
+//! - **No starvation.** A sequence passed over `max_pass_over` times goes first in its tenant.
+//! - **Backpressure.** At most `max_queued_tokens` tokens wait; past that, a submission is refused
+//!   at once. Requests past their deadline, or cancelled, leave the queue before they are computed.
+//!
+//! Pure: time comes in as arguments, so tests drive it step by step.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::BatchLimits;
+
+pub type RequestId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub limits: BatchLimits,
+    /// How long a batch that is not full may wait for more work; zero never waits.
+    pub max_queue_delay: Duration,
+    /// Tokens that may wait at once; a submission that would pass it is refused.
+    pub max_queued_tokens: usize,
+    /// After being passed over this many times, a sequence goes first in its tenant.
+    pub max_pass_over: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("the model's queue is full: {queued} tokens are waiting and {requested} more would pass the limit of {limit}")]
+    Overloaded { queued: usize, requested: usize, limit: usize },
+    #[error("request {0} is already queued")]
+    Duplicate(RequestId),
+}
+
+/// One row of a batch: sequence `index` of request `request`, `len` tokens long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Row {
+    pub request: RequestId,
+    pub index: usize,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub rows: Vec<Row>,
+    pub padded_len: usize,
+}
+
+impl Batch {
+    pub fn padded_tokens(&self) -> usize {
+        self.rows.len() * self.padded_len
+    }
+}
+
+/// What the executor should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    Run(Batch),
+    /// Work is waiting but not enough for a full batch; ask again at this time (or on arrival).
+    WaitUntil(Instant),
+    Idle,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    row: Row,
+    passed_over: u32,
+}
+
+struct Request {
+    tenant: usize,
+    /// Sequences still in the queue.
+    queued: usize,
+    /// Sequences not yet completed: queued or in a running batch.
+    unfinished: usize,
+    enqueued: Instant,
+    deadline: Option<Instant>,
+}
+
+struct Tenant {
+    queue: Vec<Waiting>,
+    /// Real tokens this tenant may still place in batches (deficit round-robin).
+    deficit: i64,
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    tenants: Vec<Tenant>,
+    tenant_ids: HashMap<String, usize>,
+    /// Tenants with waiting sequences, in the order they provide anchors.
+    ring: VecDeque<usize>,
+    requests: HashMap<RequestId, Request>,
+    queued_tokens: usize,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self {
+            config,
+            tenants: Vec::new(),
+            tenant_ids: HashMap::new(),
+            ring: VecDeque::new(),
+            requests: HashMap::new(),
+            queued_tokens: 0,
+        }
+    }
+
+    /// Queues a request's sequences (their token lengths). An empty request queues nothing:
+    /// the caller answers it at once.
+    pub fn submit(
+        &mut self,
+        id: RequestId,
+        tenant: &str,
+        lengths: &[usize],
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), Rejected> {
+        if self.requests.contains_key(&id) {
+            return Err(Rejected::Duplicate(id));
+        }
+        if lengths.is_empty() {
+            return Ok(());
+        }
+        let tokens: usize = lengths.iter().map(|&len| len.max(1)).sum();
+        // An empty queue takes any request, so one larger than the limit still runs (alone).
+        if self.queued_tokens > 0 && self.queued_tokens + tokens > self.config.max_queued_tokens {
+            return Err(Rejected::Overloaded { queued: self.queued_tokens, requested: tokens, limit: self.config.max_queued_tokens });
+        }
+        let next_tenant = self.tenants.len();
+        let t = *self.tenant_ids.entry(tenant.to_owned()).or_insert(next_tenant);
+        if t == next_tenant {
+            self.tenants.push(Tenant { queue: Vec::new(), deficit: 0 });
+        }
+        let queue = &mut self.tenants[t].queue;
+        queue.extend(lengths.iter().enumerate().map(|(index, &len)| Waiting { row: Row { request: id, index, len: len.max(1) }, passed_over: 0 }));
+        if !self.ring.contains(&t) {
+            self.ring.push_back(t);
+        }
+        self.requests.insert(id, Request { tenant: t, queued: lengths.len(), unfinished: lengths.len(), enqueued: now, deadline });
+        self.queued_tokens += tokens;
+        Ok(())
+    }
+
+    /// Drops a request: its waiting sequences leave the queue, and rows of it still running
+    /// are ignored when they complete. Returns whether it was known.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let Some(request) = self.requests.remove(&id) else { return false };
+        if request.queued > 0 {
+            let tenant = &mut self.tenants[request.tenant];
+            let before: usize = tenant.queue.iter().map(|w| w.row.len).sum();
+            tenant.queue.retain(|w| w.row.request != id);
+            let after: usize = tenant.queue.iter().map(|w| w.row.len).sum();
+            self.queued_tokens -= before - after;
+            self.drop_idle_tenant(request.tenant);
+        }
+        true
+    }
+
+    /// Drops every request still waiting in the queue past its deadline; returns their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<RequestId> {
+        let expired: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.queued > 0 && r.deadline.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &expired {
+            self.cancel(id);
+        }
+        expired
+    }
+
+    /// Marks rows as computed; returns the requests that are now complete.
+    pub fn complete(&mut self, rows: &[Row]) -> Vec<RequestId> {
+        let mut done = Vec::new();
+        for row in rows {
+            if let Some(request) = self.requests.get_mut(&row.request) {
+                request.unfinished -= 1;
+                if request.unfinished == 0 {
+                    self.requests.remove(&row.request);
+                    done.push(row.request);
+                }
+            }
+        }
+        done
+    }
+
+    pub fn queued_tokens(&self) -> usize {
+        self.queued_tokens
+    }
+
+    pub fn queued_sequences(&self) -> usize {
+        self.tenants.iter().map(|t| t.queue.len()).sum()
+    }
+
+    /// Chooses the next batch, or says when to ask again.
+    pub fn next(&mut self, now: Instant) -> Next {
+        if self.ring.is_empty() {
+            return Next::Idle;
+        }
+        let limits = self.config.limits;
+        let full = self.queued_sequences() >= limits.max_sequences.get() || self.queued_tokens >= limits.max_tokens.get();
+        let oldest = self.requests.values().filter(|r| r.queued > 0).map(|r| r.enqueued).min().expect("a tenant in the ring has work");
+        let ready_at = oldest + self.config.max_queue_delay;
+        if !full && now < ready_at {
+            return Next::WaitUntil(ready_at);
+        }
+        Next::Run(self.build_batch())
+    }
+
+    fn build_batch(&mut self) -> Batch {
+        let limits = self.config.limits;
+        let starving = self.config.max_pass_over;
+        let anchor_tenant = self.ring.pop_front().expect("ring is not empty");
+        self.ring.push_back(anchor_tenant);
+        let anchor = take_anchor(&mut self.tenants[anchor_tenant].queue, starving);
+        let padded_len = anchor.row.len;
+        let capacity = limits.max_sequences.get().min((limits.max_tokens.get() / padded_len).max(1));
+
+        // Deficit round-robin over padded tokens, a row's real cost in this batch: each waiting
+        // tenant's share is an equal part of the batch. A share does not pile up across batches,
+        // but a debt (from leftover rows taken below) is paid back first.
+        let quantum = (capacity * padded_len / self.ring.len()) as i64;
+        for &t in &self.ring {
+            let tenant = &mut self.tenants[t];
+            tenant.deficit = (tenant.deficit + quantum).min(quantum);
+        }
+        self.tenants[anchor_tenant].deficit -= padded_len as i64;
+        let mut rows = vec![anchor.row];
+
+        // Candidates no longer than the anchor: starving ones first, then closest in length.
+        let mut candidates: Vec<(usize, usize)> = Vec::new(); // (tenant, position in its queue)
+        for &t in &self.ring {
+            for (i, w) in self.tenants[t].queue.iter().enumerate() {
+                if w.row.len <= padded_len {
+                    candidates.push((t, i));
+                }
+            }
+        }
+        candidates.sort_by_key(|&(t, i)| {
+            let w = &self.tenants[t].queue[i];
+            (w.passed_over < starving, std::cmp::Reverse(w.row.len), w.row.request, w.row.index)
+        });
+        // First within each tenant's share, then (so no row is left empty while work waits)
+        // anyone's, as debt.
+        let mut taken = vec![false; candidates.len()];
+        let mut filled = 1;
+        for within_share in [true, false] {
+            for (k, &(t, _)) in candidates.iter().enumerate() {
+                if filled == capacity {
+                    break;
+                }
+                if taken[k] || (within_share && self.tenants[t].deficit < padded_len as i64) {
+                    continue;
+                }
+                self.tenants[t].deficit -= padded_len as i64;
+                taken[k] = true;
+                filled += 1;
+            }
+        }
+        let mut taken: Vec<(usize, usize)> = candidates.into_iter().zip(taken).filter(|(_, t)| *t).map(|(c, _)| c).collect();
+        rows.extend(taken.iter().map(|&(t, i)| self.tenants[t].queue[i].row));
+
+        // Sequences overtaken by a later request of their own tenant were passed over; after
+        // `max_pass_over` times they go first (see `take_anchor` and the candidate order).
+        let mut latest: HashMap<usize, RequestId> = HashMap::new();
+        latest.insert(anchor_tenant, anchor.row.request);
+        for &(t, i) in &taken {
+            let request = self.tenants[t].queue[i].row.request;
+            latest.entry(t).and_modify(|r| *r = (*r).max(request)).or_insert(request);
+        }
+        // Remove what was taken, highest positions first so the others stay valid.
+        taken.sort_unstable_by(|a, b| b.cmp(a));
+        for (t, i) in taken {
+            self.tenants[t].queue.remove(i);
+        }
+        for (&t, &latest) in &latest {
+            for w in self.tenants[t].queue.iter_mut().filter(|w| w.row.request < latest) {
+                w.passed_over += 1;
+            }
+        }
+        for row in &rows {
+            self.queued_tokens -= row.len;
+            self.requests.get_mut(&row.request).expect("queued rows belong to live requests").queued -= 1;
+        }
+        for t in latest.into_keys() {
+            self.drop_idle_tenant(t);
+        }
+        Batch { rows, padded_len }
+    }
+
+    fn drop_idle_tenant(&mut self, t: usize) {
+        if self.tenants[t].queue.is_empty() {
+            self.tenants[t].deficit = 0;
+            self.ring.retain(|&x| x != t);
+        }
+    }
+}
+
+/// The tenant's anchor: its longest-waiting starving sequence if any, else its longest one
+/// (earliest first among equals).
+fn take_anchor(queue: &mut Vec<Waiting>, starving: u32) -> Waiting {
+    let position = queue
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, w)| (w.passed_over >= starving, if w.passed_over >= starving { w.passed_over as usize } else { w.row.len }, std::cmp::Reverse(*i)))
+        .map(|(i, _)| i)
+        .expect("a tenant in the ring has work");
+    queue.remove(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::num::NonZeroUsize;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config(max_sequences: usize, max_tokens: usize, delay_ms: u64, max_queued_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            limits: BatchLimits {
+                max_sequences: NonZeroUsize::new(max_sequences).unwrap(),
+                max_tokens: NonZeroUsize::new(max_tokens).unwrap(),
+            },
+            max_queue_delay: Duration::from_millis(delay_ms),
+            max_queued_tokens,
+            max_pass_over: 4,
+        }
+    }
+
+    /// Runs batches until idle; returns them, checking each against the limits.
+    fn drain(s: &mut Scheduler, now: Instant, on_complete: &mut impl FnMut(usize, Vec<RequestId>)) -> Vec<Batch> {
+        let mut batches = Vec::new();
+        loop {
+            match s.next(now + Duration::from_secs(3600)) {
+                Next::Run(batch) => {
+                    let done = s.complete(&batch.rows);
+                    on_complete(batches.len(), done);
+                    batches.push(batch);
+                }
+                Next::Idle => return batches,
+                Next::WaitUntil(_) => unreachable!("an hour later nothing waits"),
+            }
+        }
+    }
+
+    fn check_limits(batch: &Batch, c: &SchedulerConfig) {
+        assert!(!batch.rows.is_empty());
+        assert!(batch.rows.len() <= c.limits.max_sequences.get());
+        assert_eq!(batch.padded_len, batch.rows.iter().map(|r| r.len).max().unwrap());
+        assert!(batch.padded_tokens() <= c.limits.max_tokens.get() || batch.rows.len() == 1, "{batch:?}");
+    }
+
+    #[test]
+    fn waits_for_more_work_only_up_to_the_queue_delay() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(4, 1000, 5, 10_000));
+        assert_eq!(s.next(t0), Next::Idle);
+        s.submit(1, "a", &[10, 12], None, t0).unwrap();
+        assert_eq!(s.next(t0), Next::WaitUntil(t0 + Duration::from_millis(5)));
+        assert!(matches!(s.next(t0 + Duration::from_millis(5)), Next::Run(b) if b.rows.len() == 2));
+        // A full batch does not wait.
+        s.submit(2, "a", &[10, 10, 10, 10], None, t0).unwrap();
+        assert!(matches!(s.next(t0), Next::Run(b) if b.rows.len() == 4));
+        // Zero delay never waits.
+        let mut s = Scheduler::new(config(4, 1000, 0, 10_000));
+        s.submit(1, "a", &[10], None, t0).unwrap();
+        assert!(matches!(s.next(t0), Next::Run(_)));
+    }
+
+    #[test]
+    fn batches_group_similar_lengths_across_requests() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(3, 10_000, 0, 100_000));
+        s.submit(1, "a", &[50, 5, 48], None, t0).unwrap();
+        s.submit(2, "a", &[6, 49, 7], None, t0).unwrap();
+        let batches = drain(&mut s, t0, &mut |_, _| {});
+        let lens: Vec<Vec<usize>> = batches.iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect();
+        assert_eq!(lens, vec![vec![50, 49, 48], vec![7, 6, 5]]);
+    }
+
+    #[test]
+    fn a_sequence_longer_than_the_budget_runs_alone() {
+        let t0 = Instant::now();
+        let c = config(8, 100, 0, 100_000);
+        let mut s = Scheduler::new(c);
+        s.submit(1, "a", &[10, 500, 10], None, t0).unwrap();
+        let batches = drain(&mut s, t0, &mut |_, _| {});
+        assert_eq!(batches[0].rows.len(), 1);
+        assert_eq!(batches[0].padded_len, 500);
+        batches.iter().for_each(|b| check_limits(b, &c));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_accepts_again_when_drained() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(4, 1000, 0, 100));
+        s.submit(1, "a", &[60], None, t0).unwrap();
+        assert_eq!(s.submit(2, "a", &[50], None, t0), Err(Rejected::Overloaded { queued: 60, requested: 50, limit: 100 }));
+        assert_eq!(s.submit(1, "a", &[1], None, t0), Err(Rejected::Duplicate(1)));
+        drain(&mut s, t0, &mut |_, _| {});
+        assert_eq!(s.queued_tokens(), 0);
+        s.submit(2, "a", &[50], None, t0).unwrap();
+        // An empty queue takes even a request larger than the limit.
+        let mut s = Scheduler::new(config(4, 1000, 0, 100));
+        s.submit(3, "a", &[500], None, t0).unwrap();
+    }
+
+    #[test]
+    fn deadlines_and_cancellations_remove_waiting_work() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(config(2, 1000, 0, 10_000));
+        s.submit(1, "a", &[10, 10, 10], Some(t0 + Duration::from_millis(10)), t0).unwrap();
+        s.submit(2, "b", &[20, 20], None, t0).unwrap();
+        s.submit(3, "b", &[30], Some(t0 + Duration::from_millis(50)), t0).unwrap();
+        assert!(s.expire(t0 + Duration::from_millis(5)).is_empty());
+        assert_eq!(s.expire(t0 + Duration::from_millis(10)), vec![1]);
+        assert!(s.cancel(2));
+        assert!(!s.cancel(2));
+        assert_eq!(s.queued_tokens(), 30);
+        let mut done = Vec::new();
+        drain(&mut s, t0, &mut |_, d| done.extend(d));
+        assert_eq!(done, vec![3]);
+        // Rows of a request cancelled while running are ignored when they complete.
+        s.submit(4, "a", &[5, 5], None, t0).unwrap();
+        let Next::Run(batch) = s.next(t0) else { panic!() };
+        s.cancel(4);
+        assert!(s.complete(&batch.rows).is_empty());
+    }
+
+    #[test]
+    fn a_flooding_tenant_delays_another_by_about_one_batch() {
+        let t0 = Instant::now();
+        let c = config(32, 8192, 0, 1_000_000);
+        let lengths: Vec<usize> = (0..120).map(|i| 10 + (i * 37) % 50).collect();
+        // Alone, B's 120 sequences take this many batches.
+        let mut alone = Scheduler::new(c);
+        alone.submit(1000, "b", &lengths, None, t0).unwrap();
+        let alone_batches = drain(&mut alone, t0, &mut |_, _| {}).len();
+
+        let mut s = Scheduler::new(c);
+        for r in 0..32 {
+            s.submit(r, "a", &lengths, None, t0).unwrap();
+        }
+        // A few of A's batches run before B arrives.
+        for _ in 0..3 {
+            let Next::Run(b) = s.next(t0) else { panic!() };
+            s.complete(&b.rows);
+        }
+        s.submit(1000, "b", &lengths, None, t0).unwrap();
+        s.submit(1001, "c", &[12, 30, 7], None, t0).unwrap();
+        let (mut big_done, mut small_done) = (None, None);
+        drain(&mut s, t0, &mut |i, done| {
+            if done.contains(&1000) {
+                big_done = Some(i + 1);
+            }
+            if done.contains(&1001) {
+                small_done = Some(i + 1);
+            }
+        });
+        // B shares each batch with A (and C, briefly), so it needs at most about twice the
+        // batches it needs alone; C's small request is served in the first batch after it arrives.
+        assert!(big_done.unwrap() <= 2 * alone_batches + 1, "B done after {big_done:?} batches, alone {alone_batches}");
+        assert!(small_done.unwrap() <= 1, "C waited {small_done:?} batches");
+    }
+
+    #[test]
+    fn a_passed_over_sequence_runs_within_the_bound() {
+        let t0 = Instant::now();
+        // Room for 4 rows of 100: a stream of long sequences would keep a short one out.
+        let c = config(4, 400, 0, 1_000_000);
+        let mut s = Scheduler::new(c);
+        s.submit(1, "a", &[5], None, t0).unwrap();
+        for r in 2..40 {
+            s.submit(r, "a", &[100, 100], None, t0).unwrap();
+        }
+        let mut served_at = None;
+        drain(&mut s, t0, &mut |i, done| {
+            if done.contains(&1) && served_at.is_none() {
+                served_at = Some(i + 1);
+            }
+        });
+        assert!(served_at.unwrap() <= c.max_pass_over as usize + 1, "served after {served_at:?} batches");
+    }
+
+    proptest! {
+        #[test]
+        fn every_sequence_runs_once_within_the_limits(
+            requests in proptest::collection::vec((0usize..3, proptest::collection::vec(1usize..300, 0..40)), 1..30),
+            max_sequences in 1usize..40,
+            max_tokens in 1usize..4096,
+            cancel_every in 0usize..5,
+        ) {
+            let t0 = Instant::now();
+            let c = config(max_sequences, max_tokens, 3, usize::MAX);
+            let mut s = Scheduler::new(c);
+            let mut expected = HashSet::new();
+            let mut cancelled = HashSet::new();
+            for (id, (tenant, lengths)) in requests.iter().enumerate() {
+                let id = id as RequestId;
+                s.submit(id, &format!("t{tenant}"), lengths, None, t0).unwrap();
+                if cancel_every > 0 && id as usize % cancel_every == 0 && !lengths.is_empty() {
+                    s.cancel(id);
+                    cancelled.insert(id);
+                } else {
+                    expected.extend((0..lengths.len()).map(|i| (id, i)));
+                }
+            }
+            let mut seen = HashSet::new();
+            let mut completed = Vec::new();
+            for batch in drain(&mut s, t0, &mut |_, done| completed.extend(done)) {
+                check_limits(&batch, &c);
+                for row in batch.rows {
+                    prop_assert!(seen.insert((row.request, row.index)), "row {row:?} ran twice");
+                    prop_assert_eq!(row.len, requests[row.request as usize].1[row.index].max(1));
+                }
+            }
+            prop_assert_eq!(seen, expected);
+            let with_work: HashSet<RequestId> = requests.iter().enumerate()
+                .filter(|(id, (_, l))| !l.is_empty() && !cancelled.contains(&(*id as RequestId)))
+                .map(|(id, _)| id as RequestId).collect();
+            prop_assert_eq!(completed.len(), with_work.len(), "each request completes exactly once");
+            prop_assert_eq!(completed.into_iter().collect::<HashSet<_>>(), with_work);
+            prop_assert_eq!(s.queued_tokens(), 0);
+        }
+    }
+}
