@@ -150,7 +150,8 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
         limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
-        queue_capacity: 4,
+        max_queue_delay: std::time::Duration::ZERO,
+        max_queued_tokens: 1 << 20,
         chunk_order: ChunkOrder::LengthSorted,
     })
     .unwrap();

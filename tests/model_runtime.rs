@@ -38,7 +38,8 @@ fn options(name: &str) -> ModelOptions {
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
         limits: limits(32, 8192),
-        queue_capacity: 8,
+        max_queue_delay: std::time::Duration::ZERO,
+        max_queued_tokens: 1 << 20,
         chunk_order: ChunkOrder::LengthSorted,
     }
 }

@@ -69,7 +69,8 @@ fn main() -> anyhow::Result<()> {
                         max_sequences: NonZeroUsize::new(setup.max_sequences).unwrap(),
                         max_tokens: NonZeroUsize::new(8192).unwrap(),
                     },
-                    queue_capacity: 1,
+                    max_queue_delay: std::time::Duration::ZERO,
+        max_queued_tokens: 1 << 20,
                     chunk_order: setup.order,
                 })
             })

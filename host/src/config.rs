@@ -111,9 +111,6 @@ pub struct ModelConfig {
     /// Precision on CPU. `use_fp16` only applies to CUDA.
     #[serde(default)]
     pub cpu_dtype: CpuDtype,
-    /// How many inference calls may wait for the model thread before callers block.
-    #[serde(default = "default_queue_capacity")]
-    pub queue_capacity: NonZeroUsize,
 }
 
 /// The seed's `api` section, keys unchanged.
@@ -123,10 +120,16 @@ pub struct ApiConfig {
     pub inference_batch_size: NonZeroUsize,
     pub use_fp16: bool,
     pub max_batch_tokens: NonZeroUsize,
+    /// How long a batch that is not full may wait for more work (0: never wait).
+    #[serde(default)]
+    pub max_queue_delay_ms: u64,
+    /// Tokens that may wait for the model; past it, requests get 503 at once.
+    #[serde(default = "default_max_queued_tokens")]
+    pub max_queued_tokens: NonZeroUsize,
 }
 
-fn default_queue_capacity() -> NonZeroUsize {
-    NonZeroUsize::new(64).expect("non-zero")
+fn default_max_queued_tokens() -> NonZeroUsize {
+    NonZeroUsize::new(262_144).expect("non-zero")
 }
 
 impl Config {

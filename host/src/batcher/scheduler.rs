@@ -17,7 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::BatchLimits;
+use super::{BatchLimits, ChunkOrder, plan_chunks};
 
 pub type RequestId = u64;
 
@@ -30,6 +30,9 @@ pub struct SchedulerConfig {
     pub max_queued_tokens: usize,
     /// After being passed over this many times, a sequence goes first in its tenant.
     pub max_pass_over: u32,
+    /// `InputOrder` is the seed's batching (first come, first in a batch), kept as a
+    /// benchmark baseline: no length grouping and no fairness.
+    pub order: ChunkOrder,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,7 +216,24 @@ impl Scheduler {
         if !full && now < ready_at {
             return Next::WaitUntil(ready_at);
         }
-        Next::Run(self.build_batch())
+        Next::Run(match self.config.order {
+            ChunkOrder::LengthSorted => self.build_batch(),
+            ChunkOrder::InputOrder => self.build_fifo_batch(),
+        })
+    }
+
+    /// The seed's way: the oldest sequences, in arrival order, as many as the limits allow.
+    fn build_fifo_batch(&mut self) -> Batch {
+        let mut waiting: Vec<(usize, Waiting)> = self.ring.iter().flat_map(|&t| self.tenants[t].queue.iter().map(move |w| (t, *w))).collect();
+        waiting.sort_by_key(|(_, w)| (w.row.request, w.row.index));
+        let lengths: Vec<usize> = waiting.iter().map(|(_, w)| w.row.len).collect();
+        let first = plan_chunks(&lengths, self.config.limits, ChunkOrder::InputOrder).swap_remove(0);
+        let rows: Vec<Row> = first.indices.iter().map(|&i| waiting[i].1.row).collect();
+        for row in &rows {
+            let tenant = self.requests[&row.request].tenant;
+            self.tenants[tenant].queue.retain(|w| w.row != *row);
+        }
+        self.finish_batch(rows, first.padded_len)
     }
 
     fn build_batch(&mut self) -> Batch {
@@ -287,12 +307,17 @@ impl Scheduler {
                 w.passed_over += 1;
             }
         }
+        self.finish_batch(rows, padded_len)
+    }
+
+    /// Books rows that left the queue for a batch.
+    fn finish_batch(&mut self, rows: Vec<Row>, padded_len: usize) -> Batch {
         for row in &rows {
             self.queued_tokens -= row.len;
-            self.requests.get_mut(&row.request).expect("queued rows belong to live requests").queued -= 1;
-        }
-        for t in latest.into_keys() {
-            self.drop_idle_tenant(t);
+            let request = self.requests.get_mut(&row.request).expect("queued rows belong to live requests");
+            request.queued -= 1;
+            let tenant = request.tenant;
+            self.drop_idle_tenant(tenant);
         }
         Batch { rows, padded_len }
     }
@@ -335,6 +360,7 @@ mod tests {
             max_queue_delay: Duration::from_millis(delay_ms),
             max_queued_tokens,
             max_pass_over: 4,
+            order: ChunkOrder::LengthSorted,
         }
     }
 
@@ -387,6 +413,17 @@ mod tests {
         let batches = drain(&mut s, t0, &mut |_, _| {});
         let lens: Vec<Vec<usize>> = batches.iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect();
         assert_eq!(lens, vec![vec![50, 49, 48], vec![7, 6, 5]]);
+    }
+
+    #[test]
+    fn input_order_is_first_come_first_batched() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig { order: ChunkOrder::InputOrder, ..config(3, 10_000, 0, 100_000) });
+        s.submit(1, "a", &[50, 5, 48], None, t0).unwrap();
+        s.submit(2, "b", &[6, 49, 7], None, t0).unwrap();
+        let batches = drain(&mut s, t0, &mut |_, _| {});
+        let lens: Vec<Vec<usize>> = batches.iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect();
+        assert_eq!(lens, vec![vec![50, 5, 48], vec![6, 49, 7]]);
     }
 
     #[test]
@@ -500,9 +537,11 @@ mod tests {
             max_sequences in 1usize..40,
             max_tokens in 1usize..4096,
             cancel_every in 0usize..5,
+            sorted in any::<bool>(),
         ) {
             let t0 = Instant::now();
-            let c = config(max_sequences, max_tokens, 3, usize::MAX);
+            let order = if sorted { ChunkOrder::LengthSorted } else { ChunkOrder::InputOrder };
+            let c = SchedulerConfig { order, ..config(max_sequences, max_tokens, 3, usize::MAX) };
             let mut s = Scheduler::new(c);
             let mut expected = HashSet::new();
             let mut cancelled = HashSet::new();

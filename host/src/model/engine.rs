@@ -1,13 +1,12 @@
-//! The torch side: a loaded TorchScript module and the forward passes over planned chunks.
-//! Only the model thread (see `mod.rs`) touches it: libtorch calls block.
+//! The torch side: a loaded TorchScript module and one padded forward pass at a time.
+//! Only the model thread (see `worker.rs`) touches it: libtorch calls block.
 
 use std::path::Path;
 
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::manifest::{Manifest, Task};
-use super::{ModelError, Output, Precision};
-use crate::batcher::{BatchLimits, ChunkOrder, plan_chunks};
+use super::{Executor, ModelError, Output, Precision};
 
 pub(super) struct Engine {
     module: CModule,
@@ -15,18 +14,6 @@ pub(super) struct Engine {
     pad_id: i64,
     task: Task,
     num_labels: usize,
-    limits: BatchLimits,
-    order: ChunkOrder,
-}
-
-/// What one `run` cost, for timing metadata and benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RunStats {
-    pub forward_passes: usize,
-    /// Tokens the model computed, padding included.
-    pub padded_tokens: usize,
-    /// Tokens of the sequences themselves.
-    pub real_tokens: usize,
 }
 
 impl Engine {
@@ -35,8 +22,6 @@ impl Engine {
         manifest: &Manifest,
         device: Device,
         precision: Precision,
-        limits: BatchLimits,
-        order: ChunkOrder,
     ) -> Result<Self, ModelError> {
         let variant = precision.variant(device);
         let file = manifest.variants.get(&variant).ok_or_else(|| ModelError::MissingVariant {
@@ -53,33 +38,14 @@ impl Engine {
             pad_id: manifest.pad_token_id,
             task: manifest.task,
             num_labels: manifest.labels.len(),
-            limits,
-            order,
         })
     }
+}
 
-    /// Runs every sequence, in as few padded forward passes as the limits allow, and returns
-    /// one output per sequence in input order.
-    pub fn run(&self, sequences: &[Vec<u32>]) -> Result<(Vec<Output>, RunStats), ModelError> {
-        let _no_grad = tch::no_grad_guard();
-        let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
-        let mut outputs: Vec<Option<Output>> = vec![None; sequences.len()];
-        let mut stats = RunStats { real_tokens: lengths.iter().sum(), ..RunStats::default() };
-        for chunk in plan_chunks(&lengths, self.limits, self.order) {
-            let rows: Vec<&[u32]> = chunk.indices.iter().map(|&i| sequences[i].as_slice()).collect();
-            let results = self.forward(&rows, chunk.padded_len)?;
-            for (i, output) in chunk.indices.iter().zip(results) {
-                outputs[*i] = Some(output);
-            }
-            stats.forward_passes += 1;
-            stats.padded_tokens += chunk.padded_tokens();
-        }
-        let outputs = outputs.into_iter().map(|o| o.expect("every index is in one chunk")).collect();
-        Ok((outputs, stats))
-    }
-
+impl Executor for Engine {
     /// One forward pass over `rows`, padded to `padded_len`.
-    fn forward(&self, rows: &[&[u32]], padded_len: usize) -> Result<Vec<Output>, ModelError> {
+    fn forward(&mut self, rows: &[&[u32]], padded_len: usize) -> Result<Vec<Output>, ModelError> {
+        let _no_grad = tch::no_grad_guard();
         let mut ids = vec![self.pad_id; rows.len() * padded_len];
         let mut mask = vec![0i64; rows.len() * padded_len];
         for (r, row) in rows.iter().enumerate() {
@@ -92,7 +58,7 @@ impl Engine {
         let shape = [rows.len() as i64, padded_len as i64];
         let ids = Tensor::from_slice(&ids).view(shape).to_device(self.device);
         let mask = Tensor::from_slice(&mask).view(shape).to_device(self.device);
-        let logits = self.module.forward_ts(&[ids, mask])?;
+        let logits = self.module.forward_ts(&[ids, mask]).map_err(ModelError::from_torch)?;
 
         let expected: Vec<i64> = match self.task {
             Task::SequenceClassification => vec![shape[0], self.num_labels as i64],
@@ -101,7 +67,7 @@ impl Engine {
         if logits.size() != expected {
             return Err(ModelError::OutputShape { expected, got: logits.size() });
         }
-        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))?;
+        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1)).map_err(ModelError::from_torch)?;
         let labels = self.num_labels;
         Ok(match self.task {
             Task::SequenceClassification => flat

@@ -9,21 +9,22 @@ mod device;
 mod engine;
 pub mod manifest;
 pub mod tokenize;
+mod worker;
 
-use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-pub use engine::RunStats;
 pub use manifest::{Manifest, Task};
 pub use tokenize::{Encoding, TextTokenizer};
 
+use crate::batcher::scheduler::{Rejected, Scheduler, SchedulerConfig};
 use crate::batcher::{BatchLimits, ChunkOrder};
 use crate::config::{Config, CpuDtype, DeviceSpec};
 use engine::Engine;
+use worker::{Job, Queue, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -41,14 +42,43 @@ pub enum ModelError {
     MissingVariant { variant: String, available: Vec<String> },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("{0}")]
+    Overloaded(Rejected),
+    #[error("waited {0:?} in the model's queue, past the request's deadline")]
+    TimedOut(Duration),
     #[error("model returned shape {got:?}, expected {expected:?}")]
     OutputShape { expected: Vec<i64>, got: Vec<i64> },
+    #[error("out of memory, even for this sequence alone: {0}")]
+    OutOfMemory(String),
     #[error("forward pass failed: {0}")]
-    Torch(#[from] tch::TchError),
+    Forward(String),
     #[error("forward pass panicked: {0}")]
     Panicked(String),
     #[error("the model thread has stopped")]
     Stopped,
+}
+
+impl ModelError {
+    /// libtorch reports allocation failures as plain errors; their text tells them apart.
+    fn from_torch(error: tch::TchError) -> Self {
+        let message = error.to_string();
+        let lower = message.to_lowercase();
+        if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("not enough memory") {
+            Self::OutOfMemory(message)
+        } else {
+            Self::Forward(message)
+        }
+    }
+
+    fn is_out_of_memory(&self) -> bool {
+        matches!(self, Self::OutOfMemory(_))
+    }
+}
+
+/// Runs one padded forward pass. The engine implements it on torch; tests inject faults with
+/// their own.
+pub(crate) trait Executor {
+    fn forward(&mut self, rows: &[&[u32]], padded_len: usize) -> Result<Vec<Output>, ModelError>;
 }
 
 /// One sequence's logits: `[labels]`, or `[tokens, labels]` for token classification.
@@ -96,7 +126,10 @@ pub struct ModelOptions {
     pub use_fp16: bool,
     pub cpu_dtype: CpuDtype,
     pub limits: BatchLimits,
-    pub queue_capacity: usize,
+    /// How long a batch that is not full may wait for more work.
+    pub max_queue_delay: Duration,
+    /// Tokens that may wait for the model; more is refused at once (`Overloaded`).
+    pub max_queued_tokens: usize,
     /// `InputOrder` reproduces the seed's batching; only benchmarks want it.
     pub chunk_order: ChunkOrder,
 }
@@ -109,7 +142,8 @@ impl ModelOptions {
             use_fp16: config.api.use_fp16,
             cpu_dtype: config.model.cpu_dtype,
             limits: config.batch_limits(),
-            queue_capacity: config.model.queue_capacity.get(),
+            max_queue_delay: Duration::from_millis(config.api.max_queue_delay_ms),
+            max_queued_tokens: config.api.max_queued_tokens.get(),
             chunk_order: ChunkOrder::LengthSorted,
         }
     }
@@ -123,28 +157,38 @@ pub struct ModelInfo {
     pub precision: Precision,
 }
 
+/// What one call cost, for timing metadata and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Forward passes this call's sequences were part of.
+    pub forward_passes: usize,
+    /// Padded tokens the model computed for this call's rows.
+    pub padded_tokens: usize,
+    /// Tokens of the call's sequences themselves.
+    pub real_tokens: usize,
+}
+
 /// The result of one [`Model::infer`] call.
 #[derive(Debug, Clone)]
 pub struct Inference {
     pub outputs: Vec<Output>,
-    /// Time spent waiting for the model thread.
+    /// From submission to the first forward pass that held one of its sequences.
     pub queued: Duration,
-    /// Time the model thread spent on this call.
+    /// Time of the forward passes its sequences were part of.
     pub computed: Duration,
+    /// The forward passes (numbered per model) that computed it, shared with other calls.
+    pub batch_ids: Vec<u64>,
     pub stats: RunStats,
 }
 
-struct Job {
-    sequences: Vec<Vec<u32>>,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<Inference, ModelError>>,
-}
+/// Who a call is for, so the scheduler can share the model fairly.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// A loaded model. Cheap to share behind an `Arc`; dropping the last one stops the model thread.
 pub struct Model {
     info: ModelInfo,
     tokenizer: TextTokenizer,
-    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
 }
 
 impl Model {
@@ -154,26 +198,28 @@ impl Model {
         let tokenizer = TextTokenizer::from_file(&options.path.join("tokenizer.json"), manifest.max_length)?;
         let device = device::resolve(options.device)?;
         let precision = Precision::choose(device, options.use_fp16, options.cpu_dtype);
-        let (jobs, queue) = mpsc::channel(options.queue_capacity);
+        let scheduler = Scheduler::new(SchedulerConfig {
+            limits: options.limits,
+            max_queue_delay: options.max_queue_delay,
+            max_queued_tokens: options.max_queued_tokens,
+            max_pass_over: 8,
+            order: options.chunk_order,
+        });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { scheduler, jobs: Default::default(), next_request: 1, next_batch: 1, stopped: false }),
+            wakeup: Condvar::new(),
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread_options = options.clone();
-        let thread_manifest = manifest.clone();
+        let (path, thread_manifest, thread_shared) = (options.path.clone(), manifest.clone(), shared.clone());
         std::thread::Builder::new()
             .name("model".into())
             .spawn(move || {
-                let loaded = Engine::load(
-                    &thread_options.path,
-                    &thread_manifest,
-                    device,
-                    precision,
-                    thread_options.limits,
-                    thread_options.chunk_order,
-                )
-                .and_then(|engine| warm_up(&engine, &thread_manifest).map(|()| engine));
+                let loaded = Engine::load(&path, &thread_manifest, device, precision)
+                    .and_then(|mut engine| warm_up(&mut engine, &thread_manifest).map(|()| engine));
                 match loaded {
                     Ok(engine) => {
                         let _ = ready_tx.send(Ok(()));
-                        serve(engine, thread_manifest, queue);
+                        worker::serve(engine, thread_shared);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -183,7 +229,7 @@ impl Model {
             .expect("spawning the model thread");
         ready_rx.recv().map_err(|_| ModelError::Stopped)??;
         let info = ModelInfo { manifest, device: format!("{device:?}").to_lowercase(), precision };
-        Ok(Arc::new(Model { info, tokenizer, jobs }))
+        Ok(Arc::new(Model { info, tokenizer, shared }))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -195,52 +241,74 @@ impl Model {
         self.tokenizer.encode_batch(texts)
     }
 
-    /// Runs token id sequences through the model; one output per sequence, in input order.
+    /// Runs token id sequences through the model for `tenant`; one output per sequence, in input
+    /// order. Fails at once with `Overloaded` when the queue is full, and with `TimedOut` if the
+    /// sequences are still waiting at `deadline`. Dropping the future withdraws what still waits.
+    pub async fn infer_for(&self, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Inference, ModelError> {
+        self.submit(tenant, sequences, deadline)?.await.map_err(|_| ModelError::Stopped)?
+    }
+
+    /// [`Model::infer_for`] the default tenant, without a deadline.
     pub async fn infer(&self, sequences: Vec<Vec<u32>>) -> Result<Inference, ModelError> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job { sequences, enqueued: Instant::now(), reply };
-        self.jobs.send(job).await.map_err(|_| ModelError::Stopped)?;
-        answer.await.map_err(|_| ModelError::Stopped)?
+        self.infer_for(DEFAULT_TENANT, sequences, None).await
     }
 
     /// [`Model::infer`] for callers outside an async runtime (CLI, tests, benchmarks).
     pub fn infer_blocking(&self, sequences: Vec<Vec<u32>>) -> Result<Inference, ModelError> {
+        self.submit(DEFAULT_TENANT, sequences, None)?.blocking_recv().map_err(|_| ModelError::Stopped)?
+    }
+
+    /// Queue depth right now: (sequences, tokens).
+    pub fn queue_depth(&self) -> (usize, usize) {
+        let queue = self.shared.lock();
+        (queue.scheduler.queued_sequences(), queue.scheduler.queued_tokens())
+    }
+
+    fn submit(
+        &self,
+        tenant: &str,
+        sequences: Vec<Vec<u32>>,
+        deadline: Option<Instant>,
+    ) -> Result<oneshot::Receiver<Result<Inference, ModelError>>, ModelError> {
+        validate(&sequences, &self.info.manifest)?;
         let (reply, answer) = oneshot::channel();
-        let job = Job { sequences, enqueued: Instant::now(), reply };
-        self.jobs.blocking_send(job).map_err(|_| ModelError::Stopped)?;
-        answer.blocking_recv().map_err(|_| ModelError::Stopped)?
+        let real_tokens = sequences.iter().map(Vec::len).sum();
+        if sequences.is_empty() {
+            let stats = RunStats { real_tokens, ..RunStats::default() };
+            let _ = reply.send(Ok(Inference { outputs: Vec::new(), queued: Duration::ZERO, computed: Duration::ZERO, batch_ids: Vec::new(), stats }));
+            return Ok(answer);
+        }
+        let now = Instant::now();
+        let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
+        let mut queue = self.shared.lock();
+        let id = queue.next_request;
+        queue.next_request += 1;
+        queue.scheduler.submit(id, tenant, &lengths, deadline, now).map_err(ModelError::Overloaded)?;
+        let job = Job {
+            outputs: vec![None; sequences.len()],
+            sequences,
+            enqueued: now,
+            first_batch: None,
+            computed: Duration::ZERO,
+            batch_ids: Vec::new(),
+            stats: RunStats { real_tokens, ..RunStats::default() },
+            reply,
+        };
+        queue.jobs.insert(id, job);
+        drop(queue);
+        self.shared.wakeup.notify_one();
+        Ok(answer)
     }
 }
 
-/// The model thread's loop: one job at a time until every `Model` handle is gone.
-fn serve(engine: Engine, manifest: Manifest, mut queue: mpsc::Receiver<Job>) {
-    while let Some(job) = queue.blocking_recv() {
-        let started = Instant::now();
-        let result = validate(&job.sequences, &manifest).and_then(|()| run_guarded(&engine, &job.sequences));
-        let result = result.map(|(outputs, stats)| Inference {
-            outputs,
-            queued: started - job.enqueued,
-            computed: started.elapsed(),
-            stats,
-        });
-        // The caller may have given up waiting; that is not the model's problem.
-        let _ = job.reply.send(result);
+impl Drop for Model {
+    fn drop(&mut self) {
+        self.shared.lock().stopped = true;
+        self.shared.wakeup.notify_all();
     }
 }
 
-/// A panic inside tch fails this job only; the thread goes on serving the next one.
-fn run_guarded(engine: &Engine, sequences: &[Vec<u32>]) -> Result<(Vec<Output>, RunStats), ModelError> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(sequences))).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        Err(ModelError::Panicked(message))
-    })
-}
-
-/// Refuses what the model cannot take before it reaches torch.
+/// Refuses what the model cannot take before it reaches the queue.
 fn validate(sequences: &[Vec<u32>], manifest: &Manifest) -> Result<(), ModelError> {
     for (i, sequence) in sequences.iter().enumerate() {
         if sequence.is_empty() || sequence.len() > manifest.max_length {
@@ -262,12 +330,13 @@ fn validate(sequences: &[Vec<u32>], manifest: &Manifest) -> Result<(), ModelErro
 
 /// A first pass pays for lazy initialisation (kernels, allocator, JIT profiling), so the first
 /// request does not. Short sequences twice (the JIT optimises after profiling), then the longest.
-fn warm_up(engine: &Engine, manifest: &Manifest) -> Result<(), ModelError> {
+fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), ModelError> {
     let id = (manifest.vocab_size / 2) as u32;
-    let short = vec![vec![id; 16.min(manifest.max_length)]; 2];
+    let short = vec![id; 16.min(manifest.max_length)];
     for _ in 0..2 {
-        engine.run(&short)?;
+        engine.forward(&[&short, &short], short.len())?;
     }
-    engine.run(&[vec![id; manifest.max_length]])?;
+    let long = vec![id; manifest.max_length];
+    engine.forward(&[&long], long.len())?;
     Ok(())
 }

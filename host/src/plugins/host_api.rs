@@ -44,7 +44,7 @@ impl host::Host for RequestState {
 
     async fn infer(&mut self, sequences: Vec<Vec<u32>>) -> wasmtime::Result<Result<types::Inference, types::Error>> {
         let started = Instant::now();
-        let result = self.model.infer(sequences).await;
+        let result = self.model.infer_for(&self.plugin, sequences, Some(self.deadline)).await;
         self.host_time += started.elapsed();
         Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
             outputs: inference
@@ -55,6 +55,7 @@ impl host::Host for RequestState {
             queue_us: inference.queued.as_micros() as u64,
             compute_us: inference.computed.as_micros() as u64,
             forward_passes: inference.stats.forward_passes as u32,
+            batch_ids: inference.batch_ids,
         }))
     }
 
@@ -74,6 +75,8 @@ impl host::Host for RequestState {
 fn to_wit_error(error: ModelError) -> types::Error {
     match error {
         ModelError::InvalidInput(message) => types::Error::InvalidInput(message),
+        e @ ModelError::Overloaded(_) => types::Error::Overloaded(e.to_string()),
+        e @ ModelError::TimedOut(_) => types::Error::TimedOut(e.to_string()),
         other => types::Error::Internal(other.to_string()),
     }
 }

@@ -74,6 +74,9 @@ pub(crate) struct RequestState {
     plugin: Arc<str>,
     request_id: u64,
     started: Instant,
+    /// When the plugin's wall-clock limit runs out: sequences still waiting for the model then
+    /// are dropped from its queue.
+    deadline: Instant,
     /// Time spent inside host calls, which the CPU deadline does not count.
     host_time: Duration,
 }
@@ -153,6 +156,7 @@ impl PluginRuntime {
             plugin: plugin.name.clone(),
             request_id,
             started: Instant::now(),
+            deadline: Instant::now() + Duration::from_millis(plugin.limits.wall_ms),
             host_time: Duration::ZERO,
         };
         let mut store = Store::new(&self.engine, state);

@@ -68,6 +68,8 @@ struct Metadata {
     /// Indices of sentences the model only saw the beginning of.
     truncated: Vec<usize>,
     forward_passes: u32,
+    /// The forward passes that computed this request (shared with concurrent requests).
+    batch_ids: Vec<u64>,
     breakdown_ms: Breakdown,
 }
 
@@ -115,6 +117,7 @@ fn classify(request: &Request) -> Result<Response, Response> {
         model_version: info.version,
         truncated: encodings.iter().enumerate().filter(|(_, e)| e.truncated).map(|(i, _)| i).collect(),
         forward_passes,
+        batch_ids: inference.as_ref().map(|i| i.batch_ids.clone()).unwrap_or_default(),
         breakdown_ms: Breakdown {
             tokenize: round(tokenize_ms),
             queue: round(queue_ms),

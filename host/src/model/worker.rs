@@ -1,0 +1,230 @@
+//! The model thread and the queue in front of it.
+//!
+//! Callers submit their sequences to the shared [`Scheduler`] (refused at once when the queue is
+//! full) and wait on a oneshot. The model thread asks the scheduler for the next batch, runs it
+//! without holding the lock, and answers each caller as soon as all of its sequences are done.
+//! A forward pass that runs out of memory is split in halves and retried, down to single
+//! sequences; a sequence that fails alone fails only its own request.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{Executor, Inference, ModelError, Output, RunStats};
+use crate::batcher::scheduler::{Next, RequestId, Row, Scheduler};
+
+/// One caller's request while it is in the queue or being computed.
+pub(super) struct Job {
+    pub sequences: Vec<Vec<u32>>,
+    pub outputs: Vec<Option<Output>>,
+    pub enqueued: Instant,
+    pub first_batch: Option<Instant>,
+    pub computed: Duration,
+    pub batch_ids: Vec<u64>,
+    pub stats: RunStats,
+    pub reply: oneshot::Sender<Result<Inference, ModelError>>,
+}
+
+pub(super) struct Queue {
+    pub scheduler: Scheduler,
+    pub jobs: HashMap<RequestId, Job>,
+    pub next_request: RequestId,
+    pub next_batch: u64,
+    pub stopped: bool,
+}
+
+/// What callers and the model thread share.
+pub(super) struct Shared {
+    pub queue: Mutex<Queue>,
+    pub wakeup: Condvar,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock cannot leave the queue half-updated in a way that matters
+        // more than stopping would: keep serving.
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The model thread's loop: until every `Model` handle is gone.
+pub(super) fn serve(mut executor: impl Executor, shared: Arc<Shared>) {
+    while let Some((batch_id, rows, padded_len, inputs)) = next_batch(&shared) {
+        let started = Instant::now();
+        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let results = run_split(&mut executor, &refs);
+        let elapsed = started.elapsed();
+        debug_assert!(padded_len >= refs.iter().map(|r| r.len()).max().unwrap_or(0));
+
+        let mut queue = shared.lock();
+        let mut failed: Vec<(RequestId, ModelError)> = Vec::new();
+        for (row, result) in rows.iter().zip(results) {
+            let Some(job) = queue.jobs.get_mut(&row.request) else { continue }; // cancelled meanwhile
+            if job.batch_ids.last() != Some(&batch_id) {
+                job.batch_ids.push(batch_id);
+                job.computed += elapsed;
+                job.stats.forward_passes += 1;
+            }
+            job.first_batch.get_or_insert(started);
+            job.stats.padded_tokens += padded_len;
+            match result {
+                Ok(output) => job.outputs[row.index] = Some(output),
+                Err(e) => failed.push((row.request, e)),
+            }
+        }
+        for (request, error) in failed {
+            queue.scheduler.cancel(request);
+            if let Some(job) = queue.jobs.remove(&request) {
+                let _ = job.reply.send(Err(error));
+            }
+        }
+        for request in queue.scheduler.complete(&rows) {
+            if let Some(job) = queue.jobs.remove(&request) {
+                answer(job);
+            }
+        }
+    }
+}
+
+/// Waits for the next batch and copies its rows out; `None` once the model is dropped.
+fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, usize, Vec<Vec<u32>>)> {
+    let mut queue = shared.lock();
+    loop {
+        if queue.stopped {
+            return None;
+        }
+        let now = Instant::now();
+        // Callers that went away (client disconnected, plugin stopped) lose their place.
+        let gone: Vec<RequestId> = queue.jobs.iter().filter(|(_, j)| j.reply.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            queue.scheduler.cancel(id);
+            queue.jobs.remove(&id);
+        }
+        for id in queue.scheduler.expire(now) {
+            if let Some(job) = queue.jobs.remove(&id) {
+                let waited = now - job.enqueued;
+                let _ = job.reply.send(Err(ModelError::TimedOut(waited)));
+            }
+        }
+        match queue.scheduler.next(now) {
+            Next::Run(batch) => {
+                let id = queue.next_batch;
+                queue.next_batch += 1;
+                let inputs = batch.rows.iter().map(|r| queue.jobs[&r.request].sequences[r.index].clone()).collect();
+                return Some((id, batch.rows, batch.padded_len, inputs));
+            }
+            Next::WaitUntil(at) => {
+                queue = shared.wakeup.wait_timeout(queue, at.saturating_duration_since(now)).map(|(q, _)| q).unwrap_or_else(|p| p.into_inner().0);
+            }
+            Next::Idle => queue = shared.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+}
+
+fn answer(job: Job) {
+    let outputs = job.outputs.into_iter().map(|o| o.expect("a complete request has every output")).collect();
+    let queued = job.first_batch.map_or(Duration::ZERO, |t| t.saturating_duration_since(job.enqueued));
+    let inference = Inference { outputs, queued, computed: job.computed, batch_ids: job.batch_ids, stats: job.stats };
+    let _ = job.reply.send(Ok(inference));
+}
+
+/// Runs rows in one pass; if that runs out of memory, runs each half on its own, down to single
+/// rows. Every row gets its own result. A panic inside the executor fails these rows only.
+pub(super) fn run_split(executor: &mut impl Executor, rows: &[&[u32]]) -> Vec<Result<Output, ModelError>> {
+    let padded_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| executor.forward(rows, padded_len)))
+        .unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
+    match attempt {
+        Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+        Err(e) if e.is_out_of_memory() && rows.len() > 1 => {
+            tracing::warn!(rows = rows.len(), padded_len, "out of memory: splitting the batch");
+            let (left, right) = rows.split_at(rows.len() / 2);
+            let mut results = run_split(executor, left);
+            results.extend(run_split(executor, right));
+            results
+        }
+        Err(e) => {
+            let message = e.to_string();
+            let out_of_memory = e.is_out_of_memory();
+            rows.iter()
+                .map(|_| Err(if out_of_memory { ModelError::OutOfMemory(message.clone()) } else { ModelError::Forward(message.clone()) }))
+                .collect()
+        }
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fault injection through the executor interface: out of memory above `max_rows` rows, and
+    /// a failure of its own for any row starting with `poison`.
+    struct Faulty {
+        max_rows: usize,
+        poison: u32,
+        calls: Vec<usize>,
+    }
+
+    impl Executor for Faulty {
+        fn forward(&mut self, rows: &[&[u32]], _padded_len: usize) -> Result<Vec<Output>, ModelError> {
+            self.calls.push(rows.len());
+            if rows.len() > self.max_rows {
+                return Err(ModelError::OutOfMemory("CUDA out of memory (injected)".into()));
+            }
+            if rows.iter().any(|r| r[0] == self.poison) {
+                return Err(ModelError::OutOfMemory("out of memory even alone (injected)".into()));
+            }
+            Ok(rows.iter().map(|r| Output { data: vec![r[0] as f32], shape: vec![1] }).collect())
+        }
+    }
+
+    #[test]
+    fn out_of_memory_splits_until_every_row_has_its_result() {
+        let rows: Vec<Vec<u32>> = (0..13).map(|i| vec![i, 1, 2]).collect();
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let mut executor = Faulty { max_rows: 3, poison: u32::MAX, calls: Vec::new() };
+        let results = run_split(&mut executor, &refs);
+        let got: Vec<f32> = results.into_iter().map(|r| r.unwrap().data[0]).collect();
+        assert_eq!(got, (0..13).map(|i| i as f32).collect::<Vec<_>>(), "in input order");
+        assert!(executor.calls.iter().skip(1).all(|&n| n < 13));
+    }
+
+    #[test]
+    fn a_row_that_fails_alone_fails_only_itself() {
+        let rows: Vec<Vec<u32>> = (0..8).map(|i| vec![i]).collect();
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let mut executor = Faulty { max_rows: 8, poison: 5, calls: Vec::new() };
+        let results = run_split(&mut executor, &refs);
+        for (i, result) in results.iter().enumerate() {
+            match (i, result) {
+                (5, Err(ModelError::OutOfMemory(_))) => {}
+                (5, other) => panic!("row 5 must fail: {other:?}"),
+                (_, Ok(output)) => assert_eq!(output.data, vec![i as f32]),
+                (_, Err(e)) => panic!("row {i} failed: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_panicking_executor_fails_the_rows_not_the_thread() {
+        struct Panics;
+        impl Executor for Panics {
+            fn forward(&mut self, _: &[&[u32]], _: usize) -> Result<Vec<Output>, ModelError> {
+                panic!("boom")
+            }
+        }
+        let results = run_split(&mut Panics, &[&[1u32][..], &[2][..]]);
+        assert!(results.iter().all(|r| matches!(r, Err(ModelError::Forward(m)) if m.contains("boom"))));
+    }
+}
