@@ -394,3 +394,72 @@ fn compiled_plugins_are_cached_on_disk_across_restarts() {
     drop(Server::launch(&config));
     assert_eq!(cached(), first, "a restart reuses the compiled code instead of writing it again");
 }
+
+fn probabilities(body: &Value) -> Vec<Vec<f64>> {
+    body["probabilities"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect()).collect()
+}
+
+#[test]
+fn concurrent_requests_share_batches_and_get_the_sequential_numbers() {
+    let server = Server::start();
+    let sentences = fixture_sentences();
+    let body = json!({ "sentences": sentences }).to_string();
+    let (status, sequential) = server.post(PREDICT, &body);
+    assert_eq!(status, 200);
+    let expected = probabilities(&sequential);
+
+    let responses: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16).map(|_| scope.spawn(|| server.post(PREDICT, &body))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut batch_users: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for (status, response) in &responses {
+        assert_eq!(*status, 200, "{response}");
+        for (got, want) in probabilities(response).iter().zip(&expected) {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-4, "concurrent {g} vs sequential {w}");
+            }
+        }
+        for id in response["metadata"]["batch_ids"].as_array().unwrap() {
+            *batch_users.entry(id.as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    assert!(batch_users.values().any(|&n| n > 1), "concurrent requests share forward passes: {batch_users:?}");
+    let (_, models) = server.get("/v1/models");
+    let stats = &models["models"][0]["stats"];
+    assert!(stats["sequences"].as_u64().unwrap() >= 17 * 120, "{stats}");
+    assert!(stats["padded_tokens"].as_u64() >= stats["real_tokens"].as_u64(), "{stats}");
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_recovers() {
+    let text = std::fs::read_to_string(Server::config("tiny-queue-base", "{}")).unwrap();
+    let config = workspace().join("target/http-tests/tiny-queue.yaml");
+    std::fs::write(&config, text.replace("max_batch_tokens: 8192 }", "max_batch_tokens: 8192, max_queued_tokens: 64 }")).unwrap();
+    let server = Server::launch(&config);
+    let body = json!({ "sentences": fixture_sentences() }).to_string();
+    let url = format!("{}{PREDICT}", server.base);
+    let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let response = server.agent.post(&url).send(body.as_bytes()).unwrap();
+                    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                    let (status, body) = read(response);
+                    (status, retry_after, body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(answers.iter().any(|(s, _, _)| *s == 200), "the first request is admitted");
+    let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert!(!refused.is_empty(), "{:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    for (status, retry_after, body) in refused {
+        assert_json_error(*status, body, 503, "overloaded", "full queue");
+        assert_eq!(retry_after.as_deref(), Some("1"));
+    }
+    assert_eq!(server.predict(&["Recovered."])["predictions"].as_array().unwrap().len(), 1);
+    let (_, models) = server.get("/v1/models");
+    assert!(models["models"][0]["stats"]["rejected"].as_u64().unwrap() >= 1);
+}

@@ -159,7 +159,10 @@ impl App {
     }
 
     fn models(&self) -> Result<serde_json::Value, ApiError> {
-        let info = self.loaded.get().ok_or(ApiError::NotReady)?.model.info();
+        let model = &self.loaded.get().ok_or(ApiError::NotReady)?.model;
+        let (info, c) = (model.info(), model.counters());
+        let (queued_sequences, queued_tokens) = model.queue_depth();
+        let count = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
         let m = &info.manifest;
         Ok(json!({ "models": [{
             "name": self.model_name,
@@ -170,6 +173,18 @@ impl App {
             "max_length": m.max_length,
             "device": info.device,
             "precision": format!("{:?}", info.precision).to_lowercase(),
+            "stats": {
+                "batches": count(&c.batches),
+                "sequences": count(&c.sequences),
+                "real_tokens": count(&c.real_tokens),
+                "padded_tokens": count(&c.padded_tokens),
+                "rejected": count(&c.rejected),
+                "expired": count(&c.expired),
+                "abandoned": count(&c.abandoned),
+                "failed_sequences": count(&c.failed_sequences),
+                "queued_sequences": queued_sequences,
+                "queued_tokens": queued_tokens,
+            },
         }]}))
     }
 

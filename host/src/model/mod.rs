@@ -25,6 +25,7 @@ use crate::batcher::{BatchLimits, ChunkOrder};
 use crate::config::{Config, CpuDtype, DeviceSpec};
 use engine::Engine;
 use worker::{Job, Queue, Shared};
+pub use worker::Counters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -208,6 +209,7 @@ impl Model {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { scheduler, jobs: Default::default(), next_request: 1, next_batch: 1, stopped: false }),
             wakeup: Condvar::new(),
+            counters: Counters::default(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (path, thread_manifest, thread_shared) = (options.path.clone(), manifest.clone(), shared.clone());
@@ -264,6 +266,11 @@ impl Model {
         (queue.scheduler.queued_sequences(), queue.scheduler.queued_tokens())
     }
 
+    /// What the model has done since it started.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
     fn submit(
         &self,
         tenant: &str,
@@ -283,7 +290,10 @@ impl Model {
         let mut queue = self.shared.lock();
         let id = queue.next_request;
         queue.next_request += 1;
-        queue.scheduler.submit(id, tenant, &lengths, deadline, now).map_err(ModelError::Overloaded)?;
+        if let Err(rejected) = queue.scheduler.submit(id, tenant, &lengths, deadline, now) {
+            Counters::add(&self.shared.counters.rejected, 1);
+            return Err(ModelError::Overloaded(rejected));
+        }
         let job = Job {
             outputs: vec![None; sequences.len()],
             sequences,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,30 @@ pub(super) struct Queue {
 pub(super) struct Shared {
     pub queue: Mutex<Queue>,
     pub wakeup: Condvar,
+    pub counters: Counters,
+}
+
+/// What the model has done since it started, in one place (for `/v1/models` and metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub batches: AtomicU64,
+    pub sequences: AtomicU64,
+    pub real_tokens: AtomicU64,
+    pub padded_tokens: AtomicU64,
+    /// Calls refused because the queue was full.
+    pub rejected: AtomicU64,
+    /// Calls dropped from the queue at their deadline.
+    pub expired: AtomicU64,
+    /// Calls whose caller went away before they were computed.
+    pub abandoned: AtomicU64,
+    /// Sequences whose forward pass failed even alone.
+    pub failed_sequences: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -59,6 +84,11 @@ pub(super) fn serve(mut executor: impl Executor, shared: Arc<Shared>) {
         let elapsed = started.elapsed();
         debug_assert!(padded_len >= refs.iter().map(|r| r.len()).max().unwrap_or(0));
 
+        let counters = &shared.counters;
+        Counters::add(&counters.batches, 1);
+        Counters::add(&counters.sequences, rows.len());
+        Counters::add(&counters.real_tokens, rows.iter().map(|r| r.len).sum());
+        Counters::add(&counters.padded_tokens, rows.len() * padded_len);
         let mut queue = shared.lock();
         let mut failed: Vec<(RequestId, ModelError)> = Vec::new();
         for (row, result) in rows.iter().zip(results) {
@@ -72,7 +102,10 @@ pub(super) fn serve(mut executor: impl Executor, shared: Arc<Shared>) {
             job.stats.padded_tokens += padded_len;
             match result {
                 Ok(output) => job.outputs[row.index] = Some(output),
-                Err(e) => failed.push((row.request, e)),
+                Err(e) => {
+                    Counters::add(&counters.failed_sequences, 1);
+                    failed.push((row.request, e));
+                }
             }
         }
         for (request, error) in failed {
@@ -99,11 +132,14 @@ fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, usize, Vec<Vec<u32>>)> 
         let now = Instant::now();
         // Callers that went away (client disconnected, plugin stopped) lose their place.
         let gone: Vec<RequestId> = queue.jobs.iter().filter(|(_, j)| j.reply.is_closed()).map(|(&id, _)| id).collect();
+        Counters::add(&shared.counters.abandoned, gone.len());
         for id in gone {
             queue.scheduler.cancel(id);
             queue.jobs.remove(&id);
         }
-        for id in queue.scheduler.expire(now) {
+        let expired = queue.scheduler.expire(now);
+        Counters::add(&shared.counters.expired, expired.len());
+        for id in expired {
             if let Some(job) = queue.jobs.remove(&id) {
                 let waited = now - job.enqueued;
                 let _ = job.reply.send(Err(ModelError::TimedOut(waited)));
