@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::batcher::BatchLimits;
+use crate::batcher::{BatchLimits, ChunkOrder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -126,6 +126,26 @@ pub struct ApiConfig {
     /// Tokens that may wait for the model; past it, requests get 503 at once.
     #[serde(default = "default_max_queued_tokens")]
     pub max_queued_tokens: NonZeroUsize,
+    /// `length-sorted` (batchbox) or `input-order` (the seed's batching, for comparisons).
+    #[serde(default)]
+    pub batch_order: BatchOrder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchOrder {
+    #[default]
+    LengthSorted,
+    InputOrder,
+}
+
+impl From<BatchOrder> for ChunkOrder {
+    fn from(order: BatchOrder) -> Self {
+        match order {
+            BatchOrder::LengthSorted => ChunkOrder::LengthSorted,
+            BatchOrder::InputOrder => ChunkOrder::InputOrder,
+        }
+    }
 }
 
 fn default_max_queued_tokens() -> NonZeroUsize {

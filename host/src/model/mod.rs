@@ -145,7 +145,7 @@ impl ModelOptions {
             limits: config.batch_limits(),
             max_queue_delay: Duration::from_millis(config.api.max_queue_delay_ms),
             max_queued_tokens: config.api.max_queued_tokens.get(),
-            chunk_order: ChunkOrder::LengthSorted,
+            chunk_order: config.api.batch_order.into(),
         }
     }
 }
