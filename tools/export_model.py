@@ -280,12 +280,13 @@ SYNTHETIC_SIZES = {
 }
 
 
-def deberta_v3_config(size: str, num_labels: int):
-    """The real DeBERTa-v3 architecture (relative attention, 256 buckets, p2c+c2p, shared keys)."""
+def deberta_v3_config(size: str, num_labels: int, **overrides):
+    """The real DeBERTa-v3 architecture (relative attention, 256 buckets, p2c+c2p, shared keys);
+    `overrides` change single settings (the tests shrink it)."""
     from transformers import DebertaV2Config
 
     hidden, layers, heads, ffn = SYNTHETIC_SIZES[size]
-    return DebertaV2Config(
+    settings = dict(
         vocab_size=128100,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -306,6 +307,7 @@ def deberta_v3_config(size: str, num_labels: int):
         num_labels=num_labels,
         architectures=["DebertaV2ForSequenceClassification"],
     )
+    return DebertaV2Config(**{**settings, **overrides})
 
 
 def synthetic_deberta(size: str, num_labels: int, seed: int) -> Source:
