@@ -52,6 +52,8 @@ plugins:
     wasm: {classifier}
     routes: [{PREDICT}]
     config: {classifier_config}
+    # Generous: 16 concurrent 120-sentence requests on a busy 2-core machine take a while.
+    limits: {{ wall_ms: 120000 }}
   - name: faults
     wasm: {faults}
     routes: [/faults/ok, /faults/panic, /faults/loop]

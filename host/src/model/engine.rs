@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::manifest::{Manifest, Task};
-use super::{Executor, ModelError, Output, Precision};
+use super::{Executor, ModelError, Output, Padded, Precision};
 
 pub(super) struct Engine {
     module: CModule,
@@ -42,10 +42,27 @@ impl Engine {
     }
 }
 
-impl Executor for Engine {
-    /// One forward pass over `rows`, padded to `padded_len`.
-    fn forward(&mut self, rows: &[&[u32]], padded_len: usize) -> Result<Vec<Output>, ModelError> {
-        let _no_grad = tch::no_grad_guard();
+impl Engine {
+    /// How this engine's inputs are padded (and pinned), for the thread that prepares batches.
+    pub fn padder(&self) -> Padder {
+        Padder::new(self.pad_id, self.device)
+    }
+}
+
+/// Builds a forward pass's input tensors; `Copy`, so the preparing thread has its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Padder {
+    pad_id: i64,
+    device: Device,
+}
+
+impl Padder {
+    pub fn new(pad_id: i64, device: Device) -> Self {
+        Self { pad_id, device }
+    }
+
+    pub fn pad(&self, rows: &[&[u32]]) -> Padded {
+        let padded_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut ids = vec![self.pad_id; rows.len() * padded_len];
         let mut mask = vec![0i64; rows.len() * padded_len];
         for (r, row) in rows.iter().enumerate() {
@@ -56,8 +73,22 @@ impl Executor for Engine {
             }
         }
         let shape = [rows.len() as i64, padded_len as i64];
-        let ids = Tensor::from_slice(&ids).view(shape).to_device(self.device);
-        let mask = Tensor::from_slice(&mask).view(shape).to_device(self.device);
+        let (mut ids, mut mask) = (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape));
+        if self.device.is_cuda() {
+            // Page-locked memory lets the copy to the GPU run asynchronously.
+            (ids, mask) = (ids.pin_memory(self.device), mask.pin_memory(self.device));
+        }
+        Padded { ids, mask, lens: rows.iter().map(|r| r.len()).collect(), padded_len }
+    }
+}
+
+impl Executor for Engine {
+    fn forward(&mut self, batch: &Padded) -> Result<Vec<Output>, ModelError> {
+        let _no_grad = tch::no_grad_guard();
+        let (rows, padded_len) = (&batch.lens, batch.padded_len);
+        let shape = [rows.len() as i64, padded_len as i64];
+        let ids = batch.ids.to_device_(self.device, Kind::Int64, true, false);
+        let mask = batch.mask.to_device_(self.device, Kind::Int64, true, false);
         let logits = self.module.forward_ts(&[ids, mask]).map_err(ModelError::from_torch)?;
 
         let expected: Vec<i64> = match self.task {
@@ -78,7 +109,7 @@ impl Executor for Engine {
             Task::TokenClassification => flat
                 .chunks_exact(padded_len * labels)
                 .zip(rows)
-                .map(|(block, row)| Output { data: block[..row.len() * labels].to_vec(), shape: vec![row.len(), labels] })
+                .map(|(block, &len)| Output { data: block[..len * labels].to_vec(), shape: vec![len, labels] })
                 .collect(),
         })
     }

@@ -79,7 +79,17 @@ impl ModelError {
 /// Runs one padded forward pass. The engine implements it on torch; tests inject faults with
 /// their own.
 pub(crate) trait Executor {
-    fn forward(&mut self, rows: &[&[u32]], padded_len: usize) -> Result<Vec<Output>, ModelError>;
+    fn forward(&mut self, batch: &Padded) -> Result<Vec<Output>, ModelError>;
+}
+
+/// A forward pass's inputs: token ids and attention mask, `[rows, padded_len]`, built by a
+/// `Padder` before the pass runs.
+pub(crate) struct Padded {
+    pub ids: tch::Tensor,
+    pub mask: tch::Tensor,
+    /// Each row's own length.
+    pub lens: Vec<usize>,
+    pub padded_len: usize,
 }
 
 /// One sequence's logits: `[labels]`, or `[tokens, labels]` for token classification.
@@ -221,7 +231,8 @@ impl Model {
                 match loaded {
                     Ok(engine) => {
                         let _ = ready_tx.send(Ok(()));
-                        worker::serve(engine, thread_shared);
+                        let padder = engine.padder();
+                        worker::serve(engine, padder, thread_shared);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -343,10 +354,11 @@ fn validate(sequences: &[Vec<u32>], manifest: &Manifest) -> Result<(), ModelErro
 fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), ModelError> {
     let id = (manifest.vocab_size / 2) as u32;
     let short = vec![id; 16.min(manifest.max_length)];
+    let padder = engine.padder();
     for _ in 0..2 {
-        engine.forward(&[&short, &short], short.len())?;
+        engine.forward(&padder.pad(&[&short, &short]))?;
     }
     let long = vec![id; manifest.max_length];
-    engine.forward(&[&long], long.len())?;
+    engine.forward(&padder.pad(&[&long]))?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! The model thread and the queue in front of it.
 //!
 //! Callers submit their sequences to the shared [`Scheduler`] (refused at once when the queue is
-//! full) and wait on a oneshot. The model thread asks the scheduler for the next batch, runs it
-//! without holding the lock, and answers each caller as soon as all of its sequences are done.
+//! full) and wait on a oneshot. A preparing thread takes the next batch from the scheduler and
+//! pads it (pinned, for CUDA) while the model thread runs the current one; the model thread then
+//! answers each caller as soon as all of its sequences are done.
 //! A forward pass that runs out of memory is split in halves and retried, down to single
 //! sequences; a sequence that fails alone fails only its own request.
 
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Executor, Inference, ModelError, Output, RunStats};
+use super::engine::Padder;
+use super::{Executor, Inference, ModelError, Output, Padded, RunStats};
 use crate::batcher::scheduler::{Next, RequestId, Row, Scheduler};
 
 /// One caller's request while it is in the queue or being computed.
@@ -75,14 +77,39 @@ impl Shared {
     }
 }
 
+/// A batch taken from the scheduler, with its inputs ready for the model.
+struct Prepared {
+    id: u64,
+    rows: Vec<Row>,
+    inputs: Vec<Vec<u32>>,
+    padded: Padded,
+}
+
 /// The model thread's loop: until every `Model` handle is gone.
-pub(super) fn serve(mut executor: impl Executor, shared: Arc<Shared>) {
-    while let Some((batch_id, rows, padded_len, inputs)) = next_batch(&shared) {
+pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Shared>) {
+    // At most one batch waits ready while the current one runs: choosing it later would let more
+    // arrivals join it, choosing it earlier hides its preparation behind the forward pass.
+    let (ready, prepared) = std::sync::mpsc::sync_channel::<Prepared>(1);
+    let preparer = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("model-prepare".into())
+            .spawn(move || {
+                while let Some((id, rows, inputs)) = next_batch(&shared) {
+                    let padded = padder.pad(&inputs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+                    if ready.send(Prepared { id, rows, inputs, padded }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the batch-preparing thread")
+    };
+    for Prepared { id: batch_id, rows, inputs, padded } in prepared {
         let started = Instant::now();
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let results = run_split(&mut executor, &refs);
+        let results = run_split(&mut executor, padder, &refs, Some(&padded));
         let elapsed = started.elapsed();
-        debug_assert!(padded_len >= refs.iter().map(|r| r.len()).max().unwrap_or(0));
+        let padded_len = padded.padded_len;
 
         let counters = &shared.counters;
         Counters::add(&counters.batches, 1);
@@ -120,10 +147,11 @@ pub(super) fn serve(mut executor: impl Executor, shared: Arc<Shared>) {
             }
         }
     }
+    let _ = preparer.join();
 }
 
 /// Waits for the next batch and copies its rows out; `None` once the model is dropped.
-fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, usize, Vec<Vec<u32>>)> {
+fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, Vec<Vec<u32>>)> {
     let mut queue = shared.lock();
     loop {
         if queue.stopped {
@@ -150,7 +178,7 @@ fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, usize, Vec<Vec<u32>>)> 
                 let id = queue.next_batch;
                 queue.next_batch += 1;
                 let inputs = batch.rows.iter().map(|r| queue.jobs[&r.request].sequences[r.index].clone()).collect();
-                return Some((id, batch.rows, batch.padded_len, inputs));
+                return Some((id, batch.rows, inputs));
             }
             Next::WaitUntil(at) => {
                 queue = shared.wakeup.wait_timeout(queue, at.saturating_duration_since(now)).map(|(q, _)| q).unwrap_or_else(|p| p.into_inner().0);
@@ -167,19 +195,27 @@ fn answer(job: Job) {
     let _ = job.reply.send(Ok(inference));
 }
 
-/// Runs rows in one pass; if that runs out of memory, runs each half on its own, down to single
-/// rows. Every row gets its own result. A panic inside the executor fails these rows only.
-pub(super) fn run_split(executor: &mut impl Executor, rows: &[&[u32]]) -> Vec<Result<Output, ModelError>> {
-    let padded_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| executor.forward(rows, padded_len)))
-        .unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
+/// Runs rows in one pass (`padded`, if they were prepared already); if that runs out of memory,
+/// runs each half on its own, down to single rows. Every row gets its own result. A panic inside
+/// the executor fails these rows only.
+pub(super) fn run_split(
+    executor: &mut impl Executor,
+    padder: Padder,
+    rows: &[&[u32]],
+    padded: Option<&Padded>,
+) -> Vec<Result<Output, ModelError>> {
+    let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| match padded {
+        Some(batch) => executor.forward(batch),
+        None => executor.forward(&padder.pad(rows)),
+    }))
+    .unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
     match attempt {
         Ok(outputs) => outputs.into_iter().map(Ok).collect(),
         Err(e) if e.is_out_of_memory() && rows.len() > 1 => {
-            tracing::warn!(rows = rows.len(), padded_len, "out of memory: splitting the batch");
+            tracing::warn!(rows = rows.len(), "out of memory: splitting the batch");
             let (left, right) = rows.split_at(rows.len() / 2);
-            let mut results = run_split(executor, left);
-            results.extend(run_split(executor, right));
+            let mut results = run_split(executor, padder, left, None);
+            results.extend(run_split(executor, padder, right, None));
             results
         }
         Err(e) => {
@@ -213,24 +249,30 @@ mod tests {
     }
 
     impl Executor for Faulty {
-        fn forward(&mut self, rows: &[&[u32]], _padded_len: usize) -> Result<Vec<Output>, ModelError> {
-            self.calls.push(rows.len());
-            if rows.len() > self.max_rows {
+        fn forward(&mut self, batch: &Padded) -> Result<Vec<Output>, ModelError> {
+            let rows = batch.lens.len();
+            self.calls.push(rows);
+            if rows > self.max_rows {
                 return Err(ModelError::OutOfMemory("CUDA out of memory (injected)".into()));
             }
-            if rows.iter().any(|r| r[0] == self.poison) {
+            let first_ids: Vec<i64> = Vec::try_from(batch.ids.select(1, 0)).unwrap();
+            if first_ids.contains(&i64::from(self.poison)) {
                 return Err(ModelError::OutOfMemory("out of memory even alone (injected)".into()));
             }
-            Ok(rows.iter().map(|r| Output { data: vec![r[0] as f32], shape: vec![1] }).collect())
+            Ok(first_ids.iter().map(|&id| Output { data: vec![id as f32], shape: vec![1] }).collect())
         }
+    }
+
+    fn padder() -> Padder {
+        Padder::new(0, tch::Device::Cpu)
     }
 
     #[test]
     fn out_of_memory_splits_until_every_row_has_its_result() {
         let rows: Vec<Vec<u32>> = (0..13).map(|i| vec![i, 1, 2]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-        let mut executor = Faulty { max_rows: 3, poison: u32::MAX, calls: Vec::new() };
-        let results = run_split(&mut executor, &refs);
+        let mut executor = Faulty { max_rows: 3, poison: 999, calls: Vec::new() };
+        let results = run_split(&mut executor, padder(), &refs, None);
         let got: Vec<f32> = results.into_iter().map(|r| r.unwrap().data[0]).collect();
         assert_eq!(got, (0..13).map(|i| i as f32).collect::<Vec<_>>(), "in input order");
         assert!(executor.calls.iter().skip(1).all(|&n| n < 13));
@@ -241,7 +283,7 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..8).map(|i| vec![i]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let mut executor = Faulty { max_rows: 8, poison: 5, calls: Vec::new() };
-        let results = run_split(&mut executor, &refs);
+        let results = run_split(&mut executor, padder(), &refs, None);
         for (i, result) in results.iter().enumerate() {
             match (i, result) {
                 (5, Err(ModelError::OutOfMemory(_))) => {}
@@ -256,11 +298,11 @@ mod tests {
     fn a_panicking_executor_fails_the_rows_not_the_thread() {
         struct Panics;
         impl Executor for Panics {
-            fn forward(&mut self, _: &[&[u32]], _: usize) -> Result<Vec<Output>, ModelError> {
+            fn forward(&mut self, _: &Padded) -> Result<Vec<Output>, ModelError> {
                 panic!("boom")
             }
         }
-        let results = run_split(&mut Panics, &[&[1u32][..], &[2][..]]);
+        let results = run_split(&mut Panics, padder(), &[&[1u32][..], &[2][..]], None);
         assert!(results.iter().all(|r| matches!(r, Err(ModelError::Forward(m)) if m.contains("boom"))));
     }
 }
