@@ -1,9 +1,10 @@
 //! The model runtime: an exported model directory loaded on CPU or CUDA, with a Rust tokenizer
 //! and a dedicated thread that owns the torch module.
 //!
-//! Callers tokenize on their own threads ([`Model::tokenize`]) and send token ids to the model
-//! thread through a bounded channel ([`Model::infer`]); the thread plans length-sorted chunks
-//! (see [`crate::batcher`]) and answers with one output per sequence, in input order.
+//! Callers tokenize on their own threads ([`Model::tokenize`]) and submit token ids
+//! ([`Model::infer_for`]) to the model's scheduler (see [`crate::batcher::scheduler`]), which
+//! forms batches across all waiting calls; the model thread runs them (see `worker.rs`) and each
+//! caller gets one output per sequence, in its own order.
 
 mod device;
 mod engine;
