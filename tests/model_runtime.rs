@@ -275,3 +275,35 @@ fn cuda_is_used_when_present_and_refused_clearly_when_absent() {
         Err(other) => panic!("unexpected error: {other}"),
     }
 }
+
+#[test]
+fn a_caller_that_goes_away_is_dropped_before_its_sequences_are_computed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
+    let model = Model::load(&options("minilm-topics")).unwrap(); // its own counters
+    let ids: Vec<Vec<u32>> = model.tokenize(&sentences()).unwrap().into_iter().map(|e| e.ids).collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let running = tokio::spawn({
+            let (model, ids) = (model.clone(), ids.clone());
+            async move { model.infer(ids).await }
+        });
+        // Once the first call is being computed (its first batch of 32 running, the next prepared,
+        // 56 sequences left in the queue)...
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !(1..=56).contains(&model.queue_depth().0) {
+            assert!(std::time::Instant::now() < deadline, "the first call never reached its second batch");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // ...a second one is queued behind it and abandoned at once, as when a client disconnects:
+        // a zero timeout polls it once (which submits it) and then drops it.
+        let abandoned = tokio::time::timeout(Duration::ZERO, model.infer(ids.clone())).await;
+        assert!(abandoned.is_err());
+        assert_eq!(running.await.unwrap().unwrap().outputs.len(), 120);
+    });
+    let counters = model.counters();
+    assert_eq!(counters.abandoned.load(Relaxed), 1);
+    assert_eq!(counters.sequences.load(Relaxed), 120, "none of the abandoned call's sequences ran");
+    assert_eq!(model.queue_depth(), (0, 0));
+}
