@@ -404,26 +404,23 @@ mod tests {
         assert!(matches!(s.next(t0), Next::Run(_)));
     }
 
+    /// The lengths in each batch when two requests of mixed lengths arrive together.
+    fn batch_lengths(order: ChunkOrder, tenants: [&str; 2]) -> Vec<Vec<usize>> {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(SchedulerConfig { order, ..config(3, 10_000, 0, 100_000) });
+        s.submit(1, tenants[0], &[50, 5, 48], None, t0).unwrap();
+        s.submit(2, tenants[1], &[6, 49, 7], None, t0).unwrap();
+        drain(&mut s, t0, &mut |_, _| {}).iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect()
+    }
+
     #[test]
     fn batches_group_similar_lengths_across_requests() {
-        let t0 = Instant::now();
-        let mut s = Scheduler::new(config(3, 10_000, 0, 100_000));
-        s.submit(1, "a", &[50, 5, 48], None, t0).unwrap();
-        s.submit(2, "a", &[6, 49, 7], None, t0).unwrap();
-        let batches = drain(&mut s, t0, &mut |_, _| {});
-        let lens: Vec<Vec<usize>> = batches.iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect();
-        assert_eq!(lens, vec![vec![50, 49, 48], vec![7, 6, 5]]);
+        assert_eq!(batch_lengths(ChunkOrder::LengthSorted, ["a", "a"]), vec![vec![50, 49, 48], vec![7, 6, 5]]);
     }
 
     #[test]
     fn input_order_is_first_come_first_batched() {
-        let t0 = Instant::now();
-        let mut s = Scheduler::new(SchedulerConfig { order: ChunkOrder::InputOrder, ..config(3, 10_000, 0, 100_000) });
-        s.submit(1, "a", &[50, 5, 48], None, t0).unwrap();
-        s.submit(2, "b", &[6, 49, 7], None, t0).unwrap();
-        let batches = drain(&mut s, t0, &mut |_, _| {});
-        let lens: Vec<Vec<usize>> = batches.iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect();
-        assert_eq!(lens, vec![vec![50, 5, 48], vec![6, 49, 7]]);
+        assert_eq!(batch_lengths(ChunkOrder::InputOrder, ["a", "b"]), vec![vec![50, 5, 48], vec![6, 49, 7]]);
     }
 
     #[test]

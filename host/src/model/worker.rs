@@ -218,12 +218,12 @@ pub(super) fn run_split(
             results.extend(run_split(executor, padder, right, None));
             results
         }
+        // Every row gets the same failure; an out-of-memory keeps its own message (re-wrapping
+        // its display text would repeat the variant's prefix).
+        Err(ModelError::OutOfMemory(message)) => rows.iter().map(|_| Err(ModelError::OutOfMemory(message.clone()))).collect(),
         Err(e) => {
             let message = e.to_string();
-            let out_of_memory = e.is_out_of_memory();
-            rows.iter()
-                .map(|_| Err(if out_of_memory { ModelError::OutOfMemory(message.clone()) } else { ModelError::Forward(message.clone()) }))
-                .collect()
+            rows.iter().map(|_| Err(ModelError::Forward(message.clone()))).collect()
         }
     }
 }
@@ -286,7 +286,7 @@ mod tests {
         let results = run_split(&mut executor, padder(), &refs, None);
         for (i, result) in results.iter().enumerate() {
             match (i, result) {
-                (5, Err(ModelError::OutOfMemory(_))) => {}
+                (5, Err(ModelError::OutOfMemory(m))) => assert_eq!(m, "out of memory even alone (injected)"),
                 (5, other) => panic!("row 5 must fail: {other:?}"),
                 (_, Ok(output)) => assert_eq!(output.data, vec![i as f32]),
                 (_, Err(e)) => panic!("row {i} failed: {e}"),
