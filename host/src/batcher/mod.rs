@@ -3,7 +3,7 @@
 //!
 //! - [`chunks`]: one call's sequences split into length-sorted passes under the two limits.
 //! - [`scheduler`]: sequences from every in-flight call and tenant, chosen batch by batch with
-//!   length grouping, deficit round-robin fairness, a bounded queue, deadlines and cancellation.
+//!   length grouping, fairness by recent use per tenant, a bounded queue, deadlines and cancellation.
 
 pub mod chunks;
 pub mod scheduler;

@@ -4,10 +4,11 @@
 //! - **Length grouping.** A batch is built around an anchor sequence, which sets its padded
 //!   length; the rest of the batch is the waiting sequences closest to it in length (never longer),
 //!   so padding stays small whatever order requests arrived in.
-//! - **Fairness.** Callers are grouped by tenant. Tenants take turns providing the anchor, and
-//!   every batch splits its token budget among the waiting tenants (deficit round-robin over real
-//!   tokens), so a tenant flooding the queue cannot push another's request back by more than
-//!   about a batch.
+//! - **Fairness.** Callers are grouped by tenant, and each tenant's recent use of the model is
+//!   kept as padded tokens with exponential decay (half-life `usage_half_life`). Each batch is
+//!   filled tenant by tenant, least recent use first (then least waiting work): a light tenant's
+//!   request goes ahead of a tenant flooding the queue, and tenants that both flood converge to
+//!   equal shares, as serving one raises its use above the other's.
 //! - **No starvation.** A sequence passed over `max_pass_over` times goes first in its tenant.
 //! - **Backpressure.** At most `max_queued_tokens` tokens wait; past that, a submission is refused
 //!   at once. Requests past their deadline, or cancelled, leave the queue before they are computed.
@@ -30,6 +31,8 @@ pub struct SchedulerConfig {
     pub max_queued_tokens: usize,
     /// After being passed over this many times, a sequence goes first in its tenant.
     pub max_pass_over: u32,
+    /// How fast a tenant's past use of the model is forgotten: halved every this long.
+    pub usage_half_life: Duration,
     /// `InputOrder` is the seed's batching (first come, first in a batch), kept as a
     /// benchmark baseline: no length grouping and no fairness.
     pub order: ChunkOrder,
@@ -90,15 +93,28 @@ struct Request {
 
 struct Tenant {
     queue: Vec<Waiting>,
-    /// Real tokens this tenant may still place in batches (deficit round-robin).
-    deficit: i64,
+    /// Padded tokens computed for this tenant, decayed to `usage_at`.
+    usage: f64,
+    usage_at: Option<Instant>,
+}
+
+impl Tenant {
+    fn usage(&self, now: Instant, half_life: Duration) -> f64 {
+        let Some(at) = self.usage_at else { return 0.0 };
+        self.usage * 0.5f64.powf(now.saturating_duration_since(at).as_secs_f64() / half_life.as_secs_f64().max(1e-9))
+    }
+
+    fn charge(&mut self, tokens: usize, now: Instant, half_life: Duration) {
+        self.usage = self.usage(now, half_life) + tokens as f64;
+        self.usage_at = Some(now);
+    }
 }
 
 pub struct Scheduler {
     config: SchedulerConfig,
     tenants: Vec<Tenant>,
     tenant_ids: HashMap<String, usize>,
-    /// Tenants with waiting sequences, in the order they provide anchors.
+    /// Tenants with waiting sequences, in arrival order (the last tie-breaker).
     ring: VecDeque<usize>,
     requests: HashMap<RequestId, Request>,
     queued_tokens: usize,
@@ -140,7 +156,7 @@ impl Scheduler {
         let next_tenant = self.tenants.len();
         let t = *self.tenant_ids.entry(tenant.to_owned()).or_insert(next_tenant);
         if t == next_tenant {
-            self.tenants.push(Tenant { queue: Vec::new(), deficit: 0 });
+            self.tenants.push(Tenant { queue: Vec::new(), usage: 0.0, usage_at: None });
         }
         let queue = &mut self.tenants[t].queue;
         queue.extend(lengths.iter().enumerate().map(|(index, &len)| Waiting { row: Row { request: id, index, len: len.max(1) }, passed_over: 0 }));
@@ -217,13 +233,13 @@ impl Scheduler {
             return Next::WaitUntil(ready_at);
         }
         Next::Run(match self.config.order {
-            ChunkOrder::LengthSorted => self.build_batch(),
-            ChunkOrder::InputOrder => self.build_fifo_batch(),
+            ChunkOrder::LengthSorted => self.build_batch(now),
+            ChunkOrder::InputOrder => self.build_fifo_batch(now),
         })
     }
 
     /// The seed's way: the oldest sequences, in arrival order, as many as the limits allow.
-    fn build_fifo_batch(&mut self) -> Batch {
+    fn build_fifo_batch(&mut self, now: Instant) -> Batch {
         let mut waiting: Vec<(usize, Waiting)> = self.ring.iter().flat_map(|&t| self.tenants[t].queue.iter().map(move |w| (t, *w))).collect();
         waiting.sort_by_key(|(_, w)| (w.row.request, w.row.index));
         let lengths: Vec<usize> = waiting.iter().map(|(_, w)| w.row.len).collect();
@@ -233,32 +249,32 @@ impl Scheduler {
             let tenant = self.requests[&row.request].tenant;
             self.tenants[tenant].queue.retain(|w| w.row != *row);
         }
-        self.finish_batch(rows, first.padded_len)
+        self.finish_batch(rows, first.padded_len, now)
     }
 
-    fn build_batch(&mut self) -> Batch {
+    fn build_batch(&mut self, now: Instant) -> Batch {
         let limits = self.config.limits;
         let starving = self.config.max_pass_over;
-        let anchor_tenant = self.ring.pop_front().expect("ring is not empty");
-        self.ring.push_back(anchor_tenant);
+        // Tenants in the order they are served: least recent use, then least waiting work.
+        let mut order: Vec<usize> = self.ring.iter().copied().collect();
+        let half_life = self.config.usage_half_life;
+        let key = |t: &usize| {
+            let tenant = &self.tenants[*t];
+            (tenant.usage(now, half_life), tenant.queue.iter().map(|w| w.row.len).sum::<usize>())
+        };
+        order.sort_by(|a, b| key(a).partial_cmp(&key(b)).expect("usage is finite"));
+        let rank: HashMap<usize, usize> = order.iter().enumerate().map(|(rank, &t)| (t, rank)).collect();
+
+        let anchor_tenant = order[0];
         let anchor = take_anchor(&mut self.tenants[anchor_tenant].queue, starving);
         let padded_len = anchor.row.len;
         let capacity = limits.max_sequences.get().min((limits.max_tokens.get() / padded_len).max(1));
-
-        // Deficit round-robin over padded tokens, a row's real cost in this batch: each waiting
-        // tenant's share is an equal part of the batch. A share does not pile up across batches,
-        // but a debt (from leftover rows taken below) is paid back first.
-        let quantum = (capacity * padded_len / self.ring.len()) as i64;
-        for &t in &self.ring {
-            let tenant = &mut self.tenants[t];
-            tenant.deficit = (tenant.deficit + quantum).min(quantum);
-        }
-        self.tenants[anchor_tenant].deficit -= padded_len as i64;
         let mut rows = vec![anchor.row];
 
-        // Candidates no longer than the anchor: starving ones first, then closest in length.
+        // Candidates no longer than the anchor: by tenant, then starving ones first within a
+        // tenant, then closest in length.
         let mut candidates: Vec<(usize, usize)> = Vec::new(); // (tenant, position in its queue)
-        for &t in &self.ring {
+        for &t in &order {
             for (i, w) in self.tenants[t].queue.iter().enumerate() {
                 if w.row.len <= padded_len {
                     candidates.push((t, i));
@@ -267,26 +283,9 @@ impl Scheduler {
         }
         candidates.sort_by_key(|&(t, i)| {
             let w = &self.tenants[t].queue[i];
-            (w.passed_over < starving, std::cmp::Reverse(w.row.len), w.row.request, w.row.index)
+            (rank[&t], w.passed_over < starving, std::cmp::Reverse(w.row.len), w.row.request, w.row.index)
         });
-        // First within each tenant's share, then (so no row is left empty while work waits)
-        // anyone's, as debt.
-        let mut taken = vec![false; candidates.len()];
-        let mut filled = 1;
-        for within_share in [true, false] {
-            for (k, &(t, _)) in candidates.iter().enumerate() {
-                if filled == capacity {
-                    break;
-                }
-                if taken[k] || (within_share && self.tenants[t].deficit < padded_len as i64) {
-                    continue;
-                }
-                self.tenants[t].deficit -= padded_len as i64;
-                taken[k] = true;
-                filled += 1;
-            }
-        }
-        let mut taken: Vec<(usize, usize)> = candidates.into_iter().zip(taken).filter(|(_, t)| *t).map(|(c, _)| c).collect();
+        let mut taken: Vec<(usize, usize)> = candidates.into_iter().take(capacity - 1).collect();
         rows.extend(taken.iter().map(|&(t, i)| self.tenants[t].queue[i].row));
 
         // Sequences overtaken by a later request of their own tenant were passed over; after
@@ -307,16 +306,17 @@ impl Scheduler {
                 w.passed_over += 1;
             }
         }
-        self.finish_batch(rows, padded_len)
+        self.finish_batch(rows, padded_len, now)
     }
 
-    /// Books rows that left the queue for a batch.
-    fn finish_batch(&mut self, rows: Vec<Row>, padded_len: usize) -> Batch {
+    /// Books rows that left the queue for a batch, and what they cost to their tenants.
+    fn finish_batch(&mut self, rows: Vec<Row>, padded_len: usize, now: Instant) -> Batch {
         for row in &rows {
             self.queued_tokens -= row.len;
             let request = self.requests.get_mut(&row.request).expect("queued rows belong to live requests");
             request.queued -= 1;
             let tenant = request.tenant;
+            self.tenants[tenant].charge(padded_len, now, self.config.usage_half_life);
             self.drop_idle_tenant(tenant);
         }
         Batch { rows, padded_len }
@@ -324,7 +324,6 @@ impl Scheduler {
 
     fn drop_idle_tenant(&mut self, t: usize) {
         if self.tenants[t].queue.is_empty() {
-            self.tenants[t].deficit = 0;
             self.ring.retain(|&x| x != t);
         }
     }
@@ -360,22 +359,23 @@ mod tests {
             max_queue_delay: Duration::from_millis(delay_ms),
             max_queued_tokens,
             max_pass_over: 4,
+            usage_half_life: Duration::from_secs(5),
             order: ChunkOrder::LengthSorted,
         }
     }
 
-    /// Runs batches until idle; returns them, checking each against the limits.
+    /// Runs batches at `now` until idle; returns them.
     fn drain(s: &mut Scheduler, now: Instant, on_complete: &mut impl FnMut(usize, Vec<RequestId>)) -> Vec<Batch> {
         let mut batches = Vec::new();
         loop {
-            match s.next(now + Duration::from_secs(3600)) {
+            match s.next(now) {
                 Next::Run(batch) => {
                     let done = s.complete(&batch.rows);
                     on_complete(batches.len(), done);
                     batches.push(batch);
                 }
                 Next::Idle => return batches,
-                Next::WaitUntil(_) => unreachable!("an hour later nothing waits"),
+                Next::WaitUntil(_) => unreachable!("drained past the queue delay"),
             }
         }
     }
@@ -502,10 +502,32 @@ mod tests {
                 small_done = Some(i + 1);
             }
         });
-        // B shares each batch with A (and C, briefly), so it needs at most about twice the
-        // batches it needs alone; C's small request is served in the first batch after it arrives.
-        assert!(big_done.unwrap() <= 2 * alone_batches + 1, "B done after {big_done:?} batches, alone {alone_batches}");
+        // B and C have used the model less than A, so their rows go first: C's small request
+        // runs in the first batch after it arrives, and B needs one batch more than alone at most.
+        assert!(big_done.unwrap() <= alone_batches + 1, "B done after {big_done:?} batches, alone {alone_batches}");
         assert!(small_done.unwrap() <= 1, "C waited {small_done:?} batches");
+    }
+
+    #[test]
+    fn tenants_that_both_flood_share_the_model_equally() {
+        let t0 = Instant::now();
+        let c = config(32, 8192, 0, usize::MAX);
+        let mut s = Scheduler::new(c);
+        let lengths: Vec<usize> = (0..120).map(|i| 10 + (i * 37) % 50).collect();
+        for r in 0..64 {
+            s.submit(r, if r % 2 == 0 { "a" } else { "b" }, &lengths, None, t0).unwrap();
+        }
+        let mut tokens = [0usize; 2];
+        for i in 0..100 {
+            // A batch every 50 ms: usage decays while they run.
+            let Next::Run(batch) = s.next(t0 + Duration::from_millis(50 * i)) else { panic!() };
+            for row in &batch.rows {
+                tokens[(row.request % 2) as usize] += batch.padded_len;
+            }
+            s.complete(&batch.rows);
+        }
+        let share = tokens[0] as f64 / (tokens[0] + tokens[1]) as f64;
+        assert!((0.45..=0.55).contains(&share), "tenant a got {share:.3} of the padded tokens: {tokens:?}");
     }
 
     #[test]
@@ -554,7 +576,7 @@ mod tests {
             }
             let mut seen = HashSet::new();
             let mut completed = Vec::new();
-            for batch in drain(&mut s, t0, &mut |_, done| completed.extend(done)) {
+            for batch in drain(&mut s, t0 + Duration::from_secs(1), &mut |_, done| completed.extend(done)) {
                 check_limits(&batch, &c);
                 for row in batch.rows {
                     prop_assert!(seen.insert((row.request, row.index)), "row {row:?} ran twice");

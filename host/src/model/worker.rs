@@ -1,9 +1,10 @@
 //! The model thread and the queue in front of it.
 //!
 //! Callers submit their sequences to the shared [`Scheduler`] (refused at once when the queue is
-//! full) and wait on a oneshot. A preparing thread takes the next batch from the scheduler and
-//! pads it (pinned, for CUDA) while the model thread runs the current one; the model thread then
-//! answers each caller as soon as all of its sequences are done.
+//! full) and wait on a oneshot. On CUDA a preparing thread takes the next batch from the
+//! scheduler and pads it (pinned) while the model thread runs the current one; on CPU the model
+//! thread takes each batch when it is free. It answers each caller as soon as all of its
+//! sequences are done.
 //! A forward pass that runs out of memory is split in halves and retried, down to single
 //! sequences; a sequence that fails alone fails only its own request.
 
@@ -86,25 +87,37 @@ struct Prepared {
 }
 
 /// The model thread's loop: until every `Model` handle is gone.
-pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Shared>) {
-    // At most one batch waits ready while the current one runs: choosing it later would let more
-    // arrivals join it, choosing it earlier hides its preparation behind the forward pass.
-    let (ready, prepared) = std::sync::mpsc::sync_channel::<Prepared>(1);
-    let preparer = {
+///
+/// With `prepare_ahead` (CUDA, where a pass takes milliseconds and pinned copies are worth
+/// overlapping) a second thread chooses and pads the next batch while the current one runs.
+/// Without it (CPU, where a pass takes far longer than padding) each batch is chosen only when
+/// the model is free, so a request that arrives mid-pass waits for that pass alone.
+pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Shared>, prepare_ahead: bool) {
+    let prepare = move |(id, rows, inputs): (u64, Vec<Row>, Vec<Vec<u32>>)| {
+        let padded = padder.pad(&inputs.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        Prepared { id, rows, inputs, padded }
+    };
+    // A rendezvous channel: the preparer holds at most one batch, handed over when the model is free.
+    let (ready, prepared) = std::sync::mpsc::sync_channel::<Prepared>(0);
+    let preparer = prepare_ahead.then(|| {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("model-prepare".into())
             .spawn(move || {
-                while let Some((id, rows, inputs)) = next_batch(&shared) {
-                    let padded = padder.pad(&inputs.iter().map(Vec::as_slice).collect::<Vec<_>>());
-                    if ready.send(Prepared { id, rows, inputs, padded }).is_err() {
+                while let Some(batch) = next_batch(&shared) {
+                    if ready.send(prepare(batch)).is_err() {
                         break;
                     }
                 }
             })
             .expect("spawning the batch-preparing thread")
+    });
+    let batches: Box<dyn Iterator<Item = Prepared>> = if prepare_ahead {
+        Box::new(prepared.into_iter())
+    } else {
+        Box::new(std::iter::from_fn(|| next_batch(&shared).map(prepare)))
     };
-    for Prepared { id: batch_id, rows, inputs, padded } in prepared {
+    for Prepared { id: batch_id, rows, inputs, padded } in batches {
         let started = Instant::now();
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let results = run_split(&mut executor, padder, &refs, Some(&padded));
@@ -147,7 +160,9 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
             }
         }
     }
-    let _ = preparer.join();
+    if let Some(preparer) = preparer {
+        let _ = preparer.join();
+    }
 }
 
 /// Waits for the next batch and copies its rows out; `None` once the model is dropped.
