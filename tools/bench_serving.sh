@@ -22,14 +22,14 @@ for setup in "$@"; do
   esac
   config=$out/$model-$dtype-$setup.yaml
   cat > "$config" <<YAML
-model: { name: $model, path: ../../models/$model, device: cpu, cpu_dtype: $dtype }
+models: [{ name: $model, path: ../../models/$model, device: cpu, cpu_dtype: $dtype }]
 api: { use_fp16: true, max_queued_tokens: 10000000, $api }
 server: { bind: "127.0.0.1:0", plugin_cache_dir: ../plugin-cache }
-plugins:
+tenants:
   - name: sentence-classifier
     wasm: ../../plugins/target/wasm32-wasip2/release/sentence_classifier.wasm
     routes: [/api/v1/predict/sentences]
-    limits: { wall_ms: 600000 }
+    limits: { wall_ms: 600000, max_concurrent: 1024 }
 YAML
   ./target/release/batchbox --config "$config" serve > "$out/server.out" 2> "$out/server.log" &
   server=$!

@@ -38,21 +38,24 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut config = Config::load(&root.join("shared_config.yaml"))?;
-    config.model.device = batchbox::config::DeviceSpec::Cpu;
+    config.models[0].device = batchbox::config::DeviceSpec::Cpu;
     config.server.bind = "127.0.0.1:0".parse()?;
-    config.plugins.push(serde_yaml::from_str(&format!(
-        "{{name: faults, wasm: {}, routes: [/faults/ok]}}",
-        root.join("plugins/target/wasm32-wasip2/release/test_faults.wasm").display()
-    ))?);
+    let mut hostile: batchbox::config::TenantConfig = serde_yaml::from_str(&format!(
+        "{{name: hostile, wasm: {}, routes: [/hostile]}}",
+        root.join("plugins/target/wasm32-wasip2/release/hostile.wasm").display()
+    ))?;
+    hostile.model.clone_from(&config.models[0].name);
+    config.tenants.push(hostile);
     let body = std::fs::read(root.join("tests/fixtures/test_120_sentences.json"))?;
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let model = {
-            let options = ModelOptions::from_config(&config);
+            let options = ModelOptions::from_config(&config, &config.models[0]);
             tokio::task::spawn_blocking(move || Model::load(&options)).await??
         };
-        let plugins = PluginRuntime::load(&config.plugins, model.clone(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
+        let models = [(config.models[0].name.clone(), model.clone())];
+        let plugins = PluginRuntime::load(&config.tenants, &models.iter().cloned().collect(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
         let request = |path: &str, body: &[u8]| Request {
             method: "POST".into(),
             path: path.into(),
@@ -65,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         let mut noop = Histogram::<u64>::new(3)?;
         for i in 0..args.noop_requests + 100 {
             let started = Instant::now();
-            plugins.handle("faults", 0, request("/faults/ok", b"")).await?;
+            plugins.handle("hostile", 0, request("/hostile/ok", b"")).await?;
             if i >= 100 {
                 noop.record(started.elapsed().as_nanos() as u64)?;
             }
@@ -87,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
         let url = format!("http://{}{PREDICT}", listener.local_addr()?);
         let app = Arc::new(App::new(&config));
-        app.set_loaded(Loaded { model: model.clone(), plugins });
+        app.set_loaded(Loaded { models: models.to_vec(), plugins });
         tokio::spawn(server::serve(listener, app, Duration::from_secs(1), std::future::pending()));
         let rounds = args.rounds;
         let over_http = tokio::task::spawn_blocking(move || -> anyhow::Result<Samples> {

@@ -27,13 +27,14 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub model: ModelConfig,
+    /// The models to load, each with its own queue and batcher. Tenants pick one by name.
+    pub models: Vec<ModelConfig>,
     pub api: ApiConfig,
     #[serde(default)]
     pub server: ServerConfig,
-    /// The plugins and the routes each one serves.
+    /// Who is served: each tenant's routes, plugin, model, keys and limits.
     #[serde(default)]
-    pub plugins: Vec<PluginConfig>,
+    pub tenants: Vec<TenantConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,7 +42,7 @@ pub struct Config {
 pub struct ServerConfig {
     /// Where to listen; `PORT` or `--bind` override it.
     pub bind: SocketAddr,
-    /// Larger request bodies get 413 before any plugin runs.
+    /// Larger request bodies get 413 before any tenant is involved; tenants may set less.
     pub max_body_bytes: usize,
     /// Plugin instances alive at once (the pooling allocator's size); more concurrent requests
     /// than this get 503.
@@ -64,45 +65,233 @@ impl Default for ServerConfig {
     }
 }
 
+/// One tenant: a team whose plugin serves some routes with one model.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PluginConfig {
+pub struct TenantConfig {
     pub name: String,
-    /// The component, built for wasm32-wasip2. Relative to the config file.
+    /// The tenant's plugin, a component built for wasm32-wasip2. Relative to the config file.
     pub wasm: PathBuf,
-    /// Exact paths this plugin answers, e.g. `/api/v1/predict/sentences`.
-    pub routes: Vec<String>,
     /// The plugin's own settings, handed to its `configure` as JSON.
     #[serde(default)]
     pub config: serde_yaml::Value,
+    /// What it serves: `/path/prefix`, `host.name/path/prefix` or `host.name`.
+    pub routes: Vec<Route>,
+    /// The name of one of `models`; the first one if left out.
     #[serde(default)]
-    pub limits: PluginLimits,
+    pub model: String,
+    /// Who may call it: `sha256:<hex>`, `env:VAR` or `file:PATH` (see [`KeySource`]). None: anyone.
+    #[serde(default)]
+    pub keys: Vec<KeySource>,
+    /// The keys' SHA-256 hashes, read from `keys` at load time. Plain keys are never kept.
+    #[serde(skip)]
+    pub key_hashes: Vec<KeyHash>,
+    #[serde(default)]
+    pub limits: TenantLimits,
 }
 
+/// What one tenant may use. Every limit has a default, so a tenant can never be unlimited.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PluginLimits {
-    /// Linear memory one instance may grow to.
+pub struct TenantLimits {
+    /// Linear memory one plugin instance may grow to.
     pub memory_bytes: usize,
     /// The plugin's own CPU time per request (time inside host calls does not count).
     pub cpu_ms: u64,
     /// Wall-clock time per request, model time included.
     pub wall_ms: u64,
+    /// Requests of this tenant in flight at once; more get 429.
+    pub max_concurrent: usize,
+    /// Request body size; larger bodies get 429 (bodies past `server.max_body_bytes` get 413).
+    pub max_body_bytes: usize,
+    /// Per request: texts the plugin may tokenize, and sequences it may send to the model.
+    pub max_sequences: usize,
+    /// Per request: tokens the plugin may send to the model.
+    pub max_tokens: usize,
+    /// Per request: bytes of text the plugin may tokenize.
+    pub max_text_bytes: usize,
+    /// Per host call (and for the response): bytes the host copies out of the plugin
+    /// (wasmtime's hostcall fuel). Checked before the data is read.
+    pub max_hostcall_bytes: usize,
 }
 
-impl Default for PluginLimits {
+impl Default for TenantLimits {
     fn default() -> Self {
-        Self { memory_bytes: 64 << 20, cpu_ms: 1_000, wall_ms: 30_000 }
+        Self {
+            memory_bytes: 64 << 20,
+            cpu_ms: 1_000,
+            wall_ms: 30_000,
+            max_concurrent: 64,
+            max_body_bytes: 2 << 20,
+            max_sequences: 2_048,
+            max_tokens: 262_144,
+            max_text_bytes: 8 << 20,
+            max_hostcall_bytes: 16 << 20,
+        }
     }
 }
 
-/// Paths the host answers itself; no plugin may take them.
+/// Paths the host answers itself; no tenant may take them.
 pub const HOST_ROUTES: [&str; 3] = ["/health", "/ready", "/v1/models"];
+
+/// Where a tenant is reached: requests whose path starts with `path` (whole segments) and,
+/// if `host` is set, whose `Host` header names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Route {
+    pub host: Option<String>,
+    pub path: String,
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, path) = match s.find('/') {
+            Some(0) => (None, s),
+            Some(i) => (Some(&s[..i]), &s[i..]),
+            None => (Some(s), "/"),
+        };
+        let host_ok = host.is_none_or(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)));
+        if !host_ok || path.contains(['?', '#', ' ']) || HOST_ROUTES.contains(&path) {
+            return Err(format!(
+                "route {s:?}: expected /path, host/path or host, with no query and none of {HOST_ROUTES:?}"
+            ));
+        }
+        let path = if path.len() > 1 { path.trim_end_matches('/') } else { path };
+        Ok(Route { host: host.map(str::to_ascii_lowercase), path: path.to_owned() })
+    }
+}
+
+impl TryFrom<String> for Route {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.host.as_deref().unwrap_or(""), self.path)
+    }
+}
+
+impl Route {
+    /// How specifically this route matches a request, or `None`: longer paths win, then routes
+    /// that name the host. `host` is the request's Host header, lower-cased, without the port.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> Option<(usize, bool)> {
+        if self.host.as_deref().is_some_and(|h| Some(h) != host) {
+            return None;
+        }
+        let rest = path.strip_prefix(self.path.as_str())?;
+        let whole_segment = self.path == "/" || rest.is_empty() || rest.starts_with('/');
+        whole_segment.then_some((self.path.len(), self.host.is_some()))
+    }
+}
+
+/// Where a tenant's API key comes from. Keys are hashed as soon as they are read.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum KeySource {
+    /// `sha256:<64 hex digits>`: the SHA-256 of the key, so the config holds no secret.
+    Sha256(KeyHash),
+    /// `env:VAR`: the key is the value of an environment variable.
+    Env(String),
+    /// `file:PATH`: one key per line (blank lines and `#` comments skipped); a line may itself
+    /// be `sha256:<hex>`. Relative to the config file.
+    File(PathBuf),
+}
+
+impl FromStr for KeySource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("sha256", hex)) => KeyHash::from_hex(hex).map(Self::Sha256),
+            Some(("env", var)) if !var.is_empty() => Ok(Self::Env(var.to_owned())),
+            Some(("file", path)) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
+            // Never echo the value: it may be a key pasted by mistake.
+            _ => Err("a key must be sha256:<64 hex digits>, env:VAR or file:PATH (plain keys are not accepted in the config)".into()),
+        }
+    }
+}
+
+impl TryFrom<String> for KeySource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sha256(_) => f.write_str("sha256:…"),
+            Self::Env(var) => write!(f, "env:{var}"),
+            Self::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl KeySource {
+    /// The hashes this source stands for. Errors name the source, never a key.
+    fn resolve(&self) -> Result<Vec<KeyHash>, String> {
+        match self {
+            Self::Sha256(hash) => Ok(vec![*hash]),
+            Self::Env(var) => match std::env::var(var) {
+                Ok(key) if !key.trim().is_empty() => Ok(vec![KeyHash::of(key.trim())]),
+                _ => Err(format!("environment variable {var} is not set or empty")),
+            },
+            Self::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+                let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+                if lines.is_empty() {
+                    return Err(format!("key file {} holds no keys", path.display()));
+                }
+                lines
+                    .into_iter()
+                    .map(|line| match line.strip_prefix("sha256:") {
+                        Some(hex) => KeyHash::from_hex(hex).map_err(|e| format!("{}: {e}", path.display())),
+                        None => Ok(KeyHash::of(line)),
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The SHA-256 of an API key. Its `Debug` prints nothing of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(key: &str) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(key.as_bytes()).into())
+    }
+
+    fn from_hex(hex: &str) -> Result<Self, String> {
+        let bad = || "sha256: expects 64 hex digits".to_string();
+        if hex.len() != 64 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHash(…)")
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Name clients see; the exported manifest carries the model's own name and version.
+    /// Name clients see and tenants pick the model by; the exported manifest carries the
+    /// model's own name and version.
     pub name: String,
     /// Exported model directory (see `tools/export_model.py`); relative to the config file.
     pub path: PathBuf,
@@ -159,61 +348,104 @@ impl Config {
         let mut config: Config = serde_yaml::from_str(&text)
             .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        config.model.path = base.join(&config.model.path);
-        config.server.plugin_cache_dir = base.join(&config.server.plugin_cache_dir);
-        for plugin in &mut config.plugins {
-            plugin.wasm = base.join(&plugin.wasm);
+        for model in &mut config.models {
+            model.path = base.join(&model.path);
         }
-        config.validate().map_err(|(key, message)| ConfigError::Invalid { path: path.to_owned(), key, message })?;
+        config.server.plugin_cache_dir = base.join(&config.server.plugin_cache_dir);
+        let first_model = config.models.first().map(|m| m.name.clone()).unwrap_or_default();
+        for tenant in &mut config.tenants {
+            tenant.wasm = base.join(&tenant.wasm);
+            if tenant.model.is_empty() {
+                tenant.model.clone_from(&first_model);
+            }
+            for source in &mut tenant.keys {
+                if let KeySource::File(file) = source {
+                    *file = base.join(&*file);
+                }
+            }
+        }
+        let invalid = |(key, message)| ConfigError::Invalid { path: path.to_owned(), key, message };
+        config.validate().map_err(invalid)?;
+        for tenant in &mut config.tenants {
+            let mut hashes = Vec::new();
+            for source in &tenant.keys {
+                hashes.extend(source.resolve().map_err(|e| invalid(("tenants.keys", format!("tenant {}: {e}", tenant.name))))?);
+            }
+            tenant.key_hashes = hashes;
+        }
         Ok(config)
     }
 
-    /// Checks what serde cannot: files exist, routes are well-formed and unambiguous.
+    /// The model a tenant uses (validated to exist).
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Checks what serde cannot: files exist, names and routes are unique, limits make sense.
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        if !self.model.path.join("manifest.json").is_file() {
-            return Err((
-                "model.path",
-                format!(
-                    "{} is not an exported model directory (no manifest.json); run `make setup` or tools/export_model.py",
-                    self.model.path.display()
-                ),
-            ));
+        if self.models.is_empty() {
+            return Err(("models", "at least one model is needed".into()));
+        }
+        let mut model_names = std::collections::HashSet::new();
+        for model in &self.models {
+            if model.name.is_empty() || !model_names.insert(model.name.as_str()) {
+                return Err(("models.name", format!("model name {:?} is empty or used twice", model.name)));
+            }
+            if !model.path.join("manifest.json").is_file() {
+                return Err((
+                    "models.path",
+                    format!(
+                        "model {}: {} is not an exported model directory (no manifest.json); run `make setup` or tools/export_model.py",
+                        model.name,
+                        model.path.display()
+                    ),
+                ));
+            }
         }
         if self.server.max_body_bytes == 0 || self.server.max_instances == 0 {
             return Err(("server", "max_body_bytes and max_instances must be above 0".into()));
         }
         let mut names = std::collections::HashSet::new();
         let mut routes = std::collections::HashMap::new();
-        for (i, plugin) in self.plugins.iter().enumerate() {
-            if plugin.name.is_empty() || !names.insert(plugin.name.as_str()) {
-                return Err(("plugins.name", format!("plugins[{i}]: name {:?} is empty or used twice", plugin.name)));
+        for (i, tenant) in self.tenants.iter().enumerate() {
+            let name = &tenant.name;
+            if name.is_empty() || !names.insert(name.as_str()) {
+                return Err(("tenants.name", format!("tenants[{i}]: name {name:?} is empty or used twice")));
             }
-            if !plugin.wasm.is_file() {
+            if !tenant.wasm.is_file() {
                 return Err((
-                    "plugins.wasm",
-                    format!("plugin {}: {} does not exist; build the plugins (`make plugins`)", plugin.name, plugin.wasm.display()),
+                    "tenants.wasm",
+                    format!("tenant {name}: {} does not exist; build the plugins (`make plugins`)", tenant.wasm.display()),
                 ));
             }
-            if plugin.routes.is_empty() {
-                return Err(("plugins.routes", format!("plugin {} has no routes", plugin.name)));
+            if self.model(&tenant.model).is_none() {
+                let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+                return Err(("tenants.model", format!("tenant {name}: no model named {:?} (models: {known:?})", tenant.model)));
             }
-            for route in &plugin.routes {
-                if !route.starts_with('/') || route.contains('?') || HOST_ROUTES.contains(&route.as_str()) {
-                    return Err((
-                        "plugins.routes",
-                        format!("plugin {}: route {route:?} must be a path starting with / and not one of {HOST_ROUTES:?}", plugin.name),
-                    ));
-                }
-                if let Some(other) = routes.insert(route.as_str(), plugin.name.as_str()) {
-                    return Err(("plugins.routes", format!("route {route} is claimed by both {other} and {}", plugin.name)));
+            if tenant.routes.is_empty() {
+                return Err(("tenants.routes", format!("tenant {name} has no routes")));
+            }
+            for route in &tenant.routes {
+                if let Some(other) = routes.insert(route.clone(), name.as_str()) {
+                    return Err(("tenants.routes", format!("route {route} is claimed by both {other} and {name}")));
                 }
             }
-            let limits = plugin.limits;
-            if limits.memory_bytes < (1 << 20) || limits.cpu_ms == 0 || limits.wall_ms == 0 {
-                return Err((
-                    "plugins.limits",
-                    format!("plugin {}: memory_bytes must be at least 1 MiB, cpu_ms and wall_ms above 0", plugin.name),
-                ));
+            let l = tenant.limits;
+            if l.memory_bytes < (1 << 20) {
+                return Err(("tenants.limits.memory_bytes", format!("tenant {name}: must be at least 1 MiB")));
+            }
+            let positive = [
+                ("cpu_ms", l.cpu_ms as usize),
+                ("wall_ms", l.wall_ms as usize),
+                ("max_concurrent", l.max_concurrent),
+                ("max_body_bytes", l.max_body_bytes),
+                ("max_sequences", l.max_sequences),
+                ("max_tokens", l.max_tokens),
+                ("max_text_bytes", l.max_text_bytes),
+                ("max_hostcall_bytes", l.max_hostcall_bytes),
+            ];
+            if let Some((limit, _)) = positive.iter().find(|(_, v)| *v == 0) {
+                return Err(("tenants.limits", format!("tenant {name}: {limit} must be above 0")));
             }
         }
         Ok(())
@@ -287,15 +519,15 @@ mod tests {
     }
 
     const GOOD: &str = "
-model: {name: m, path: models/m, device: cuda:1, cpu_dtype: bf16}
+models: [{name: m, path: models/m, device: cuda:1, cpu_dtype: bf16}]
 api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
 ";
 
     #[test]
     fn parses_the_seed_keys_and_extensions() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.model.device, DeviceSpec::Cuda(1));
-        assert_eq!(c.model.cpu_dtype, CpuDtype::Bf16);
+        assert_eq!(c.models[0].device, DeviceSpec::Cuda(1));
+        assert_eq!(c.models[0].cpu_dtype, CpuDtype::Bf16);
         assert_eq!(c.api.inference_batch_size.get(), 32);
         assert!(c.api.use_fp16);
         assert_eq!(c.api.max_batch_tokens.get(), 8192);
@@ -303,9 +535,9 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
 
     #[test]
     fn defaults_are_auto_device_and_fp32() {
-        let c = parse("model: {name: m, path: p}\napi: {inference_batch_size: 1, use_fp16: false, max_batch_tokens: 1}").unwrap();
-        assert_eq!(c.model.device, DeviceSpec::Auto);
-        assert_eq!(c.model.cpu_dtype, CpuDtype::Fp32);
+        let c = parse("models: [{name: m, path: p}]\napi: {inference_batch_size: 1, use_fp16: false, max_batch_tokens: 1}").unwrap();
+        assert_eq!(c.models[0].device, DeviceSpec::Auto);
+        assert_eq!(c.models[0].cpu_dtype, CpuDtype::Fp32);
     }
 
     #[test]
@@ -315,7 +547,7 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         let zero = parse(&GOOD.replace("32", "0")).unwrap_err().to_string();
         assert!(zero.contains("inference_batch_size"), "{zero}");
         let device = parse(&GOOD.replace("cuda:1", "tpu")).unwrap_err().to_string();
-        assert!(device.contains("model") && device.contains("unknown device \"tpu\""), "{device}");
+        assert!(device.contains("models") && device.contains("unknown device \"tpu\""), "{device}");
         let dtype = parse(&GOOD.replace("bf16", "fp8")).unwrap_err().to_string();
         assert!(dtype.contains("fp8"), "{dtype}");
     }
@@ -330,35 +562,83 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
     }
 
     #[test]
-    fn server_and_plugins_parse_with_defaults() {
-        let yaml = format!("{GOOD}server: {{bind: '0.0.0.0:9000'}}\nplugins:\n  - {{name: p, wasm: p.wasm, routes: [/x], config: {{max_sentences: 5}}}}\n");
+    fn server_and_tenants_parse_with_defaults() {
+        let yaml = format!("{GOOD}server: {{bind: '0.0.0.0:9000'}}\ntenants:\n  - {{name: p, wasm: p.wasm, routes: [/x], config: {{max_sentences: 5}}}}\n");
         let c = parse(&yaml).unwrap();
         assert_eq!(c.server.bind.port(), 9000);
         assert_eq!(c.server.max_body_bytes, 2 << 20);
-        assert_eq!(c.plugins[0].limits.cpu_ms, 1_000);
-        assert_eq!(serde_json::to_string(&c.plugins[0].config).unwrap(), r#"{"max_sentences":5}"#);
-        let typo = parse(&format!("{GOOD}plugins:\n  - {{name: p, wasm: p.wasm, routes: [/x], limits: {{cpu: 1}}}}\n")).unwrap_err();
+        let limits = c.tenants[0].limits;
+        assert_eq!((limits.cpu_ms, limits.max_concurrent, limits.max_hostcall_bytes), (1_000, 64, 16 << 20));
+        assert_eq!(serde_json::to_string(&c.tenants[0].config).unwrap(), r#"{"max_sentences":5}"#);
+        let typo = parse(&format!("{GOOD}tenants:\n  - {{name: p, wasm: p.wasm, routes: [/x], limits: {{cpu: 1}}}}\n")).unwrap_err();
         assert!(typo.to_string().contains("cpu"), "{typo}");
     }
 
     #[test]
-    fn plugin_routes_and_files_are_checked() {
-        let dir = std::env::temp_dir().join(format!("batchbox-config-plugins-{}", std::process::id()));
+    fn routes_match_whole_path_segments_and_hosts() {
+        let route = |s: &str| s.parse::<Route>().unwrap();
+        let api = route("/api/v1/");
+        assert_eq!(api, Route { host: None, path: "/api/v1".into() });
+        assert_eq!(api.matches(None, "/api/v1"), Some((7, false)));
+        assert_eq!(api.matches(Some("a.example"), "/api/v1/predict"), Some((7, false)));
+        assert_eq!(api.matches(None, "/api/v12"), None);
+        let hosted = route("A.example/api");
+        assert_eq!(hosted.host.as_deref(), Some("a.example"));
+        assert_eq!(hosted.matches(Some("a.example"), "/api/x"), Some((4, true)));
+        assert_eq!(hosted.matches(Some("b.example"), "/api/x"), None);
+        assert_eq!(hosted.matches(None, "/api/x"), None);
+        assert_eq!(route("b.example").matches(Some("b.example"), "/anything"), Some((1, true)));
+        assert_eq!(route("/").matches(None, "/anything"), Some((1, false)));
+        for bad in ["/health", "/x?y=1", "bad host/x", "/a b", "host:80/x"] {
+            assert!(bad.parse::<Route>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_are_hashes_env_vars_or_files_and_never_echoed() {
+        let hash = format!("sha256:{}", "ab".repeat(32));
+        assert!(matches!(hash.parse::<KeySource>(), Ok(KeySource::Sha256(KeyHash([0xab, ..])))));
+        let plain = "my-secret-key".parse::<KeySource>().unwrap_err();
+        assert!(!plain.contains("my-secret-key"), "{plain}");
+        assert!("sha256:abc".parse::<KeySource>().is_err());
+        assert_eq!(format!("{:?}", hash.parse::<KeySource>().unwrap()), "sha256:…");
+
+        let dir = std::env::temp_dir().join(format!("batchbox-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, format!("# team keys\nfirst-key\n\n{hash}\n")).unwrap();
+        let from_file = KeySource::File(file).resolve().unwrap();
+        assert_eq!(from_file, vec![KeyHash::of("first-key"), KeyHash([0xab; 32])]);
+        let missing = KeySource::Env("BATCHBOX_TEST_UNSET_KEY".into()).resolve().unwrap_err();
+        assert!(missing.contains("BATCHBOX_TEST_UNSET_KEY"), "{missing}");
+    }
+
+    #[test]
+    fn tenants_models_routes_and_files_are_checked() {
+        let dir = std::env::temp_dir().join(format!("batchbox-config-tenants-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("models/m")).unwrap();
         std::fs::write(dir.join("models/m/manifest.json"), "{}").unwrap();
         std::fs::write(dir.join("p.wasm"), "").unwrap();
-        let check = |plugins: &str| {
+        let check = |tenants: &str| {
             let file = dir.join("c.yaml");
-            std::fs::write(&file, format!("{GOOD}plugins:\n{plugins}")).unwrap();
-            Config::load(&file).map(|_| ()).map_err(|e| e.to_string())
+            std::fs::write(&file, format!("{GOOD}tenants:\n{tenants}")).unwrap();
+            Config::load(&file).map_err(|e| e.to_string())
         };
-        assert_eq!(check("  - {name: p, wasm: p.wasm, routes: [/x]}\n"), Ok(()));
+        let ok = check("  - {name: p, wasm: p.wasm, routes: [/x]}\n").unwrap();
+        assert_eq!(ok.tenants[0].model, "m", "the first model is the default");
+        assert!(ok.tenants[0].key_hashes.is_empty());
         let missing = check("  - {name: p, wasm: nope.wasm, routes: [/x]}\n").unwrap_err();
         assert!(missing.contains("nope.wasm"), "{missing}");
         let host_route = check("  - {name: p, wasm: p.wasm, routes: [/health]}\n").unwrap_err();
         assert!(host_route.contains("/health"), "{host_route}");
-        let twice = check("  - {name: p, wasm: p.wasm, routes: [/x]}\n  - {name: q, wasm: p.wasm, routes: [/x]}\n").unwrap_err();
+        let twice = check("  - {name: p, wasm: p.wasm, routes: [/x]}\n  - {name: q, wasm: p.wasm, routes: [/x/]}\n").unwrap_err();
         assert!(twice.contains("claimed by both p and q"), "{twice}");
+        let model = check("  - {name: p, wasm: p.wasm, routes: [/x], model: other}\n").unwrap_err();
+        assert!(model.contains("tenants.model") && model.contains("\"other\""), "{model}");
+        let zero = check("  - {name: p, wasm: p.wasm, routes: [/x], limits: {max_concurrent: 0}}\n").unwrap_err();
+        assert!(zero.contains("max_concurrent"), "{zero}");
+        let unset = check("  - {name: p, wasm: p.wasm, routes: [/x], keys: [env:BATCHBOX_TEST_UNSET_KEY]}\n").unwrap_err();
+        assert!(unset.contains("tenant p") && unset.contains("BATCHBOX_TEST_UNSET_KEY"), "{unset}");
     }
 
     #[test]
@@ -368,6 +648,6 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         let file = dir.join("c.yaml");
         std::fs::write(&file, GOOD).unwrap();
         let err = Config::load(&file).unwrap_err().to_string();
-        assert!(err.contains("model.path") && err.contains("models/m"), "{err}");
+        assert!(err.contains("models.path") && err.contains("models/m"), "{err}");
     }
 }

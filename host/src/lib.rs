@@ -5,6 +5,7 @@
 //!   calls and tenants (pure logic);
 //! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it;
 //! - [`plugins`]: the WebAssembly plugin runtime (wasmtime, component model);
+//! - [`tenants`]: routing a request to its tenant, API keys and per-tenant quotas;
 //! - [`server`]: HTTP, host-owned routes, and the one place errors become statuses.
 
 pub mod batcher;
@@ -12,3 +13,4 @@ pub mod config;
 pub mod model;
 pub mod plugins;
 pub mod server;
+pub mod tenants;

@@ -1,5 +1,6 @@
 //! The `batchbox` command line.
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "BATCHBOX_CONFIG", default_value = "shared_config.yaml")]
     config: PathBuf,
-    /// Overrides `model.device` (auto, cpu, cuda, cuda:N).
+    /// Overrides every model's `device` (auto, cpu, cuda, cuda:N).
     #[arg(long, global = true)]
     device: Option<DeviceSpec>,
     #[command(subcommand)]
@@ -37,8 +38,16 @@ enum Command {
         #[arg(long, env = "PORT")]
         port: Option<u16>,
     },
+    /// Load the models and every tenant's plugin (compile, check exports, configure) as
+    /// `serve` would, print what would be served, and exit without serving.
+    CheckConfig,
     /// Classify sentences given as arguments (or one per line on stdin) and print the top labels.
-    Predict { sentences: Vec<String> },
+    Predict {
+        /// Which of the config's models (default: the first).
+        #[arg(long)]
+        model: Option<String>,
+        sentences: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(&cli.config)?;
     if let Some(device) = cli.device {
-        config.model.device = device;
+        config.models.iter_mut().for_each(|m| m.device = device);
     }
     match cli.command {
         Command::Serve { bind, port } => {
@@ -61,7 +70,8 @@ fn main() -> anyhow::Result<()> {
             }
             tokio::runtime::Runtime::new()?.block_on(serve(config))
         }
-        Command::Predict { sentences } => predict(&config, sentences),
+        Command::CheckConfig => tokio::runtime::Runtime::new()?.block_on(check_config(&config)),
+        Command::Predict { model, sentences } => predict(&config, model, sentences),
     }
 }
 
@@ -77,17 +87,52 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let server = tokio::spawn(server::serve(listener, app.clone(), grace, shutdown_signal()));
 
-    let started = Instant::now();
-    let options = ModelOptions::from_config(&config);
-    let model = tokio::task::spawn_blocking(move || Model::load(&options)).await??;
-    let plugins = PluginRuntime::load(&config.plugins, model.clone(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
-    let info = model.info();
-    tracing::info!(
-        model = %info.manifest.version, device = %info.device, precision = ?info.precision,
-        plugins = config.plugins.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready"
-    );
-    app.set_loaded(Loaded { model, plugins });
+    let (models, plugins) = load(&config).await?;
+    app.set_loaded(Loaded { models, plugins });
     server.await?;
+    Ok(())
+}
+
+/// Loads every model (each on its own thread, with its own batcher) and every tenant's plugin.
+async fn load(config: &Config) -> anyhow::Result<(Vec<(String, Arc<Model>)>, PluginRuntime)> {
+    let started = Instant::now();
+    let mut models = Vec::new();
+    for model_config in &config.models {
+        let options = ModelOptions::from_config(config, model_config);
+        let model = tokio::task::spawn_blocking(move || Model::load(&options))
+            .await?
+            .with_context(|| format!("model {}", model_config.name))?;
+        let info = model.info();
+        tracing::info!(model = model_config.name, version = %info.manifest.version, device = %info.device, precision = ?info.precision, "model loaded");
+        models.push((model_config.name.clone(), model));
+    }
+    let by_name: HashMap<String, Arc<Model>> = models.iter().cloned().collect();
+    let plugins = PluginRuntime::load(&config.tenants, &by_name, config.server.max_instances, &config.server.plugin_cache_dir).await?;
+    for tenant in &config.tenants {
+        if tenant.key_hashes.is_empty() {
+            tracing::warn!(tenant = tenant.name, "tenant has no keys: anyone may call it");
+        }
+    }
+    tracing::info!(models = models.len(), tenants = config.tenants.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+    Ok((models, plugins))
+}
+
+/// `check-config`: everything `serve` does before it answers requests, then a summary.
+async fn check_config(config: &Config) -> anyhow::Result<()> {
+    let (models, _plugins) = load(config).await?;
+    for (name, model) in &models {
+        let info = model.info();
+        println!("model {name}: {} on {} ({:?})", info.manifest.version, info.device, info.precision);
+    }
+    for tenant in &config.tenants {
+        let routes: Vec<String> = tenant.routes.iter().map(ToString::to_string).collect();
+        let keys = match tenant.key_hashes.len() {
+            0 => "public (no keys)".to_owned(),
+            n => format!("{n} key(s)"),
+        };
+        println!("tenant {}: routes {routes:?}, model {}, {keys}, limits {:?}", tenant.name, tenant.model, tenant.limits);
+    }
+    println!("config OK");
     Ok(())
 }
 
@@ -100,12 +145,16 @@ async fn shutdown_signal() {
     }
 }
 
-fn predict(config: &Config, mut sentences: Vec<String>) -> anyhow::Result<()> {
+fn predict(config: &Config, model: Option<String>, mut sentences: Vec<String>) -> anyhow::Result<()> {
+    let model_config = match &model {
+        Some(name) => config.model(name).with_context(|| format!("no model named {name} in the config"))?,
+        None => &config.models[0],
+    };
     if sentences.is_empty() {
         sentences = std::io::stdin().lock().lines().collect::<Result<_, _>>().context("reading stdin")?;
     }
     let started = Instant::now();
-    let model = Model::load(&ModelOptions::from_config(config))?;
+    let model = Model::load(&ModelOptions::from_config(config, model_config))?;
     let info = model.info();
     tracing::info!(
         model = %info.manifest.version, device = %info.device, precision = ?info.precision,

@@ -1,9 +1,9 @@
 //! HTTP: hyper 1.x on tokio. Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered
-//! here; every other configured route goes to its plugin. Every error is a JSON body
+//! here, without keys; every other request goes to the tenant its route names, once its key and
+//! the tenant's quotas allow (see [`crate::tenants`]). Every error is a JSON body
 //! `{"error": {"code": ..., "message": ...}}`, and [`ApiError`] is the one place that maps
 //! errors to HTTP statuses.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -24,21 +24,21 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::model::Model;
 use crate::plugins::{self, PluginError, PluginRuntime};
+use crate::tenants::{AccessError, Tenant, Tenants};
 
 type Response = hyper::Response<Full<Bytes>>;
 
 /// What the server needs once startup is done: until then only `/health` answers 200.
 pub struct Loaded {
-    pub model: Arc<Model>,
+    /// Every model, by its name in the config, in the config's order.
+    pub models: Vec<(String, Arc<Model>)>,
     pub plugins: PluginRuntime,
 }
 
 pub struct App {
     loaded: OnceLock<Loaded>,
-    /// Exact path → plugin name.
-    routes: HashMap<String, String>,
+    tenants: Tenants,
     max_body_bytes: usize,
-    model_name: String,
     next_request_id: AtomicU64,
 }
 
@@ -55,6 +55,8 @@ pub enum ApiError {
     #[error("the model and plugins are still loading")]
     NotReady,
     #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error(transparent)]
     Plugin(#[from] PluginError),
     #[error("the plugin's response is not valid HTTP: {0}")]
     BadPluginResponse(String),
@@ -68,6 +70,9 @@ impl ApiError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::NotReady | Self::Plugin(PluginError::NoCapacity) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => StatusCode::UNAUTHORIZED,
+            Self::Access(AccessError::WrongTenant { .. }) => StatusCode::FORBIDDEN,
+            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Plugin(PluginError::WallTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
             Self::Plugin(_) | Self::BadPluginResponse(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,6 +85,9 @@ impl ApiError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BadBody(_) => "bad_body",
             Self::NotReady => "not_ready",
+            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => "unauthorized",
+            Self::Access(AccessError::WrongTenant { .. }) => "forbidden",
+            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => "quota_exceeded",
             Self::Plugin(PluginError::NoCapacity) => "overloaded",
             Self::Plugin(PluginError::WallTimeout { .. }) => "plugin_timeout",
             Self::Plugin(PluginError::CpuLimit { .. }) => "plugin_cpu_limit",
@@ -88,18 +96,35 @@ impl ApiError {
         }
     }
 
+    /// Which quota a 429 is about.
+    fn quota(&self) -> Option<&'static str> {
+        match self {
+            Self::Access(AccessError::Quota { quota, .. }) => Some(quota),
+            Self::Plugin(PluginError::HostcallBytes { .. }) => Some("max_hostcall_bytes"),
+            _ => None,
+        }
+    }
+
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() && !matches!(self, Self::NotReady) {
             tracing::warn!(error = %self, "request failed");
         }
-        let mut response = json_response(status, &json!({ "error": { "code": self.code(), "message": self.to_string() } }));
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Some(quota) = self.quota() {
+            error["quota"] = quota.into();
+        }
+        let mut response = json_response(status, &json!({ "error": error }));
+        let headers = response.headers_mut();
         match self {
             Self::MethodNotAllowed { allow, .. } => {
-                response.headers_mut().insert("allow", HeaderValue::from_static(allow));
+                headers.insert("allow", HeaderValue::from_static(allow));
             }
-            Self::NotReady | Self::Plugin(PluginError::NoCapacity) => {
-                response.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            Self::NotReady | Self::Plugin(PluginError::NoCapacity) | Self::Access(AccessError::Quota { quota: "max_concurrent", .. }) => {
+                headers.insert("retry-after", HeaderValue::from_static("1"));
+            }
+            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => {
+                headers.insert("www-authenticate", HeaderValue::from_static("Bearer"));
             }
             _ => {}
         }
@@ -109,16 +134,10 @@ impl ApiError {
 
 impl App {
     pub fn new(config: &Config) -> Self {
-        let routes = config
-            .plugins
-            .iter()
-            .flat_map(|p| p.routes.iter().map(|r| (r.clone(), p.name.clone())))
-            .collect();
         Self {
             loaded: OnceLock::new(),
-            routes,
+            tenants: Tenants::new(&config.tenants),
             max_body_bytes: config.server.max_body_bytes,
-            model_name: config.model.name.clone(),
             next_request_id: AtomicU64::new(1),
         }
     }
@@ -145,59 +164,77 @@ impl App {
             "/health" => return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
             "/ready" => {
                 let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-                let version = &loaded.model.info().manifest.version;
-                return Ok(json_response(StatusCode::OK, &json!({ "status": "ready", "model_version": version })));
+                let versions: serde_json::Map<String, serde_json::Value> =
+                    loaded.models.iter().map(|(name, model)| (name.clone(), model.info().manifest.version.clone().into())).collect();
+                return Ok(json_response(StatusCode::OK, &json!({ "status": "ready", "models": versions })));
             }
             "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
             _ => {}
         }
-        let plugin = self.routes.get(&path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
+        let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
+        let tenant = self.tenants.route(host, &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-        let request = self.plugin_request(request).await?;
-        let response = loaded.plugins.handle(plugin, id, request).await?;
+        self.tenants.authorize(tenant, request.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))?;
+        let _in_flight = tenant.admit()?;
+        let request = self.plugin_request(tenant, request).await?;
+        let response = loaded.plugins.handle(&tenant.name, id, request).await?;
         plugin_response(response)
     }
 
     fn models(&self) -> Result<serde_json::Value, ApiError> {
-        let model = &self.loaded.get().ok_or(ApiError::NotReady)?.model;
-        let (info, c) = (model.info(), model.counters());
-        let (queued_sequences, queued_tokens) = model.queue_depth();
+        let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
         let count = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
-        let m = &info.manifest;
-        Ok(json!({ "models": [{
-            "name": self.model_name,
-            "model": m.name,
-            "version": m.version,
-            "task": m.task,
-            "labels": m.labels,
-            "max_length": m.max_length,
-            "device": info.device,
-            "precision": format!("{:?}", info.precision).to_lowercase(),
-            "stats": {
-                "batches": count(&c.batches),
-                "sequences": count(&c.sequences),
-                "real_tokens": count(&c.real_tokens),
-                "padded_tokens": count(&c.padded_tokens),
-                "rejected": count(&c.rejected),
-                "expired": count(&c.expired),
-                "abandoned": count(&c.abandoned),
-                "failed_sequences": count(&c.failed_sequences),
-                "queued_sequences": queued_sequences,
-                "queued_tokens": queued_tokens,
-            },
-        }]}))
+        let models: Vec<serde_json::Value> = loaded
+            .models
+            .iter()
+            .map(|(name, model)| {
+                let (info, c) = (model.info(), model.counters());
+                let (queued_sequences, queued_tokens) = model.queue_depth();
+                let m = &info.manifest;
+                json!({
+                    "name": name,
+                    "model": m.name,
+                    "version": m.version,
+                    "task": m.task,
+                    "labels": m.labels,
+                    "max_length": m.max_length,
+                    "device": info.device,
+                    "precision": format!("{:?}", info.precision).to_lowercase(),
+                    "stats": {
+                        "batches": count(&c.batches),
+                        "sequences": count(&c.sequences),
+                        "real_tokens": count(&c.real_tokens),
+                        "padded_tokens": count(&c.padded_tokens),
+                        "rejected": count(&c.rejected),
+                        "expired": count(&c.expired),
+                        "abandoned": count(&c.abandoned),
+                        "failed_sequences": count(&c.failed_sequences),
+                        "queued_sequences": queued_sequences,
+                        "queued_tokens": queued_tokens,
+                    },
+                })
+            })
+            .collect();
+        Ok(json!({ "models": models }))
     }
 
-    /// Reads the body (at most `max_body_bytes`) and copies what a plugin sees of the request.
-    async fn plugin_request(&self, request: hyper::Request<Incoming>) -> Result<plugins::Request, ApiError> {
+    /// Reads the body (within the server's and the tenant's limits) and copies what a plugin
+    /// sees of the request. The `Authorization` header stays with the host.
+    async fn plugin_request(&self, tenant: &Tenant, request: hyper::Request<Incoming>) -> Result<plugins::Request, ApiError> {
         let limit = self.max_body_bytes;
+        let too_large = |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
         let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(ApiError::BodyTooLarge { limit });
+        if let Some(declared) = declared {
+            too_large(declared)?;
         }
         let (parts, body) = request.into_parts();
-        let body = Limited::new(body, limit).collect().await.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() { ApiError::BodyTooLarge { limit } } else { ApiError::BadBody(e.to_string()) }
+        let read_limit = limit.min(tenant.limits.max_body_bytes);
+        let body = Limited::new(body, read_limit).collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large(read_limit + 1).expect_err("past the smaller limit")
+            } else {
+                ApiError::BadBody(e.to_string())
+            }
         })?;
         Ok(plugins::Request {
             method: parts.method.to_string(),
@@ -206,6 +243,7 @@ impl App {
             headers: parts
                 .headers
                 .iter()
+                .filter(|(name, _)| *name != AUTHORIZATION)
                 .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
                 .collect(),
             body: body.to_bytes().to_vec(),

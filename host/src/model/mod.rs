@@ -23,7 +23,7 @@ pub use tokenize::{Encoding, TextTokenizer};
 
 use crate::batcher::scheduler::{Rejected, Scheduler, SchedulerConfig};
 use crate::batcher::{BatchLimits, ChunkOrder};
-use crate::config::{Config, CpuDtype, DeviceSpec};
+use crate::config::{Config, CpuDtype, DeviceSpec, ModelConfig};
 use engine::Engine;
 use worker::{Job, Queue, Shared};
 pub use worker::Counters;
@@ -147,12 +147,13 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
-    pub fn from_config(config: &Config) -> Self {
+    /// The options for one of the config's models; the batching settings are shared by all.
+    pub fn from_config(config: &Config, model: &ModelConfig) -> Self {
         Self {
-            path: config.model.path.clone(),
-            device: config.model.device,
+            path: model.path.clone(),
+            device: model.device,
             use_fp16: config.api.use_fp16,
-            cpu_dtype: config.model.cpu_dtype,
+            cpu_dtype: model.cpu_dtype,
             limits: config.batch_limits(),
             max_queue_delay: Duration::from_millis(config.api.max_queue_delay_ms),
             max_queued_tokens: config.api.max_queued_tokens.get(),
@@ -215,6 +216,9 @@ impl Model {
             max_queue_delay: options.max_queue_delay,
             max_queued_tokens: options.max_queued_tokens,
             max_pass_over: 8,
+            // Long enough to remember a flood across a light tenant's whole request, short
+            // enough that a tenant's own burst is soon forgotten.
+            usage_half_life: Duration::from_secs(2),
             order: options.chunk_order,
         });
         let shared = Arc::new(Shared {
@@ -233,7 +237,7 @@ impl Model {
                     Ok(engine) => {
                         let _ = ready_tx.send(Ok(()));
                         let padder = engine.padder();
-                        worker::serve(engine, padder, thread_shared);
+                        worker::serve(engine, padder, thread_shared, device.is_cuda());
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

@@ -1,10 +1,54 @@
-//! The host side of `wit/batchbox.wit`: what plugins may ask of the host.
+//! The host side of `wit/batchbox.wit`: what plugins may ask of the host, within the tenant's
+//! per-request quotas.
 
 use std::time::Instant;
 
 use super::RequestState;
 use super::bindings::batchbox::plugin::{host, types};
+use crate::config::TenantLimits;
 use crate::model::{ModelError, Task};
+
+/// What one request's host calls have asked for so far.
+#[derive(Debug, Default)]
+pub(crate) struct Usage {
+    texts: usize,
+    text_bytes: usize,
+    sequences: usize,
+    tokens: usize,
+    /// Bytes written through `log`.
+    logged: usize,
+}
+
+impl Usage {
+    /// Books a `tokenize` call, or refuses it (booking nothing) if it would pass a quota.
+    fn charge_texts(&mut self, quotas: &TenantLimits, texts: &[String]) -> Result<(), types::Error> {
+        let bytes = texts.iter().map(String::len).sum::<usize>();
+        over("max_sequences", "texts tokenized", self.texts, texts.len(), quotas.max_sequences)?;
+        over("max_text_bytes", "bytes of text tokenized", self.text_bytes, bytes, quotas.max_text_bytes)?;
+        self.texts += texts.len();
+        self.text_bytes += bytes;
+        Ok(())
+    }
+
+    /// Books an `infer` call, or refuses it (booking nothing) if it would pass a quota.
+    fn charge_sequences(&mut self, quotas: &TenantLimits, sequences: &[Vec<u32>]) -> Result<(), types::Error> {
+        let tokens = sequences.iter().map(Vec::len).sum::<usize>();
+        over("max_sequences", "sequences sent to the model", self.sequences, sequences.len(), quotas.max_sequences)?;
+        over("max_tokens", "tokens sent to the model", self.tokens, tokens, quotas.max_tokens)?;
+        self.sequences += sequences.len();
+        self.tokens += tokens;
+        Ok(())
+    }
+}
+
+fn over(quota: &str, what: &str, used: usize, asked: usize, limit: usize) -> Result<(), types::Error> {
+    if used.saturating_add(asked) <= limit {
+        return Ok(());
+    }
+    Err(types::Error::QuotaExceeded(format!(
+        "quota {quota}: this request may send at most {limit} {what}; it asked for {asked} after {used}"
+    )))
+}
 
 impl types::Host for RequestState {}
 
@@ -24,6 +68,9 @@ impl host::Host for RequestState {
     }
 
     async fn tokenize(&mut self, texts: Vec<String>) -> wasmtime::Result<Result<Vec<types::Encoding>, types::Error>> {
+        if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {
+            return Ok(Err(refused));
+        }
         let started = Instant::now();
         let model = self.model.clone();
         // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
@@ -43,8 +90,11 @@ impl host::Host for RequestState {
     }
 
     async fn infer(&mut self, sequences: Vec<Vec<u32>>) -> wasmtime::Result<Result<types::Inference, types::Error>> {
+        if let Err(refused) = self.usage.charge_sequences(&self.quotas, &sequences) {
+            return Ok(Err(refused));
+        }
         let started = Instant::now();
-        let result = self.model.infer_for(&self.plugin, sequences, Some(self.deadline)).await;
+        let result = self.model.infer_for(&self.tenant, sequences, Some(self.deadline)).await;
         self.host_time += started.elapsed();
         Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
             outputs: inference
@@ -60,13 +110,24 @@ impl host::Host for RequestState {
     }
 
     fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
-        let (plugin, request_id) = (&*self.plugin, self.request_id);
+        // Like stdout and stderr: at most OUTPUT_CAPACITY bytes per request reach the log.
+        let room = super::OUTPUT_CAPACITY.saturating_sub(self.usage.logged);
+        if room == 0 {
+            return Ok(());
+        }
+        let mut end = message.len().min(room);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
+        self.usage.logged += message.len().max(1);
+        let (tenant, request_id) = (&*self.tenant, self.request_id);
         match level {
-            types::Level::Trace => tracing::trace!(plugin, request_id, "{message}"),
-            types::Level::Debug => tracing::debug!(plugin, request_id, "{message}"),
-            types::Level::Info => tracing::info!(plugin, request_id, "{message}"),
-            types::Level::Warn => tracing::warn!(plugin, request_id, "{message}"),
-            types::Level::Error => tracing::error!(plugin, request_id, "{message}"),
+            types::Level::Trace => tracing::trace!(tenant, request_id, "{message}"),
+            types::Level::Debug => tracing::debug!(tenant, request_id, "{message}"),
+            types::Level::Info => tracing::info!(tenant, request_id, "{message}"),
+            types::Level::Warn => tracing::warn!(tenant, request_id, "{message}"),
+            types::Level::Error => tracing::error!(tenant, request_id, "{message}"),
         }
         Ok(())
     }

@@ -7,9 +7,14 @@
 //! - Every request gets a fresh `Store` and instance: nothing leaks between requests. The store
 //!   caps linear memory; the epoch callback stops a guest whose own time, host calls excluded,
 //!   passes its CPU limit; a `tokio::time::timeout` bounds the whole call.
-//! - WASI grants nothing: no preopened directories, no environment, no sockets. What a plugin
-//!   prints goes to the host's log, tagged with its name.
+//! - WASI grants nothing: no preopened directories, no environment, no sockets, and clocks
+//!   rounded to [`CLOCK_RESOLUTION`] (no fine timer for side channels). What a plugin prints
+//!   goes to the host's log, tagged with its tenant.
+//! - Each tenant's quotas hold per request: what the host copies out of the plugin per call
+//!   (wasmtime's hostcall fuel, checked before copying), and the texts, sequences and tokens
+//!   its host calls may ask for (checked before any work).
 
+mod clock;
 mod host_api;
 
 use std::collections::HashMap;
@@ -24,7 +29,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::config::{PluginConfig, PluginLimits};
+use crate::config::{TenantConfig, TenantLimits};
 use crate::model::Model;
 
 pub use bindings::exports::batchbox::plugin::handler::{Request, Response};
@@ -46,23 +51,29 @@ mod bindings {
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// What a plugin may print per request before further output is dropped.
 const OUTPUT_CAPACITY: usize = 64 << 10;
+/// Plugins see time only to this precision.
+pub const CLOCK_RESOLUTION: Duration = Duration::from_micros(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("plugin {plugin}: cannot read {path}: {source}")]
-    Read { plugin: String, path: PathBuf, source: std::io::Error },
-    #[error("plugin {plugin}: cannot load the component: {message}")]
-    Compile { plugin: String, message: String },
-    #[error("plugin {plugin} rejected its config: {message}")]
-    Configure { plugin: String, message: String },
-    #[error("plugin {plugin} exceeded its CPU time limit of {limit_ms} ms")]
-    CpuLimit { plugin: String, limit_ms: u64 },
-    #[error("plugin {plugin} did not answer within {limit_ms} ms")]
-    WallTimeout { plugin: String, limit_ms: u64 },
+    #[error("tenant {tenant}: cannot read {path}: {source}")]
+    Read { tenant: String, path: PathBuf, source: std::io::Error },
+    #[error("tenant {tenant}: cannot load the plugin: {message}")]
+    Compile { tenant: String, message: String },
+    #[error("tenant {tenant}: the plugin does not implement the batchbox:plugin world: {message}")]
+    MissingExport { tenant: String, message: String },
+    #[error("tenant {tenant}: the plugin rejected its config: {message}")]
+    Configure { tenant: String, message: String },
+    #[error("tenant {tenant}: the plugin exceeded its CPU time limit of {limit_ms} ms")]
+    CpuLimit { tenant: String, limit_ms: u64 },
+    #[error("tenant {tenant}: the plugin did not answer within {limit_ms} ms")]
+    WallTimeout { tenant: String, limit_ms: u64 },
+    #[error("tenant {tenant}: the plugin passed more than max_hostcall_bytes ({limit} bytes) to the host in one call")]
+    HostcallBytes { tenant: String, limit: usize },
     #[error("no free plugin instance (more than the configured max_instances requests in flight)")]
     NoCapacity,
-    #[error("plugin {plugin} failed: {message}")]
-    Trapped { plugin: String, message: String },
+    #[error("tenant {tenant}: the plugin failed: {message}")]
+    Trapped { tenant: String, message: String },
 }
 
 /// Per-request state of one instance.
@@ -71,14 +82,17 @@ pub(crate) struct RequestState {
     table: ResourceTable,
     limits: StoreLimits,
     model: Arc<Model>,
-    plugin: Arc<str>,
+    tenant: Arc<str>,
     request_id: u64,
     started: Instant,
-    /// When the plugin's wall-clock limit runs out: sequences still waiting for the model then
+    /// When the request's wall-clock limit runs out: sequences still waiting for the model then
     /// are dropped from its queue.
     deadline: Instant,
     /// Time spent inside host calls, which the CPU deadline does not count.
     host_time: Duration,
+    /// What this request's host calls have asked for so far, against the tenant's quotas.
+    usage: host_api::Usage,
+    quotas: TenantLimits,
 }
 
 impl WasiView for RequestState {
@@ -88,79 +102,93 @@ impl WasiView for RequestState {
 }
 
 struct LoadedPlugin {
-    name: Arc<str>,
+    tenant: Arc<str>,
     pre: bindings::PluginPre<RequestState>,
     config_json: String,
-    limits: PluginLimits,
-}
-
-pub struct PluginRuntime {
-    engine: Engine,
-    plugins: HashMap<String, LoadedPlugin>,
+    limits: TenantLimits,
     model: Arc<Model>,
 }
 
+/// Every tenant's plugin, ready to instantiate.
+pub struct PluginRuntime {
+    engine: Engine,
+    plugins: HashMap<String, LoadedPlugin>,
+}
+
 impl PluginRuntime {
-    /// Compiles (or loads from the cache) every plugin and checks that it accepts its config.
+    /// Compiles (or loads from the cache) every tenant's plugin, checks its exports and that it
+    /// accepts its config. `models` holds every model a tenant names.
     pub async fn load(
-        configs: &[PluginConfig],
-        model: Arc<Model>,
+        tenants: &[TenantConfig],
+        models: &HashMap<String, Arc<Model>>,
         max_instances: u32,
         cache_dir: &Path,
     ) -> Result<Self, PluginError> {
-        let engine = new_engine(configs, max_instances).map_err(|e| PluginError::Compile { plugin: "*".into(), message: e.to_string() })?;
+        let engine = new_engine(tenants, max_instances).map_err(|e| PluginError::Compile { tenant: "*".into(), message: e.to_string() })?;
         let mut linker: Linker<RequestState> = Linker::new(&engine);
-        let link_error = |e: wasmtime::Error| PluginError::Compile { plugin: "*".into(), message: e.to_string() };
+        let link_error = |e: wasmtime::Error| PluginError::Compile { tenant: "*".into(), message: e.to_string() };
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_error)?;
         bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state).map_err(link_error)?;
         start_epoch_ticker(&engine);
 
-        let mut runtime = Self { engine, plugins: HashMap::new(), model };
-        for config in configs {
-            let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: config.name.clone(), message: format!("{e:#}") };
-            let component = load_component(&runtime.engine, config, cache_dir)?;
-            let pre = linker.instantiate_pre(&component).map_err(compile_error)?;
-            let pre = bindings::PluginPre::new(pre).map_err(compile_error)?;
+        let mut runtime = Self { engine, plugins: HashMap::new() };
+        for tenant in tenants {
+            let name = || tenant.name.clone();
+            let component = load_component(&runtime.engine, tenant, cache_dir)?;
+            // Imports the host does not offer fail here; missing exports in `PluginPre::new`.
+            let pre = linker
+                .instantiate_pre(&component)
+                .map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
+            let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
             // No `config:` in the file means an empty object, so plugins can default every field.
-            let config_json = match &config.config {
+            let config_json = match &tenant.config {
                 serde_yaml::Value::Null => "{}".to_owned(),
                 value => serde_json::to_string(value).map_err(|e| PluginError::Configure {
-                    plugin: config.name.clone(),
+                    tenant: name(),
                     message: format!("config is not representable as JSON: {e}"),
                 })?,
             };
-            let plugin = LoadedPlugin { name: config.name.as_str().into(), pre, config_json, limits: config.limits };
+            let model = models.get(&tenant.model).expect("the config names loaded models").clone();
+            let plugin = LoadedPlugin { tenant: tenant.name.as_str().into(), pre, config_json, limits: tenant.limits, model };
             // Configure once now, so a bad config stops startup instead of failing every request.
             runtime.call(&plugin, 0, None).await?;
-            runtime.plugins.insert(config.name.clone(), plugin);
+            runtime.plugins.insert(tenant.name.clone(), plugin);
         }
         Ok(runtime)
     }
 
-    /// Handles one request with a fresh instance of the named plugin.
-    pub async fn handle(&self, plugin: &str, request_id: u64, request: Request) -> Result<Response, PluginError> {
-        let plugin = self.plugins.get(plugin).expect("routes only name loaded plugins");
+    /// Handles one request with a fresh instance of the tenant's plugin.
+    pub async fn handle(&self, tenant: &str, request_id: u64, request: Request) -> Result<Response, PluginError> {
+        let plugin = self.plugins.get(tenant).expect("routes only name loaded tenants");
         Ok(self.call(plugin, request_id, Some(request)).await?.expect("a request gets a response"))
     }
 
-    /// Instantiates, configures and (given a request) calls `handle`, within the plugin's limits.
+    /// Instantiates, configures and (given a request) calls `handle`, within the tenant's limits.
     async fn call(&self, plugin: &LoadedPlugin, request_id: u64, request: Option<Request>) -> Result<Option<Response>, PluginError> {
         let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .wall_clock(clock::CoarseWallClock)
+            .monotonic_clock(clock::CoarseMonotonicClock::new())
+            .build();
         let state = RequestState {
             wasi,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(plugin.limits.memory_bytes).instances(16).build(),
-            model: self.model.clone(),
-            plugin: plugin.name.clone(),
+            model: plugin.model.clone(),
+            tenant: plugin.tenant.clone(),
             request_id,
             started: Instant::now(),
             deadline: Instant::now() + Duration::from_millis(plugin.limits.wall_ms),
             host_time: Duration::ZERO,
+            usage: host_api::Usage::default(),
+            quotas: plugin.limits,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
+        store.set_hostcall_fuel(plugin.limits.max_hostcall_bytes);
         let cpu_limit = Duration::from_millis(plugin.limits.cpu_ms);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
@@ -183,22 +211,22 @@ impl PluginRuntime {
         };
         let limit = Duration::from_millis(plugin.limits.wall_ms);
         let outcome = tokio::time::timeout(limit, run).await;
-        log_output(&plugin.name, request_id, "stdout", &stdout);
-        log_output(&plugin.name, request_id, "stderr", &stderr);
-        let name = || plugin.name.to_string();
+        log_output(&plugin.tenant, request_id, "stdout", &stdout);
+        log_output(&plugin.tenant, request_id, "stderr", &stderr);
+        let tenant = || plugin.tenant.to_string();
         match outcome {
-            Err(_) => Err(PluginError::WallTimeout { plugin: name(), limit_ms: plugin.limits.wall_ms }),
-            Ok(Err(trap)) => Err(classify_trap(trap, name(), plugin.limits.cpu_ms)),
-            Ok(Ok(Err(message))) => Err(PluginError::Configure { plugin: name(), message }),
+            Err(_) => Err(PluginError::WallTimeout { tenant: tenant(), limit_ms: plugin.limits.wall_ms }),
+            Ok(Err(trap)) => Err(classify_trap(trap, tenant(), &plugin.limits)),
+            Ok(Ok(Err(message))) => Err(PluginError::Configure { tenant: tenant(), message }),
             Ok(Ok(Ok(response))) => Ok(response),
         }
     }
 }
 
-/// One engine for every plugin. Pool slots are sized for the most generous plugin; each store's
+/// One engine for every plugin. Pool slots are sized for the most generous tenant; each store's
 /// limiter then holds its plugin to its own limit.
-fn new_engine(configs: &[PluginConfig], max_instances: u32) -> wasmtime::Result<Engine> {
-    let max_memory = configs.iter().map(|p| p.limits.memory_bytes).max().unwrap_or(64 << 20);
+fn new_engine(tenants: &[TenantConfig], max_instances: u32) -> wasmtime::Result<Engine> {
+    let max_memory = tenants.iter().map(|p| p.limits.memory_bytes).max().unwrap_or(64 << 20);
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(max_instances)
         // A wasip2 component holds a few core instances, memories and tables of its own.
@@ -230,9 +258,9 @@ fn start_epoch_ticker(engine: &Engine) {
 }
 
 /// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before.
-fn load_component(engine: &Engine, config: &PluginConfig, cache_dir: &Path) -> Result<Component, PluginError> {
-    let plugin = config.name.clone();
-    let wasm = std::fs::read(&config.wasm).map_err(|source| PluginError::Read { plugin: plugin.clone(), path: config.wasm.clone(), source })?;
+fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> Result<Component, PluginError> {
+    let plugin = tenant.name.clone();
+    let wasm = std::fs::read(&tenant.wasm).map_err(|source| PluginError::Read { tenant: plugin.clone(), path: tenant.wasm.clone(), source })?;
     let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut engine_hash);
     let mut key = Sha256::new();
@@ -246,13 +274,13 @@ fn load_component(engine: &Engine, config: &PluginConfig, cache_dir: &Path) -> R
         // carries the hash of both the source and the engine's settings.
         match unsafe { Component::deserialize_file(engine, &cached) } {
             Ok(component) => return Ok(component),
-            Err(e) => tracing::warn!(plugin, error = %e, "ignoring unusable cached plugin code"),
+            Err(e) => tracing::warn!(tenant = plugin, error = %e, "ignoring unusable cached plugin code"),
         }
     }
-    let compile_error = |e: wasmtime::Error| PluginError::Compile { plugin: plugin.clone(), message: format!("{e:#}") };
+    let compile_error = |e: wasmtime::Error| PluginError::Compile { tenant: plugin.clone(), message: format!("{e:#}") };
     let started = Instant::now();
     let compiled = engine.precompile_component(&wasm).map_err(compile_error)?;
-    tracing::info!(plugin, elapsed_ms = started.elapsed().as_millis() as u64, "compiled plugin");
+    tracing::info!(tenant = plugin, elapsed_ms = started.elapsed().as_millis() as u64, "compiled plugin");
     // The cache only saves time: failing to write it is worth a warning, not an error.
     let write = std::fs::create_dir_all(cache_dir).and_then(|()| {
         let partial = cached.with_extension("partial");
@@ -260,23 +288,28 @@ fn load_component(engine: &Engine, config: &PluginConfig, cache_dir: &Path) -> R
         std::fs::rename(&partial, &cached)
     });
     if let Err(e) = write {
-        tracing::warn!(plugin, path = %cached.display(), error = %e, "cannot cache compiled plugin");
+        tracing::warn!(tenant = plugin, path = %cached.display(), error = %e, "cannot cache compiled plugin");
     }
     // SAFETY: `compiled` was produced by this engine a moment ago.
     unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)
 }
 
-fn classify_trap(error: wasmtime::Error, plugin: String, cpu_ms: u64) -> PluginError {
+fn classify_trap(error: wasmtime::Error, tenant: String, limits: &TenantLimits) -> PluginError {
+    let message = format!("{error:#}");
     match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => PluginError::CpuLimit { plugin, limit_ms: cpu_ms },
-        _ if format!("{error:#}").contains("pooling allocator") => PluginError::NoCapacity,
-        _ => PluginError::Trapped { plugin, message: format!("{error:#}") },
+        Some(wasmtime::Trap::Interrupt) => PluginError::CpuLimit { tenant, limit_ms: limits.cpu_ms },
+        // wasmtime's error type for this is private; its message is stable and documented.
+        _ if message.contains("fuel allocated for hostcalls has been exhausted") => {
+            PluginError::HostcallBytes { tenant, limit: limits.max_hostcall_bytes }
+        }
+        _ if message.contains("pooling allocator") => PluginError::NoCapacity,
+        _ => PluginError::Trapped { tenant, message },
     }
 }
 
-fn log_output(plugin: &str, request_id: u64, stream: &str, pipe: &MemoryOutputPipe) {
+fn log_output(tenant: &str, request_id: u64, stream: &str, pipe: &MemoryOutputPipe) {
     let contents = pipe.contents();
     for line in String::from_utf8_lossy(&contents).lines().filter(|l| !l.is_empty()) {
-        tracing::info!(plugin, request_id, stream, "{line}");
+        tracing::info!(tenant, request_id, stream, "{line}");
     }
 }

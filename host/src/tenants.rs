@@ -1,0 +1,198 @@
+//! Tenants at the door: which tenant a request is for (its routes), whether the caller may use
+//! it (API keys), and whether the tenant has room for one more request (its quotas).
+//!
+//! Keys arrive as `Authorization: Bearer <key>`; only their SHA-256 hashes are kept, and a key
+//! is compared with every known hash in constant time, so neither timing nor logs reveal keys.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{KeyHash, Route, TenantConfig, TenantLimits};
+
+/// One tenant, as the HTTP layer sees it.
+pub struct Tenant {
+    pub name: String,
+    pub routes: Vec<Route>,
+    pub limits: TenantLimits,
+    key_hashes: Vec<KeyHash>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// Why a request may not reach its tenant.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error("the API key is not valid")]
+    InvalidKey,
+    #[error("this API key does not belong to tenant {tenant}")]
+    WrongTenant { tenant: String },
+    #[error("quota {quota}: tenant {tenant} {detail}")]
+    Quota { tenant: String, quota: &'static str, detail: String },
+}
+
+impl Tenant {
+    fn new(config: &TenantConfig) -> Self {
+        Self {
+            name: config.name.clone(),
+            routes: config.routes.clone(),
+            limits: config.limits,
+            key_hashes: config.key_hashes.clone(),
+            in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent)),
+        }
+    }
+
+    /// Anyone may call a tenant without keys.
+    pub fn is_public(&self) -> bool {
+        self.key_hashes.is_empty()
+    }
+
+    /// A place among the tenant's concurrent requests, held until the permit is dropped.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, AccessError> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| AccessError::Quota {
+            tenant: self.name.clone(),
+            quota: "max_concurrent",
+            detail: format!("already has {} requests in flight", self.limits.max_concurrent),
+        })
+    }
+
+    /// Refuses a body over the tenant's own size quota.
+    pub fn check_body(&self, bytes: usize) -> Result<(), AccessError> {
+        if bytes <= self.limits.max_body_bytes {
+            return Ok(());
+        }
+        Err(AccessError::Quota {
+            tenant: self.name.clone(),
+            quota: "max_body_bytes",
+            detail: format!("takes request bodies of at most {} bytes", self.limits.max_body_bytes),
+        })
+    }
+}
+
+/// Every tenant, with its routes and keys.
+pub struct Tenants {
+    tenants: Vec<Tenant>,
+}
+
+impl Tenants {
+    pub fn new(configs: &[TenantConfig]) -> Self {
+        Self { tenants: configs.iter().map(Tenant::new).collect() }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.iter()
+    }
+
+    /// The tenant whose route matches most specifically: the longest path prefix, then a route
+    /// that names the host. `host` is the request's Host header.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Tenant> {
+        let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
+        let host = host.as_deref();
+        self.tenants
+            .iter()
+            .flat_map(|t| t.routes.iter().filter_map(move |r| Some((r.matches(host, path)?, t))))
+            .max_by_key(|(score, _)| *score)
+            .map(|(_, tenant)| tenant)
+    }
+
+    /// Checks the `Authorization` header against `tenant`'s keys: no or unknown key is
+    /// `MissingKey`/`InvalidKey` (401), another tenant's key `WrongTenant` (403).
+    pub fn authorize(&self, tenant: &Tenant, authorization: Option<&[u8]>) -> Result<(), AccessError> {
+        if tenant.is_public() {
+            return Ok(());
+        }
+        let key = authorization.and_then(bearer_token).ok_or(AccessError::MissingKey)?;
+        let hash = KeyHash::of(key);
+        // Every hash is compared, so the time taken says nothing about which one matched.
+        let (mut own, mut other) = (subtle::Choice::from(0), subtle::Choice::from(0));
+        for t in &self.tenants {
+            for known in &t.key_hashes {
+                let same = known.0.ct_eq(&hash.0);
+                if std::ptr::eq(t, tenant) {
+                    own |= same;
+                } else {
+                    other |= same;
+                }
+            }
+        }
+        match (bool::from(own), bool::from(other)) {
+            (true, _) => Ok(()),
+            (false, true) => Err(AccessError::WrongTenant { tenant: tenant.name.clone() }),
+            (false, false) => Err(AccessError::InvalidKey),
+        }
+    }
+}
+
+/// The key of `Bearer <key>` (the scheme is case-insensitive).
+fn bearer_token(header: &[u8]) -> Option<&str> {
+    let header = std::str::from_utf8(header).ok()?;
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(name: &str, routes: &[&str], keys: &[&str]) -> TenantConfig {
+        TenantConfig {
+            name: name.into(),
+            wasm: "p.wasm".into(),
+            config: serde_yaml::Value::Null,
+            routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+            model: "m".into(),
+            keys: Vec::new(),
+            key_hashes: keys.iter().map(|k| KeyHash::of(k)).collect(),
+            limits: TenantLimits { max_concurrent: 2, max_body_bytes: 100, ..TenantLimits::default() },
+        }
+    }
+
+    fn tenants() -> Tenants {
+        Tenants::new(&[
+            tenant("a", &["/api"], &["key-a", "key-a2"]),
+            tenant("b", &["b.example/api", "/api/b"], &["key-b"]),
+            tenant("open", &["/public"], &[]),
+        ])
+    }
+
+    #[test]
+    fn the_most_specific_route_wins() {
+        let t = tenants();
+        let name = |host, path| t.route(host, path).map(|t| t.name.as_str());
+        assert_eq!(name(None, "/api/predict"), Some("a"));
+        assert_eq!(name(Some("B.Example:8080"), "/api/predict"), Some("b"), "host routes win at equal length");
+        assert_eq!(name(Some("a.example"), "/api/b/x"), Some("b"), "longer paths win");
+        assert_eq!(name(None, "/apix"), None);
+        assert_eq!(name(None, "/public"), Some("open"));
+    }
+
+    #[test]
+    fn keys_open_their_own_tenant_only() {
+        let t = tenants();
+        let (a, b, open) = (t.route(None, "/api").unwrap(), t.route(None, "/api/b").unwrap(), t.route(None, "/public").unwrap());
+        assert!(t.authorize(a, Some(b"Bearer key-a")).is_ok());
+        assert!(t.authorize(a, Some(b"bearer   key-a2 ")).is_ok());
+        assert!(matches!(t.authorize(a, None), Err(AccessError::MissingKey)));
+        assert!(matches!(t.authorize(a, Some(b"Basic key-a")), Err(AccessError::MissingKey)));
+        assert!(matches!(t.authorize(a, Some(b"Bearer nope")), Err(AccessError::InvalidKey)));
+        assert!(matches!(t.authorize(b, Some(b"Bearer key-a")), Err(AccessError::WrongTenant { .. })));
+        assert!(t.authorize(open, None).is_ok());
+        assert!(t.authorize(open, Some(b"Bearer key-b")).is_ok());
+    }
+
+    #[test]
+    fn concurrency_and_body_quotas_name_themselves() {
+        let t = tenants();
+        let a = t.route(None, "/api").unwrap();
+        let (first, _second) = (a.admit().unwrap(), a.admit().unwrap());
+        let err = a.admit().unwrap_err().to_string();
+        assert!(err.contains("max_concurrent"), "{err}");
+        drop(first);
+        assert!(a.admit().is_ok(), "a finished request frees its place");
+        assert!(a.check_body(100).is_ok());
+        assert!(a.check_body(101).unwrap_err().to_string().contains("max_body_bytes"));
+    }
+}
