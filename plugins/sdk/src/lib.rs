@@ -2,8 +2,9 @@
 //!
 //! - the bindings of `wit/batchbox.wit` (the host's [`host`] functions, the [`Plugin`] trait a
 //!   plugin implements, and [`export_plugin!`] to export it);
-//! - JSON in and out: [`parse_json`], [`parse_config`], [`json`], and errors in the host's
-//!   shape, [`error`];
+//! - JSON in and out: [`parse_json`], [`parse_config`], [`json`], errors in the host's shape,
+//!   [`error`], and the usual body of a text model, [`TextList`];
+//! - the arithmetic every classifier repeats: [`softmax`], [`argmax`], [`ms`], [`round_ms`];
 //! - [`Error::into_response`]: a failed host call as the HTTP answer it stands for.
 //!
 //! ```ignore
@@ -25,8 +26,12 @@ wit_bindgen::generate!({
     default_bindings_module: "batchbox_sdk",
 });
 
+use std::sync::OnceLock;
+use std::time::Instant;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 pub use batchbox::plugin::host;
 pub use batchbox::plugin::types::{Encoding, Error, Inference, Level, ModelInfo, Task, Tensor};
@@ -54,6 +59,35 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     from_json(body).map_err(|e| error(400, "invalid_json", format!("invalid JSON body: {e}")))
 }
 
+/// A plugin's settings: parsed by `configure` (checking the model's task too), read by `handle`.
+pub struct Settings<C>(OnceLock<C>);
+
+impl<C: DeserializeOwned> Settings<C> {
+    pub const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    /// Parses `config` and checks that the tenant's model does `task`; an error stops startup.
+    pub fn configure(&self, config: &str, task: Task) -> Result<(), String> {
+        let parsed = parse_config(config)?;
+        let info = host::model();
+        if info.task != task {
+            return Err(format!("model {} does {:?}; this plugin needs {task:?}", info.name, info.task));
+        }
+        self.0.set(parsed).map_err(|_| "configured twice".to_string())
+    }
+
+    pub fn get(&self) -> Result<&C, Response> {
+        self.0.get().ok_or_else(|| error(500, "internal", "plugin not configured"))
+    }
+}
+
+impl<C: DeserializeOwned> Default for Settings<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Parses the plugin's config (what `configure` receives); the error names the offending key.
 pub fn parse_config<T: DeserializeOwned>(config: &str) -> Result<T, String> {
     from_json(config.as_bytes()).map_err(|e| format!("invalid config: {e}"))
@@ -68,6 +102,90 @@ fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     })?;
     deserializer.end().map_err(|e| e.to_string())?;
     Ok(value)
+}
+
+/// A list of texts in a request body, `{"<field>": [...]}` or a bare array of strings, each
+/// checked: errors say which item is wrong and why (400), or which limit it passes (413).
+pub struct TextList<'a> {
+    /// The body's field, e.g. `sentences`.
+    pub field: &'a str,
+    /// One item, for error codes: `too_many_<item>s`, `<item>_too_long`.
+    pub item: &'a str,
+    pub max_items: usize,
+    pub max_chars: usize,
+}
+
+impl TextList<'_> {
+    pub fn parse(&self, body: &[u8]) -> Result<Vec<String>, Response> {
+        let (field, item) = (self.field, self.item);
+        let bad = |message: String| error(400, "invalid_request", message);
+        let items = match parse_json::<Value>(body)? {
+            Value::Array(items) => items,
+            Value::Object(mut fields) => {
+                let texts = fields.remove(field).ok_or_else(|| bad(format!("missing field `{field}`")))?;
+                if let Some(unknown) = fields.keys().next() {
+                    return Err(bad(format!("unknown field `{unknown}`; the body is {{\"{field}\": [...]}}")));
+                }
+                match texts {
+                    Value::Array(items) => items,
+                    other => return Err(bad(format!("`{field}` must be an array of strings, not {}", kind(&other)))),
+                }
+            }
+            other => return Err(bad(format!("expected {{\"{field}\": [...]}} or an array of strings, not {}", kind(&other)))),
+        };
+        if items.len() > self.max_items {
+            let message = format!("{} {item}s in one request; the limit is {}", items.len(), self.max_items);
+            return Err(error(413, &format!("too_many_{item}s"), message));
+        }
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| match value {
+                Value::String(s) if s.trim().is_empty() => Err(bad(format!("{field}[{i}] is empty"))),
+                Value::String(s) if s.chars().count() > self.max_chars => Err(error(
+                    413,
+                    &format!("{item}_too_long"),
+                    format!("{field}[{i}] has {} characters; the limit is {}", s.chars().count(), self.max_chars),
+                )),
+                Value::String(s) => Ok(s),
+                other => Err(bad(format!("{field}[{i}] must be a string, not {}", kind(&other)))),
+            })
+            .collect()
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Probabilities from logits (numerically stable).
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|x| x / sum).collect()
+}
+
+/// The index of the largest value (the first among equals); 0 for an empty slice.
+pub fn argmax(values: &[f32]) -> usize {
+    values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i).unwrap_or(0)
+}
+
+/// Milliseconds since `since`.
+pub fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Milliseconds to the microsecond, for responses: finer digits are noise.
+pub fn round_ms(ms: f64) -> f64 {
+    (ms * 1e3).round() / 1e3
 }
 
 /// Answers 405 unless the request uses `method`.
@@ -86,6 +204,7 @@ impl Error {
         match self {
             Error::InvalidInput(m) => error(400, "invalid_input", m),
             Error::TooLarge(m) => error(413, "too_large", m),
+            Error::QuotaExceeded(m) => error(429, "quota_exceeded", m),
             Error::Overloaded(m) => {
                 let mut response = error(503, "overloaded", m);
                 response.headers.push(("retry-after".into(), "1".into()));

@@ -4,45 +4,34 @@
 //! probabilities per sentence (input order), the labels, the top label per sentence and timing
 //! metadata. See the README for the full response and the errors.
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
-use batchbox_sdk::{Plugin, Request, Response, Task, error, host, json, parse_config, parse_json, require_method};
+use batchbox_sdk::{Plugin, Request, Response, Settings, Task, TextList, argmax, host, json, ms, require_method, round_ms, softmax};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// The plugin's own `config` in shared_config.yaml.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct Config {
     /// More sentences than this in one request: 413.
-    #[serde(default = "default_max_sentences")]
     max_sentences: usize,
     /// A sentence longer than this many characters: 413 (the model would truncate it anyway).
-    #[serde(default = "default_max_sentence_chars")]
     max_sentence_chars: usize,
 }
 
-fn default_max_sentences() -> usize {
-    1000
+impl Default for Config {
+    fn default() -> Self {
+        Self { max_sentences: 1000, max_sentence_chars: 10_000 }
+    }
 }
 
-fn default_max_sentence_chars() -> usize {
-    10_000
-}
-
-static CONFIG: OnceLock<Config> = OnceLock::new();
+static SETTINGS: Settings<Config> = Settings::new();
 
 struct SentenceClassifier;
 
 impl Plugin for SentenceClassifier {
     fn configure(config: String) -> Result<(), String> {
-        let config: Config = parse_config(&config)?;
-        let info = host::model();
-        if info.task != Task::SequenceClassification {
-            return Err(format!("model {} is not a sequence classifier", info.name));
-        }
-        CONFIG.set(config).map_err(|_| "configured twice".to_string())
+        SETTINGS.configure(&config, Task::SequenceClassification)
     }
 
     fn handle(request: Request) -> Response {
@@ -84,7 +73,7 @@ struct Breakdown {
 fn classify(request: &Request) -> Result<Response, Response> {
     let started = Instant::now();
     require_method(request, "POST")?;
-    let config = CONFIG.get().ok_or_else(|| error(500, "internal", "plugin not configured"))?;
+    let config = SETTINGS.get()?;
     let sentences = sentences(&request.body, config)?;
     let info = host::model();
 
@@ -110,7 +99,7 @@ fn classify(request: &Request) -> Result<Response, Response> {
     let total_ms = ms(started);
     let plugin_ms = (total_ms - tokenize_ms - infer_ms).max(0.0) + (infer_ms - queue_ms - compute_ms).max(0.0);
     let metadata = Metadata {
-        processing_time_ms: round(total_ms),
+        processing_time_ms: round_ms(total_ms),
         total_words: sentences.iter().map(|s| s.split_whitespace().count()).sum(),
         total_tokens: ids.iter().map(Vec::len).sum(),
         num_sentences: sentences.len(),
@@ -119,12 +108,12 @@ fn classify(request: &Request) -> Result<Response, Response> {
         forward_passes,
         batch_ids: inference.as_ref().map(|i| i.batch_ids.clone()).unwrap_or_default(),
         breakdown_ms: Breakdown {
-            tokenize: round(tokenize_ms),
-            queue: round(queue_ms),
-            inference: round(compute_ms),
+            tokenize: round_ms(tokenize_ms),
+            queue: round_ms(queue_ms),
+            inference: round_ms(compute_ms),
             // Everything that was not the host's work: parsing, softmax, serialising, and the
             // crossing of the boundary (infer's wall time beyond its queue and compute).
-            plugin: round(plugin_ms),
+            plugin: round_ms(plugin_ms),
         },
     };
     Ok(json(200, &Prediction { probabilities, labels: info.labels, predictions, metadata }))
@@ -132,73 +121,7 @@ fn classify(request: &Request) -> Result<Response, Response> {
 
 /// The sentences of `{"sentences": [...]}` or of a bare array, checked one by one.
 fn sentences(body: &[u8], config: &Config) -> Result<Vec<String>, Response> {
-    let bad = |message: String| error(400, "invalid_request", message);
-    let items = match parse_json::<Value>(body)? {
-        Value::Array(items) => items,
-        Value::Object(mut fields) => {
-            let sentences = fields.remove("sentences").ok_or_else(|| bad("missing field `sentences`".into()))?;
-            if let Some(unknown) = fields.keys().next() {
-                return Err(bad(format!("unknown field `{unknown}`; the body is {{\"sentences\": [...]}}")));
-            }
-            match sentences {
-                Value::Array(items) => items,
-                other => return Err(bad(format!("`sentences` must be an array of strings, not {}", kind(&other)))),
-            }
-        }
-        other => return Err(bad(format!("expected {{\"sentences\": [...]}} or an array of strings, not {}", kind(&other)))),
-    };
-    if items.len() > config.max_sentences {
-        return Err(error(
-            413,
-            "too_many_sentences",
-            format!("{} sentences in one request; the limit is {}", items.len(), config.max_sentences),
-        ));
-    }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| match item {
-            Value::String(s) if s.trim().is_empty() => Err(bad(format!("sentences[{i}] is empty"))),
-            Value::String(s) if s.chars().count() > config.max_sentence_chars => Err(error(
-                413,
-                "sentence_too_long",
-                format!("sentences[{i}] has {} characters; the limit is {}", s.chars().count(), config.max_sentence_chars),
-            )),
-            Value::String(s) => Ok(s),
-            other => Err(bad(format!("sentences[{i}] must be a string, not {}", kind(&other)))),
-        })
-        .collect()
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.into_iter().map(|x| x / sum).collect()
-}
-
-fn argmax(values: &[f32]) -> usize {
-    values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
-}
-
-/// Milliseconds to the microsecond: finer digits are noise.
-fn round(ms: f64) -> f64 {
-    (ms * 1e3).round() / 1e3
+    TextList { field: "sentences", item: "sentence", max_items: config.max_sentences, max_chars: config.max_sentence_chars }.parse(body)
 }
 
 batchbox_sdk::export_plugin!(SentenceClassifier);
