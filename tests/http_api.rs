@@ -2,116 +2,53 @@
 //!
 //! Needs `make setup` (default model) and `make plugins` (the .wasm files).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 use batchbox::batcher::{BatchLimits, ChunkOrder};
 use batchbox::config::{CpuDtype, DeviceSpec};
 use batchbox::model::{Model, ModelOptions};
+use common::{PREDICT, Server, assert_json_error, fixture_sentences, read, workspace, write_config};
 use serde_json::{Value, json};
 
-fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
-
-fn wasm(name: &str) -> PathBuf {
-    let path = workspace().join("plugins/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run `make plugins`", path.display());
-    path
-}
-
-fn fixture_sentences() -> Vec<String> {
-    let text = std::fs::read_to_string(workspace().join("tests/fixtures/test_120_sentences.json")).unwrap();
-    let value: Value = serde_json::from_str(&text).unwrap();
-    value["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
-}
-
-/// A running `batchbox serve`, killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-    agent: ureq::Agent,
-}
-
-const PREDICT: &str = "/api/v1/predict/sentences";
-
-impl Server {
-    fn config(name: &str, classifier_config: &str) -> PathBuf {
-        let dir = workspace().join("target/http-tests");
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
+/// The default model and one public tenant, the sentence classifier, with `classifier_config`.
+fn config(name: &str, classifier_config: &str) -> PathBuf {
+    write_config(
+        name,
+        &format!(
             r#"
-model: {{ name: minilm-topics, path: {model}, device: cpu }}
+models: [{{ name: minilm-topics, path: "{{model}}", device: cpu }}]
 api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
-server: {{ bind: "127.0.0.1:0", max_body_bytes: 2097152, plugin_cache_dir: {cache}, shutdown_grace_ms: 10000 }}
-plugins:
+server: {{ bind: "127.0.0.1:0", max_body_bytes: 2097152, plugin_cache_dir: "{{cache}}", shutdown_grace_ms: 10000 }}
+tenants:
   - name: sentence-classifier
-    wasm: {classifier}
+    wasm: "{{classifier}}"
     routes: [{PREDICT}]
     config: {classifier_config}
     # Generous: 16 concurrent 120-sentence requests on a busy 2-core machine take a while.
     limits: {{ wall_ms: 120000 }}
-  - name: faults
-    wasm: {faults}
-    routes: [/faults/ok, /faults/panic, /faults/loop]
-    limits: {{ cpu_ms: 200, wall_ms: 10000 }}
-"#,
-            model = workspace().join("models/minilm-topics").display(),
-            cache = dir.join("plugin-cache").display(),
-            classifier = wasm("sentence_classifier").display(),
-            faults = wasm("test_faults").display(),
-        );
-        let path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, config).unwrap();
-        path
-    }
+  - name: hostile
+    wasm: "{{hostile}}"
+    routes: [/hostile]
+"#
+        ),
+    )
+}
 
-    fn start() -> Server {
-        Self::launch(&Self::config("default", "{ max_sentences: 1000, max_sentence_chars: 10000 }"))
-    }
+fn start() -> Server {
+    Server::launch(&config("default", "{ max_sentences: 1000, max_sentence_chars: 10000 }"))
+}
 
-    fn launch(config: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_batchbox"))
-            .args(["--config", config.to_str().unwrap(), "serve"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let base = line.trim().strip_prefix("listening on ").expect("the server prints its address").to_owned();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        let server = Server { child, base, agent };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while server.get("/ready").0 != 200 {
-            assert!(Instant::now() < deadline, "the server did not become ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
-    }
+trait Predict {
+    fn predict(&self, sentences: &[&str]) -> Value;
+}
 
-    fn get(&self, path: &str) -> (u16, Value) {
-        let response = self.agent.get(format!("{}{path}", self.base)).call().unwrap();
-        read(response)
-    }
-
-    fn post(&self, path: &str, body: impl AsRef<[u8]>) -> (u16, Value) {
-        let response = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .send(body.as_ref())
-            .unwrap();
-        read(response)
-    }
-
+impl Predict for Server {
     fn predict(&self, sentences: &[&str]) -> Value {
         let (status, body) = self.post(PREDICT, json!({ "sentences": sentences }).to_string());
         assert_eq!(status, 200, "{body}");
@@ -119,28 +56,9 @@ plugins:
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
-    let status = response.status().as_u16();
-    let text = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}")))
-}
-
-fn assert_json_error(status: u16, body: &Value, want_status: u16, want_code: &str, what: &str) {
-    assert_eq!(status, want_status, "{what}: {body}");
-    assert_eq!(body["error"]["code"], want_code, "{what}: {body}");
-    assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
-}
-
 #[test]
 fn predicts_120_sentences_with_the_runtimes_numbers() {
-    let server = Server::start();
+    let server = start();
     let sentences = fixture_sentences();
     let (status, body) = server.post(PREDICT, json!({ "sentences": sentences }).to_string());
     assert_eq!(status, 200, "{body}");
@@ -193,7 +111,7 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
 
 #[test]
 fn order_shape_and_both_body_forms() {
-    let server = Server::start();
+    let server = start();
     let sentences = ["The striker scored twice.", "Parliament passed the budget.", "Shares fell 4% today."];
     let forward = server.predict(&sentences);
     let (status, bare) = server.post(PREDICT, json!(["Shares fell 4% today.", "Parliament passed the budget.", "The striker scored twice."]).to_string());
@@ -216,7 +134,7 @@ fn order_shape_and_both_body_forms() {
 
 #[test]
 fn bad_requests_get_documented_errors_and_the_server_keeps_serving() {
-    let server = Server::start();
+    let server = start();
     let many = json!({ "sentences": vec!["a sentence"; 10_000] }).to_string();
     let huge_sentence = json!({ "sentences": ["x".repeat(1 << 20)] }).to_string();
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
@@ -258,7 +176,7 @@ fn bad_requests_get_documented_errors_and_the_server_keeps_serving() {
     assert_json_error(status, &error, 413, "body_too_large", "oversize body");
     // And a chunked body that grows past it.
     let chunk = vec![b'a'; 1 << 20];
-    let mut stream = TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    let mut stream = TcpStream::connect(server.address()).unwrap();
     write!(stream, "POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
     for _ in 0..3 {
         if write!(stream, "{:x}\r\n", chunk.len()).and_then(|()| stream.write_all(&chunk)).and_then(|()| stream.write_all(b"\r\n")).is_err() {
@@ -276,7 +194,7 @@ fn bad_requests_get_documented_errors_and_the_server_keeps_serving() {
 }
 
 fn raw_request(server: &Server, head: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    let mut stream = TcpStream::connect(server.address()).unwrap();
     stream.write_all(head.as_bytes()).unwrap();
     read_raw(stream)
 }
@@ -293,11 +211,11 @@ fn read_raw(mut stream: TcpStream) -> (u16, Value) {
 
 #[test]
 fn host_routes_answer() {
-    let server = Server::start();
+    let server = start();
     assert_eq!(server.get("/health"), (200, json!({ "status": "ok" })));
     let (status, ready) = server.get("/ready");
     assert_eq!(status, 200);
-    assert!(ready["model_version"].as_str().unwrap().starts_with("minilm-topics-"));
+    assert!(ready["models"]["minilm-topics"].as_str().unwrap().starts_with("minilm-topics-"));
     let (status, models) = server.get("/v1/models");
     assert_eq!(status, 200);
     assert_eq!(models["models"][0]["task"], "sequence-classification");
@@ -306,29 +224,8 @@ fn host_routes_answer() {
 }
 
 #[test]
-fn a_panicking_plugin_gets_500_and_the_next_request_succeeds() {
-    let server = Server::start();
-    let (status, error) = server.post("/faults/panic", "");
-    assert_json_error(status, &error, 500, "plugin_failed", "panicking plugin");
-    assert_eq!(server.post("/faults/ok", ""), (200, json!("ok")));
-    assert_eq!(server.predict(&["The band announced a tour."])["predictions"], json!(["entertainment"]));
-}
-
-#[test]
-fn a_looping_plugin_is_stopped_by_its_cpu_deadline() {
-    let server = Server::start();
-    let started = Instant::now();
-    let (status, error) = server.post("/faults/loop", "");
-    let elapsed = started.elapsed();
-    assert_json_error(status, &error, 500, "plugin_cpu_limit", "looping plugin");
-    // cpu_ms is 200: stopped well before the 10 s wall limit.
-    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
-    assert_eq!(server.post("/faults/ok", ""), (200, json!("ok")));
-}
-
-#[test]
 fn sigterm_finishes_in_flight_requests() {
-    let mut server = Server::start();
+    let mut server = start();
     let sentences = fixture_sentences();
     let url = format!("{}{PREDICT}", server.base);
     let agent = server.agent.clone();
@@ -349,19 +246,19 @@ fn sigterm_finishes_in_flight_requests() {
 
 #[test]
 fn a_plugin_that_rejects_its_config_stops_startup() {
-    let config = Server::config("bad-plugin-config", "{ max_sentences: many }");
+    let config = config("bad-plugin-config", "{ max_sentences: many }");
     let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
         .args(["--config", config.to_str().unwrap(), "serve"])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("plugin sentence-classifier rejected its config") && stderr.contains("max_sentences"), "{stderr}");
+    assert!(stderr.contains("tenant sentence-classifier: the plugin rejected its config") && stderr.contains("max_sentences"), "{stderr}");
 }
 
 #[test]
 fn a_bad_config_stops_startup_naming_the_key() {
-    let good = std::fs::read_to_string(Server::config("for-bad-key", "{}")).unwrap();
+    let good = std::fs::read_to_string(config("for-bad-key", "{}")).unwrap();
     let path = workspace().join("target/http-tests/bad-key.yaml");
     std::fs::write(&path, good.replace("inference_batch_size", "inference_batch_sise")).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_batchbox")).args(["--config", path.to_str().unwrap(), "serve"]).output().unwrap();
@@ -376,8 +273,8 @@ fn compiled_plugins_are_cached_on_disk_across_restarts() {
     let cache = workspace().join("target/http-tests/plugin-cache-restarts");
     let _ = std::fs::remove_dir_all(&cache);
     let shared = workspace().join("target/http-tests/plugin-cache");
+    let text = std::fs::read_to_string(config("restarts-base", "{}")).unwrap();
     let config = workspace().join("target/http-tests/restarts.yaml");
-    let text = std::fs::read_to_string(Server::config("restarts-base", "{}")).unwrap();
     std::fs::write(&config, text.replace(shared.to_str().unwrap(), cache.to_str().unwrap())).unwrap();
     let cached = || -> Vec<(PathBuf, std::time::SystemTime)> {
         let mut files: Vec<_> = std::fs::read_dir(&cache)
@@ -392,7 +289,7 @@ fn compiled_plugins_are_cached_on_disk_across_restarts() {
     drop(Server::launch(&config));
     let first = cached();
     assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("sentence-classifier-")), "{first:?}");
-    assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("faults-")), "{first:?}");
+    assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("hostile-")), "{first:?}");
     drop(Server::launch(&config));
     assert_eq!(cached(), first, "a restart reuses the compiled code instead of writing it again");
 }
@@ -403,7 +300,7 @@ fn probabilities(body: &Value) -> Vec<Vec<f64>> {
 
 #[test]
 fn concurrent_requests_share_batches_and_get_the_sequential_numbers() {
-    let server = Server::start();
+    let server = start();
     let sentences = fixture_sentences();
     let body = json!({ "sentences": sentences }).to_string();
     let (status, sequential) = server.post(PREDICT, &body);
@@ -435,7 +332,7 @@ fn concurrent_requests_share_batches_and_get_the_sequential_numbers() {
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after_and_recovers() {
-    let text = std::fs::read_to_string(Server::config("tiny-queue-base", "{}")).unwrap();
+    let text = std::fs::read_to_string(config("tiny-queue-base", "{}")).unwrap();
     let config = workspace().join("target/http-tests/tiny-queue.yaml");
     std::fs::write(&config, text.replace("max_batch_tokens: 8192 }", "max_batch_tokens: 8192, max_queued_tokens: 64 }")).unwrap();
     let server = Server::launch(&config);

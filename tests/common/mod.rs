@@ -1,0 +1,143 @@
+//! What the HTTP-level tests share: the real `batchbox serve` binary on an ephemeral port,
+//! with a config each test writes, and a small client.
+#![allow(dead_code)] // each test binary uses its own part of this
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const PREDICT: &str = "/api/v1/predict/sentences";
+
+pub fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+pub fn wasm(name: &str) -> PathBuf {
+    let path = workspace().join("plugins/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run `make plugins`", path.display());
+    path
+}
+
+pub fn fixture_sentences() -> Vec<String> {
+    let text = std::fs::read_to_string(workspace().join("tests/fixtures/test_120_sentences.json")).unwrap();
+    let value: Value = serde_json::from_str(&text).unwrap();
+    value["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+}
+
+/// Writes `yaml` to target/http-tests/<name>.yaml, after `{model}` (the default model's
+/// directory), `{cache}` (a shared plugin cache), `{classifier}` and `{hostile}` (the plugins).
+pub fn write_config(name: &str, yaml: &str) -> PathBuf {
+    let dir = workspace().join("target/http-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = yaml
+        .replace("{model}", workspace().join("models/minilm-topics").to_str().unwrap())
+        .replace("{cache}", dir.join("plugin-cache").to_str().unwrap())
+        .replace("{classifier}", wasm("sentence_classifier").to_str().unwrap())
+        .replace("{hostile}", wasm("hostile").to_str().unwrap());
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// A running `batchbox serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub agent: ureq::Agent,
+}
+
+impl Server {
+    pub fn launch(config: &Path) -> Server {
+        Self::launch_with_env(config, &[])
+    }
+
+    pub fn launch_with_env(config: &Path, env: &[(&str, &str)]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line.trim().strip_prefix("listening on ").expect("the server prints its address").to_owned();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let server = Server { child, base, agent };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while server.get("/ready").0 != 200 {
+            assert!(Instant::now() < deadline, "the server did not become ready");
+            assert!(server.child_alive(), "the server exited during startup");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn child_alive(&self) -> bool {
+        // `try_wait` needs `&mut`; /proc tells without it.
+        Path::new(&format!("/proc/{}", self.child.id())).exists()
+    }
+
+    pub fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        read(self.agent.get(format!("{}{path}", self.base)).call().unwrap())
+    }
+
+    pub fn post(&self, path: &str, body: impl AsRef<[u8]>) -> (u16, Value) {
+        self.post_with(path, body, &[])
+    }
+
+    pub fn post_with(&self, path: &str, body: impl AsRef<[u8]>, headers: &[(&str, &str)]) -> (u16, Value) {
+        read(self.send(path, body, headers))
+    }
+
+    pub fn send(&self, path: &str, body: impl AsRef<[u8]>, headers: &[(&str, &str)]) -> ureq::http::Response<ureq::Body> {
+        let mut request = self.agent.post(format!("{}{path}", self.base)).header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send(body.as_ref()).unwrap()
+    }
+
+    /// The server's resident memory, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}")))
+}
+
+pub fn assert_json_error(status: u16, body: &Value, want_status: u16, want_code: &str, what: &str) {
+    assert_eq!(status, want_status, "{what}: {body}");
+    assert_eq!(body["error"]["code"], want_code, "{what}: {body}");
+    assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
+}
+
+/// The median of some durations.
+pub fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}

@@ -1,0 +1,327 @@
+//! Multi-tenant hosting, end to end: routes and keys, per-tenant quotas, and a hostile plugin
+//! (plugins/hostile) attacking the host in every way a tenant could. After each attack the
+//! other tenants are served normally.
+//!
+//! Needs `make setup`, `make test-models` (the second model) and `make plugins`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{PREDICT, Server, assert_json_error, workspace, write_config};
+use serde_json::{Value, json};
+
+const ALPHA_KEY: &str = "alpha-secret-key";
+const BETA_KEY: &str = "beta-secret-key";
+const HOSTILE_KEY: &str = "hostile-secret-key";
+const HOSTILE_CPU_MS: u64 = 300;
+
+fn sha256(key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Three tenants with keys (alpha: the default model; beta: a second model, reached by Host
+/// header, key from an env var; hostile: tight limits, key from a file) and a public one whose
+/// plugin only ever sleeps.
+fn config(name: &str) -> PathBuf {
+    let dir = workspace().join("target/http-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys_file = dir.join("hostile.keys");
+    std::fs::write(&keys_file, format!("# the hostile tenant's key\n{HOSTILE_KEY}\n")).unwrap();
+    write_config(
+        name,
+        &format!(
+            r#"
+models:
+  - {{ name: minilm-topics, path: "{{model}}", device: cpu }}
+  - {{ name: tiny-deberta, path: "{tiny}", device: cpu }}
+api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
+server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}" }}
+tenants:
+  - name: alpha
+    wasm: "{{classifier}}"
+    routes: [{PREDICT}]
+    keys: ["sha256:{alpha}"]
+  - name: beta
+    wasm: "{{classifier}}"
+    model: tiny-deberta
+    routes: ["beta.example{PREDICT}"]
+    keys: [env:BATCHBOX_TEST_BETA_KEY]
+  - name: hostile
+    wasm: "{{hostile}}"
+    routes: [/hostile]
+    keys: ["file:{keys}"]
+    limits:
+      cpu_ms: {HOSTILE_CPU_MS}
+      wall_ms: 5000
+      max_concurrent: 8
+      max_body_bytes: 1024
+      max_sequences: 1000
+      max_text_bytes: 1048576
+      max_hostcall_bytes: 4194304
+  - name: sleepy
+    wasm: "{{hostile}}"
+    routes: [/sleepy]
+    limits: {{ cpu_ms: 60000, wall_ms: 1000, max_concurrent: 2 }}
+"#,
+            tiny = workspace().join("models/test/tiny-deberta").display(),
+            alpha = sha256(ALPHA_KEY),
+            keys = keys_file.display(),
+        ),
+    )
+}
+
+fn start() -> Server {
+    Server::launch_with_env(&config("tenants"), &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY), ("BATCHBOX_SECRET", "do-not-leak")])
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+fn predict_body() -> String {
+    json!({ "sentences": ["The striker scored twice.", "Parliament passed the budget."] }).to_string()
+}
+
+/// Alpha's normal request: what every attack must leave working.
+fn assert_alpha_served(server: &Server, after: &str) {
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("authorization", &bearer(ALPHA_KEY))]);
+    assert_eq!(status, 200, "alpha after {after}: {body}");
+    assert_eq!(body["predictions"], json!(["sports", "politics"]), "after {after}");
+}
+
+fn hostile(server: &Server, path: &str) -> (u16, Value) {
+    server.post_with(&format!("/hostile/{path}"), "", &[("authorization", &bearer(HOSTILE_KEY))])
+}
+
+#[test]
+fn keys_open_their_own_tenant_only() {
+    let server = start();
+    let alpha = bearer(ALPHA_KEY);
+    let beta = bearer(BETA_KEY);
+
+    let response = server.send(PREDICT, predict_body(), &[]);
+    assert_eq!(response.headers().get("www-authenticate").unwrap(), "Bearer");
+    let (status, body) = common::read(response);
+    assert_json_error(status, &body, 401, "unauthorized", "no key");
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("authorization", "Bearer wrong-key")]);
+    assert_json_error(status, &body, 401, "unauthorized", "unknown key");
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("authorization", &beta)]);
+    assert_json_error(status, &body, 403, "forbidden", "beta's key on alpha's route");
+    assert!(!body.to_string().contains(BETA_KEY), "errors never echo keys: {body}");
+    assert_alpha_served(&server, "auth checks");
+
+    // Beta: its own model, reached by Host header; its key comes from an environment variable.
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("host", "beta.example"), ("authorization", &beta)]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body["metadata"]["model_version"].as_str().unwrap().starts_with("checkpoint-best-"), "{body}");
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("host", "beta.example:8080"), ("authorization", &alpha)]);
+    assert_json_error(status, &body, 403, "forbidden", "alpha's key on beta's host");
+    // Hostile: its key comes from a file.
+    assert_eq!(hostile(&server, "ok"), (200, json!("ok")));
+
+    // Host routes stay open.
+    assert_eq!(server.get("/health").0, 200);
+    let (status, ready) = server.get("/ready");
+    assert_eq!(status, 200);
+    assert!(ready["models"]["tiny-deberta"].is_string(), "{ready}");
+    let (_, models) = server.get("/v1/models");
+    assert_eq!(models["models"][1]["name"], "tiny-deberta", "{models}");
+    assert!(!models.to_string().contains("beta"), "tenant names are not public: {models}");
+}
+
+#[test]
+fn quotas_answer_429_naming_the_quota() {
+    let server = start();
+    // Body size: the hostile tenant takes 1 KiB.
+    let (status, body) = server.post_with("/hostile/ok", vec![b'x'; 2048], &[("authorization", &bearer(HOSTILE_KEY))]);
+    assert_json_error(status, &body, 429, "quota_exceeded", "big body");
+    assert_eq!(body["error"]["quota"], "max_body_bytes");
+
+    // Concurrency: sleepy takes 2 requests at once; they sleep until its 1 s wall limit.
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| server.post("/sleepy/sleep", ""))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 429).map(|(_, b)| b).collect();
+    assert_eq!(refused.len(), 2, "{answers:?}");
+    assert!(refused.iter().all(|b| b["error"]["quota"] == "max_concurrent"), "{refused:?}");
+    assert_eq!(answers.iter().filter(|(s, _)| *s == 504).count(), 2, "{answers:?}");
+
+    // Sequences and tokens per request, refused by the host before any work.
+    let (status, body) = hostile(&server, "infer-many?n=5000");
+    assert_json_error(status, &body, 429, "quota_exceeded", "5000 sequences");
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_sequences"), "{body}");
+    let (status, body) = hostile(&server, "tokenize-huge?n=2097152");
+    assert_json_error(status, &body, 429, "quota_exceeded", "2 MiB of text");
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_text_bytes"), "{body}");
+    // Past the bytes one host call may pass: refused before the host even reads them.
+    for attack in ["infer-many?n=1000000", "tokenize-huge?n=16777216"] {
+        let (status, body) = hostile(&server, attack);
+        assert_json_error(status, &body, 429, "quota_exceeded", attack);
+        assert_eq!(body["error"]["quota"], "max_hostcall_bytes", "{attack}");
+    }
+    assert_alpha_served(&server, "quotas");
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_within_twice_its_cpu_limit_while_others_are_served() {
+    let server = start();
+    std::thread::scope(|scope| {
+        let others = scope.spawn(|| {
+            for _ in 0..3 {
+                assert_alpha_served(&server, "the loop started");
+            }
+        });
+        let started = Instant::now();
+        let (status, body) = hostile(&server, "loop");
+        let elapsed = started.elapsed();
+        assert_json_error(status, &body, 500, "plugin_cpu_limit", "infinite loop");
+        assert!(elapsed < Duration::from_millis(2 * HOSTILE_CPU_MS), "stopped after {elapsed:?}");
+        others.join().unwrap();
+    });
+    assert_alpha_served(&server, "infinite loop");
+}
+
+#[test]
+fn traps_are_contained_and_the_host_memory_stays_bounded() {
+    let server = start();
+    assert_alpha_served(&server, "start");
+    let before = server.rss_bytes();
+    for _ in 0..3 {
+        // Four at once, each trying to take all memory: each is trapped at its 64 MiB.
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| hostile(&server, "memory-bomb"))).collect();
+            for handle in handles {
+                let (status, body) = handle.join().unwrap();
+                assert_json_error(status, &body, 500, "plugin_failed", "memory bomb");
+            }
+        });
+    }
+    let after = server.rss_bytes();
+    assert!(after < before + (64 << 20), "RSS grew from {} MiB to {} MiB", before >> 20, after >> 20);
+    assert_alpha_served(&server, "memory bombs");
+
+    for (attack, code) in [("recursion", "plugin_failed"), ("panic", "plugin_failed")] {
+        let (status, body) = hostile(&server, attack);
+        assert_json_error(status, &body, 500, code, attack);
+        assert_alpha_served(&server, attack);
+    }
+    let (status, body) = hostile(&server, "recursion");
+    assert!(status == 500 && body["error"]["message"].as_str().unwrap().contains("call stack exhausted"), "{body}");
+
+    let (status, body) = hostile(&server, "huge-response?n=16777216");
+    assert_json_error(status, &body, 429, "quota_exceeded", "a 16 MiB response");
+    assert_eq!(body["error"]["quota"], "max_hostcall_bytes");
+    assert_alpha_served(&server, "huge response");
+
+    let started = Instant::now();
+    let (status, body) = server.post("/sleepy/sleep", "");
+    assert_json_error(status, &body, 504, "plugin_timeout", "a plugin that never returns");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_alpha_served(&server, "a plugin that never returns");
+}
+
+#[test]
+fn wasi_grants_no_files_environment_network_or_fine_clock() {
+    let server = start();
+    let port = server.address().rsplit(':').next().unwrap().to_owned();
+    let (status, report) = hostile(&server, &format!("escape?port={port}"));
+    assert_eq!(status, 200, "{report}");
+    for attempt in ["read_file", "list_dir", "write_file", "env_var", "tcp_connect", "udp_bind", "dns"] {
+        let outcome = report[attempt].as_str().unwrap();
+        assert!(outcome.starts_with("denied: "), "{attempt}: {outcome}");
+    }
+    assert_eq!(report["env_vars"], 0, "the server's environment (BATCHBOX_SECRET) is not visible");
+    let resolution = batchbox::plugins::CLOCK_RESOLUTION.as_nanos() as u64;
+    assert_eq!(report["wall_clock_ns"].as_u64().unwrap() % resolution, 0, "{report}");
+    let step = report["monotonic_step_ns"].as_u64().unwrap();
+    assert!(step > 0 && step % resolution == 0, "the finest monotonic step is {step} ns");
+    assert_alpha_served(&server, "escape attempts");
+}
+
+fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox")).args(args).env("RUST_LOG", "warn").envs(env.iter().copied()).output().unwrap();
+    (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+}
+
+#[test]
+fn broken_plugins_stop_startup_naming_the_tenant_and_what_is_missing() {
+    let base = std::fs::read_to_string(config("lifecycle-base")).unwrap();
+    let dir = workspace().join("target/http-tests");
+    let hostile = common::wasm("hostile");
+    let cases: [(&str, &[u8], &str); 3] = [
+        // A valid component that exports nothing.
+        ("empty-component", b"\0asm\x0d\0\x01\0", "batchbox:plugin/handler"),
+        // A core module, not a component.
+        ("core-module", b"\0asm\x01\0\0\0", "tenant hostile"),
+        ("garbage", b"not wasm at all", "tenant hostile"),
+    ];
+    for (name, bytes, expected) in cases {
+        let wasm = dir.join(format!("{name}.wasm"));
+        std::fs::write(&wasm, bytes).unwrap();
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, base.replace(hostile.to_str().unwrap(), wasm.to_str().unwrap())).unwrap();
+        for command in ["check-config", "serve"] {
+            let (ok, output) = batchbox(&["--config", path.to_str().unwrap(), command], &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)]);
+            assert!(!ok, "{name} {command}: {output}");
+            assert!(output.contains("tenant hostile") && output.contains(expected), "{name} {command}: {output}");
+        }
+    }
+    // A key source that cannot be read stops startup too, naming the tenant and the variable.
+    let (ok, output) = batchbox(&["--config", config("no-env").to_str().unwrap(), "check-config"], &[]);
+    assert!(!ok && output.contains("tenant beta") && output.contains("BATCHBOX_TEST_BETA_KEY"), "{output}");
+    assert!(!output.contains(BETA_KEY));
+}
+
+#[test]
+fn check_config_validates_without_serving_and_the_example_config_is_valid() {
+    let (ok, output) = batchbox(&["--config", config("check").to_str().unwrap(), "check-config"], &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)]);
+    assert!(ok, "{output}");
+    assert!(output.contains("tenant beta: routes [\"beta.example/api/v1/predict/sentences\"], model tiny-deberta, 1 key(s)"), "{output}");
+    assert!(output.contains("tenant sleepy") && output.contains("public (no keys)") && output.contains("config OK"), "{output}");
+    assert!(!output.contains(BETA_KEY) && !output.contains(&sha256(ALPHA_KEY)), "keys and hashes are never printed: {output}");
+
+    let example = workspace().join("examples/two_tenants.yaml");
+    let (ok, output) = batchbox(&["--config", example.to_str().unwrap(), "check-config"], &[("TEAM_B_API_KEY", "team-b-example-key")]);
+    assert!(ok, "{output}");
+    assert!(output.contains("tenant team-a") && output.contains("tenant team-b") && output.contains("config OK"), "{output}");
+}
+
+#[test]
+fn the_example_config_serves_two_tenants_with_two_plugins_and_two_models() {
+    let example = workspace().join("examples/two_tenants.yaml");
+    let server = Server::launch_with_env(&example, &[("PORT", "0"), ("TEAM_B_API_KEY", "team-b-example-key")]);
+    let team_a = bearer("team-a-example-key");
+    let team_b = bearer("team-b-example-key");
+
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("authorization", &team_a)]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["predictions"], json!(["sports", "politics"]));
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("authorization", &team_b)]);
+    assert_json_error(status, &body, 403, "forbidden", "team-b's key on team-a's route");
+
+    let text = "Ada Lovelace visited London in 1842.";
+    let tag = json!({ "texts": [text] }).to_string();
+    for (path, host) in [("/api/v1/tag", "team-b.example.com"), ("/team-b/api/v1/tag", "localhost")] {
+        let (status, body) = server.post_with(path, &tag, &[("host", host), ("authorization", &team_b)]);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body["metadata"]["model_version"].as_str().unwrap().starts_with("checkpoint-ner-"), "{body}");
+        let words = body["results"][0].as_array().unwrap();
+        let labels = body["labels"].as_array().unwrap();
+        // Every character of the text but spaces is in exactly one word, in order.
+        let joined: String = words.iter().map(|w| w["word"].as_str().unwrap()).collect();
+        assert_eq!(joined, text.replace(' ', ""), "{body}");
+        for word in words {
+            let (start, end) = (word["start"].as_u64().unwrap() as usize, word["end"].as_u64().unwrap() as usize);
+            assert_eq!(&text[start..end], word["word"].as_str().unwrap());
+            assert!(labels.contains(&word["label"]));
+            assert!(word["score"].as_f64().unwrap() > 0.0 && word["score"].as_f64().unwrap() <= 1.0);
+        }
+    }
+    let (status, body) = server.post_with("/api/v1/tag", &tag, &[("authorization", &team_b)]);
+    assert_json_error(status, &body, 404, "not_found", "team-b's route on another host");
+}
