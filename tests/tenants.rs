@@ -60,6 +60,7 @@ tenants:
       max_concurrent: 8
       max_body_bytes: 1024
       max_sequences: 1000
+      max_tokens: 500
       max_text_bytes: 1048576
       max_hostcall_bytes: 4194304
   - name: sleepy
@@ -154,10 +155,13 @@ fn quotas_answer_429_naming_the_quota() {
     // Sequences and tokens per request, refused by the host before any work.
     let (status, body) = hostile(&server, "infer-many?n=5000");
     assert_json_error(status, &body, 429, "quota_exceeded", "5000 sequences");
-    assert!(body["error"]["message"].as_str().unwrap().contains("max_sequences"), "{body}");
+    assert_eq!(body["error"]["quota"], "max_sequences", "{body}");
+    let (status, body) = hostile(&server, "infer-many?n=900");
+    assert_json_error(status, &body, 429, "quota_exceeded", "900 one-token sequences");
+    assert_eq!(body["error"]["quota"], "max_tokens", "{body}");
     let (status, body) = hostile(&server, "tokenize-huge?n=2097152");
     assert_json_error(status, &body, 429, "quota_exceeded", "2 MiB of text");
-    assert!(body["error"]["message"].as_str().unwrap().contains("max_text_bytes"), "{body}");
+    assert_eq!(body["error"]["quota"], "max_text_bytes", "{body}");
     // Past the bytes one host call may pass: refused before the host even reads them.
     for attack in ["infer-many?n=1000000", "tokenize-huge?n=16777216"] {
         let (status, body) = hostile(&server, attack);
@@ -197,7 +201,8 @@ fn traps_are_contained_and_the_host_memory_stays_bounded() {
             let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| hostile(&server, "memory-bomb"))).collect();
             for handle in handles {
                 let (status, body) = handle.join().unwrap();
-                assert_json_error(status, &body, 500, "plugin_failed", "memory bomb");
+                assert_json_error(status, &body, 500, "plugin_memory_limit", "memory bomb");
+                assert!(body["error"]["message"].as_str().unwrap().contains("67108864 bytes"), "{body}");
             }
         });
     }

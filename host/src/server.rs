@@ -91,6 +91,7 @@ impl ApiError {
             Self::Plugin(PluginError::NoCapacity) => "overloaded",
             Self::Plugin(PluginError::WallTimeout { .. }) => "plugin_timeout",
             Self::Plugin(PluginError::CpuLimit { .. }) => "plugin_cpu_limit",
+            Self::Plugin(PluginError::MemoryLimit { .. }) => "plugin_memory_limit",
             Self::Plugin(_) => "plugin_failed",
             Self::BadPluginResponse(_) => "bad_plugin_response",
         }

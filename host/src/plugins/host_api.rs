@@ -45,9 +45,10 @@ fn over(quota: &str, what: &str, used: usize, asked: usize, limit: usize) -> Res
     if used.saturating_add(asked) <= limit {
         return Ok(());
     }
-    Err(types::Error::QuotaExceeded(format!(
-        "quota {quota}: this request may send at most {limit} {what}; it asked for {asked} after {used}"
-    )))
+    Err(types::Error::QuotaExceeded(types::QuotaError {
+        quota: quota.to_owned(),
+        message: format!("quota {quota}: this request may send at most {limit} {what}; it asked for {asked} after {used}"),
+    }))
 }
 
 impl types::Host for RequestState {}

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -64,6 +64,8 @@ pub enum PluginError {
     MissingExport { tenant: String, message: String },
     #[error("tenant {tenant}: the plugin rejected its config: {message}")]
     Configure { tenant: String, message: String },
+    #[error("tenant {tenant}: the plugin ran out of its memory limit of {limit} bytes")]
+    MemoryLimit { tenant: String, limit: usize },
     #[error("tenant {tenant}: the plugin exceeded its CPU time limit of {limit_ms} ms")]
     CpuLimit { tenant: String, limit_ms: u64 },
     #[error("tenant {tenant}: the plugin did not answer within {limit_ms} ms")]
@@ -80,7 +82,7 @@ pub enum PluginError {
 pub(crate) struct RequestState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: MemoryLimit,
     model: Arc<Model>,
     tenant: Arc<str>,
     request_id: u64,
@@ -176,7 +178,10 @@ impl PluginRuntime {
         let state = RequestState {
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(plugin.limits.memory_bytes).instances(16).build(),
+            limits: MemoryLimit {
+                limits: StoreLimitsBuilder::new().memory_size(plugin.limits.memory_bytes).instances(16).build(),
+                reached: false,
+            },
             model: plugin.model.clone(),
             tenant: plugin.tenant.clone(),
             request_id,
@@ -211,12 +216,13 @@ impl PluginRuntime {
         };
         let limit = Duration::from_millis(plugin.limits.wall_ms);
         let outcome = tokio::time::timeout(limit, run).await;
+        let memory_reached = store.data().limits.reached;
         log_output(&plugin.tenant, request_id, "stdout", &stdout);
         log_output(&plugin.tenant, request_id, "stderr", &stderr);
         let tenant = || plugin.tenant.to_string();
         match outcome {
             Err(_) => Err(PluginError::WallTimeout { tenant: tenant(), limit_ms: plugin.limits.wall_ms }),
-            Ok(Err(trap)) => Err(classify_trap(trap, tenant(), &plugin.limits)),
+            Ok(Err(trap)) => Err(classify_trap(trap, tenant(), &plugin.limits, memory_reached)),
             Ok(Ok(Err(message))) => Err(PluginError::Configure { tenant: tenant(), message }),
             Ok(Ok(Ok(response))) => Ok(response),
         }
@@ -294,10 +300,42 @@ fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> R
     unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)
 }
 
-fn classify_trap(error: wasmtime::Error, tenant: String, limits: &TenantLimits) -> PluginError {
+/// The store's memory limit, remembering whether the plugin ran into it, so its trap (Rust aborts
+/// when an allocation fails) can be named.
+struct MemoryLimit {
+    limits: StoreLimits,
+    reached: bool,
+}
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.reached |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+fn classify_trap(error: wasmtime::Error, tenant: String, limits: &TenantLimits, memory_reached: bool) -> PluginError {
     let message = format!("{error:#}");
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => PluginError::CpuLimit { tenant, limit_ms: limits.cpu_ms },
+        _ if memory_reached => PluginError::MemoryLimit { tenant, limit: limits.memory_bytes },
         // wasmtime's error type for this is private; its message is stable and documented.
         _ if message.contains("fuel allocated for hostcalls has been exhausted") => {
             PluginError::HostcallBytes { tenant, limit: limits.max_hostcall_bytes }

@@ -47,7 +47,11 @@ pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Response {
 
 /// An error response in the host's shape: `{"error": {"code": ..., "message": ...}}`.
 pub fn error(status: u16, code: &str, message: impl std::fmt::Display) -> Response {
-    let body = serde_json::json!({ "error": { "code": code, "message": message.to_string() } });
+    error_with(status, serde_json::json!({ "code": code, "message": message.to_string() }))
+}
+
+fn error_with(status: u16, error: Value) -> Response {
+    let body = serde_json::json!({ "error": error });
     Response { status, headers: vec![content_type_json()], body: body.to_string().into_bytes() }
 }
 
@@ -204,7 +208,7 @@ impl Error {
         match self {
             Error::InvalidInput(m) => error(400, "invalid_input", m),
             Error::TooLarge(m) => error(413, "too_large", m),
-            Error::QuotaExceeded(m) => error(429, "quota_exceeded", m),
+            Error::QuotaExceeded(e) => error_with(429, serde_json::json!({ "code": "quota_exceeded", "message": e.message, "quota": e.quota })),
             Error::Overloaded(m) => {
                 let mut response = error(503, "overloaded", m);
                 response.headers.push(("retry-after".into(), "1".into()));
