@@ -241,6 +241,8 @@ fn wasi_grants_no_files_environment_network_or_fine_clock() {
         assert!(outcome.starts_with("denied: "), "{attempt}: {outcome}");
     }
     assert_eq!(report["env_vars"], 0, "the server's environment (BATCHBOX_SECRET) is not visible");
+    let headers = report["headers"].as_array().unwrap();
+    assert!(headers.contains(&json!("host")) && !headers.contains(&json!("authorization")), "the key stays with the host: {headers:?}");
     let resolution = batchbox::plugins::CLOCK_RESOLUTION.as_nanos() as u64;
     assert_eq!(report["wall_clock_ns"].as_u64().unwrap() % resolution, 0, "{report}");
     let step = report["monotonic_step_ns"].as_u64().unwrap();

@@ -567,7 +567,7 @@ mod tests {
             for (id, (tenant, lengths)) in requests.iter().enumerate() {
                 let id = id as RequestId;
                 s.submit(id, &format!("t{tenant}"), lengths, None, t0).unwrap();
-                if cancel_every > 0 && id as usize % cancel_every == 0 && !lengths.is_empty() {
+                if cancel_every > 0 && (id as usize).is_multiple_of(cancel_every) && !lengths.is_empty() {
                     s.cancel(id);
                     cancelled.insert(id);
                 } else {

@@ -50,7 +50,11 @@ impl Plugin for Hostile {
                 Ok(encodings) => json(200, &encodings.len()),
                 Err(e) => e.into_response(),
             },
-            "escape" => json(200, &escape(param(&request, "port").unwrap_or(80) as u16)),
+            "escape" => {
+                let mut report = escape(param(&request, "port").unwrap_or(80) as u16);
+                report["headers"] = request.headers.iter().map(|(name, _)| name.clone()).collect();
+                json(200, &report)
+            }
             _ => json(200, "ok"),
         }
     }
@@ -64,7 +68,8 @@ fn recurse(depth: u64) -> u64 {
     if depth == 0 { 0 } else { black_box(recurse(depth - 1)) + 1 }
 }
 
-/// Tries what WASI did not grant: each entry says `allowed: ...` or `denied: <error>`.
+/// Tries what WASI did not grant: each entry says `allowed: ...` or `denied: <error>`. The
+/// report also lists the request headers the plugin was given.
 fn escape(port: u16) -> serde_json::Value {
     fn attempt<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) -> String {
         match result {
