@@ -223,16 +223,17 @@ impl App {
     /// sees of the request. The `Authorization` header stays with the host.
     async fn plugin_request(&self, tenant: &Tenant, request: hyper::Request<Incoming>) -> Result<plugins::Request, ApiError> {
         let limit = self.max_body_bytes;
-        let too_large = |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
+        // n bytes pass the server's limit (413) or the tenant's quota (429).
+        let check_size = |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
         let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if let Some(declared) = declared {
-            too_large(declared)?;
+            check_size(declared)?;
         }
         let (parts, body) = request.into_parts();
         let read_limit = limit.min(tenant.limits.max_body_bytes);
         let body = Limited::new(body, read_limit).collect().await.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                too_large(read_limit + 1).expect_err("past the smaller limit")
+                check_size(read_limit + 1).expect_err("one byte past the smaller limit")
             } else {
                 ApiError::BadBody(e.to_string())
             }

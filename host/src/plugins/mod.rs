@@ -5,8 +5,8 @@
 //! - Each plugin is compiled once at start into an `InstancePre`; the compiled code is cached on
 //!   disk, keyed by the .wasm's hash and the engine's settings, so a restart does not recompile.
 //! - Every request gets a fresh `Store` and instance: nothing leaks between requests. The store
-//!   caps linear memory; the epoch callback stops a guest whose own time, host calls excluded,
-//!   passes its CPU limit; a `tokio::time::timeout` bounds the whole call.
+//!   caps linear memory; the epoch callback stops a guest whose own time (time in `tokenize` and
+//!   `infer` excluded) passes its CPU limit; a `tokio::time::timeout` bounds the whole call.
 //! - WASI grants nothing: no preopened directories, no environment, no sockets, and clocks
 //!   rounded to [`CLOCK_RESOLUTION`] (no fine timer for side channels). What a plugin prints
 //!   goes to the host's log, tagged with its tenant.
