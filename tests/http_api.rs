@@ -44,18 +44,6 @@ fn start() -> Server {
     Server::launch(&config("default", "{ max_sentences: 1000, max_sentence_chars: 10000 }"))
 }
 
-trait Predict {
-    fn predict(&self, sentences: &[&str]) -> Value;
-}
-
-impl Predict for Server {
-    fn predict(&self, sentences: &[&str]) -> Value {
-        let (status, body) = self.post(PREDICT, json!({ "sentences": sentences }).to_string());
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-}
-
 #[test]
 fn predicts_120_sentences_with_the_runtimes_numbers() {
     let server = start();

@@ -19,8 +19,7 @@ const HOSTILE_KEY: &str = "hostile-secret-key";
 const HOSTILE_CPU_MS: u64 = 300;
 
 fn sha256(key: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    batchbox::config::KeyHash::of(key).0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Three tenants with keys (alpha: the default model; beta: a second model, reached by Host

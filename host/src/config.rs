@@ -96,7 +96,7 @@ pub struct TenantConfig {
 pub struct TenantLimits {
     /// Linear memory one plugin instance may grow to.
     pub memory_bytes: usize,
-    /// The plugin's own CPU time per request (time inside host calls does not count).
+    /// The plugin's own CPU time per request (time inside `tokenize` and `infer` does not count).
     pub cpu_ms: u64,
     /// Wall-clock time per request, model time included.
     pub wall_ms: u64,

@@ -97,6 +97,13 @@ impl Server {
         self.post_with(path, body, &[])
     }
 
+    /// The default tenant's predict route, which must answer 200.
+    pub fn predict(&self, sentences: &[&str]) -> Value {
+        let (status, body) = self.post(PREDICT, serde_json::json!({ "sentences": sentences }).to_string());
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     pub fn post_with(&self, path: &str, body: impl AsRef<[u8]>, headers: &[(&str, &str)]) -> (u16, Value) {
         read(self.send(path, body, headers))
     }

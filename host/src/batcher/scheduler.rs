@@ -255,14 +255,19 @@ impl Scheduler {
     fn build_batch(&mut self, now: Instant) -> Batch {
         let limits = self.config.limits;
         let starving = self.config.max_pass_over;
-        // Tenants in the order they are served: least recent use, then least waiting work.
-        let mut order: Vec<usize> = self.ring.iter().copied().collect();
+        // Tenants in the order they are served: least recent use, then least waiting work, then
+        // arrival (the sort is stable).
         let half_life = self.config.usage_half_life;
-        let key = |t: &usize| {
-            let tenant = &self.tenants[*t];
-            (tenant.usage(now, half_life), tenant.queue.iter().map(|w| w.row.len).sum::<usize>())
-        };
-        order.sort_by(|a, b| key(a).partial_cmp(&key(b)).expect("usage is finite"));
+        let mut keyed: Vec<(f64, usize, usize)> = self
+            .ring
+            .iter()
+            .map(|&t| {
+                let tenant = &self.tenants[t];
+                (tenant.usage(now, half_life), tenant.queue.iter().map(|w| w.row.len).sum(), t)
+            })
+            .collect();
+        keyed.sort_by(|a, b| (a.0, a.1).partial_cmp(&(b.0, b.1)).expect("usage is finite"));
+        let order: Vec<usize> = keyed.into_iter().map(|(_, _, t)| t).collect();
         let rank: HashMap<usize, usize> = order.iter().enumerate().map(|(rank, &t)| (t, rank)).collect();
 
         let anchor_tenant = order[0];
