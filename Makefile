@@ -11,7 +11,7 @@ TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-n
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 
-.PHONY: setup serve test test-models plugins bench clean
+.PHONY: setup serve test test-models plugins bench bench-cpu gpu-bundle gpu-check clean
 
 setup: $(VENV_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
 
@@ -57,9 +57,31 @@ serve: setup plugins
 $(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
 	$(PY) $(EXPORT) synthetic --size base --out $(BENCH_MODEL)
 
+# DeBERTa-v3-base's shapes as a user's checkpoint (random weights), exported like one.
+BASE_CHECKPOINT := models/checkpoints/deberta-v3-base
+$(BASE_CHECKPOINT)/config.json: $(VENV_STAMP) tests/fixtures/make_deberta_checkpoint.py
+	$(PY) tests/fixtures/make_deberta_checkpoint.py $(BASE_CHECKPOINT) --size base
+
+models/deberta-v3-base/manifest.json: $(BASE_CHECKPOINT)/config.json $(EXPORT)
+	$(PY) $(EXPORT) checkpoint $(BASE_CHECKPOINT) --name deberta-v3-base --out models/deberta-v3-base
+
+# fp32, bf16, int8 and auto against the seed's way in Python, over HTTP, on this CPU.
+bench-cpu: setup plugins models/deberta-v3-base/manifest.json
+	cargo build --release --workspace --all-targets
+	bash tools/bench_cpu.sh
+
 bench: setup plugins $(BENCH_MODEL)/manifest.json
 	cargo bench -p batchbox-host --bench runtime
 	cargo bench -p batchbox-host --bench plugins
+
+# The CUDA path on a GPU machine without a compiler: `make gpu-bundle` here, then on the device
+# `bash tools/gpu_check.sh run` with target/gpu-bundle.tar.gz carried. Here, without a GPU,
+# `make gpu-check` is a dry run: everything but the CUDA parts, which it lists as skipped.
+gpu-bundle: setup plugins
+	bash tools/gpu_check.sh bundle
+
+gpu-check: gpu-bundle
+	bash tools/gpu_check.sh run
 
 clean:
 	cargo clean

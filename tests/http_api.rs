@@ -22,7 +22,8 @@ fn config(name: &str, classifier_config: &str) -> PathBuf {
         name,
         &format!(
             r#"
-models: [{{ name: minilm-topics, path: "{{model}}", device: cpu }}]
+# fp32: the tests compare the server's numbers with the fp32 runtime's.
+models: [{{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: fp32 }}]
 api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
 server: {{ bind: "127.0.0.1:0", max_body_bytes: 2097152, plugin_cache_dir: "{{cache}}", shutdown_grace_ms: 10000 }}
 tenants:

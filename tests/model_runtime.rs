@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use batchbox::batcher::{BatchLimits, ChunkOrder};
 use batchbox::config::{CpuDtype, DeviceSpec};
-use batchbox::model::{Model, ModelError, ModelOptions, Output};
+use batchbox::model::{Model, ModelError, ModelOptions, Output, Precision};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -253,16 +253,95 @@ fn default_model_puts_clear_sentences_under_the_right_topic() {
 }
 
 #[test]
-fn bf16_on_cpu_agrees_with_fp32() {
+fn bf16_and_int8_on_cpu_agree_with_fp32_on_99_percent_of_the_fixture() {
     let texts = sentences();
-    let fp32 = infer_texts(&default_model(), &texts);
-    let bf16_model = Model::load(&ModelOptions { cpu_dtype: CpuDtype::Bf16, ..options("minilm-topics") }).unwrap();
-    let bf16 = infer_texts(&bf16_model, &texts);
-    let agree = fp32.iter().zip(&bf16).filter(|(a, b)| top_label(&bf16_model, a) == top_label(&bf16_model, b)).count();
-    assert!(agree * 100 >= texts.len() * 95, "bf16 agrees with fp32 on {agree} of {} top labels", texts.len());
-    // Logits reach about 20 (cosine / 0.05); bf16 keeps 8 bits of mantissa.
-    let diff = max_abs_diff(&fp32, &bf16);
-    assert!(diff < 0.5, "bf16 vs fp32: {diff}");
+    // A model of its own: batches shared with other tests' calls would change int8's scales.
+    let fp32 = infer_texts(&Model::load(&options("minilm-topics")).unwrap(), &texts);
+    // Logits reach about 20 (cosine / 0.05): bf16 keeps 8 bits of mantissa, int8 quantizes the
+    // linear layers' inputs per batch.
+    for (dtype, max_diff) in [(CpuDtype::Bf16, 0.5), (CpuDtype::Int8, 2.0)] {
+        let model = Model::load(&ModelOptions { cpu_dtype: dtype, ..options("minilm-topics") }).unwrap();
+        let reduced = infer_texts(&model, &texts);
+        let agree = fp32.iter().zip(&reduced).filter(|(a, b)| top_label(&model, a) == top_label(&model, b)).count();
+        let diff = max_abs_diff(&fp32, &reduced);
+        println!("{dtype:?}: top label agrees with fp32 on {agree}/{} fixture sentences; max |diff| {diff:.3}", texts.len());
+        assert!(agree * 100 >= texts.len() * 99, "{dtype:?} agrees with fp32 on {agree} of {} top labels", texts.len());
+        assert!(diff < max_diff, "{dtype:?} vs fp32: {diff}");
+    }
+}
+
+/// `golden.json`'s eager outputs of one variant, computed by the export on that variant's own
+/// (quantized or cast) PyTorch module.
+fn golden_variant(name: &str, variant: &str) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    #[derive(Deserialize)]
+    struct Variants {
+        input_ids: Vec<Vec<u32>>,
+        variants: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
+    }
+    let golden: Variants = serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("golden.json")).unwrap()).unwrap();
+    let outputs = golden.variants.get(variant).unwrap_or_else(|| panic!("{name}: golden.json has no {variant}")).clone();
+    (golden.input_ids, outputs)
+}
+
+#[test]
+fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
+    for name in ["minilm-topics", "test/tiny-deberta"] {
+        for (dtype, variant) in [(CpuDtype::Fp32, "cpu-float32"), (CpuDtype::Bf16, "cpu-bfloat16"), (CpuDtype::Int8, "cpu-int8")] {
+            let (ids, expected) = golden_variant(name, variant);
+            let model = Model::load(&ModelOptions { cpu_dtype: dtype, ..options(name) }).unwrap();
+            // One batch, as the export ran it: int8's activation scales depend on the batch.
+            let got = model.infer_blocking(ids).unwrap().outputs;
+            let scale = expected.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
+            let diff = got.iter().zip(&expected).flat_map(|(g, e)| g.data.iter().zip(e).map(|(a, b)| (a - b).abs())).fold(0f32, f32::max);
+            let tolerance = if dtype == CpuDtype::Fp32 { TOLERANCE } else { 1e-2 * scale };
+            assert!(diff <= tolerance, "{name} {variant}: max |rust - pytorch eager| = {diff} > {tolerance}");
+        }
+    }
+}
+
+#[test]
+fn auto_runs_the_fastest_precision_whose_top_labels_agree_with_fp32() {
+    let model = Model::load(&ModelOptions { cpu_dtype: CpuDtype::Auto, ..options("minilm-topics") }).unwrap();
+    let choice = &model.info().precision_choice;
+    assert_eq!(choice.mode, "auto");
+    let tried: Vec<Precision> = choice.candidates.iter().map(|c| c.precision).collect();
+    assert_eq!(tried, [Precision::Fp32, Precision::Bf16, Precision::Int8], "every exported CPU variant is measured");
+    assert!(choice.candidates.iter().all(|c| c.median_ms > 0.0 && c.golden_texts == 7));
+    let chosen = choice.candidates.iter().find(|c| c.precision == model.info().precision).unwrap();
+    assert!(chosen.agrees(), "{chosen:?}");
+    for other in choice.candidates.iter().filter(|c| c.agrees()) {
+        assert!(chosen.median_ms <= other.median_ms, "{chosen:?} was chosen over the faster {other:?}");
+    }
+    println!("auto: {:?}", choice.candidates);
+}
+
+#[test]
+fn a_precision_the_export_lacks_stops_loading_with_the_command_that_adds_it() {
+    // The default model without its int8 variant, as an older export would have it.
+    let source = model_dir("minilm-topics");
+    let dir = workspace().join("target/model-runtime-tests/minilm-without-int8");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::os::unix::fs::symlink(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["variants"].as_object_mut().unwrap().remove("cpu-int8");
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+
+    let load = |dtype| Model::load(&ModelOptions { path: dir.clone(), cpu_dtype: dtype, ..options("minilm-topics") });
+    let error = load(CpuDtype::Int8).err().expect("no int8 variant");
+    let message = error.to_string();
+    assert!(matches!(&error, ModelError::MissingVariant { variant, .. } if variant == "cpu-int8"), "{message}");
+    assert!(
+        message.contains("tools/export_model.py") && message.contains("--variants cpu-bfloat16,cpu-float32,cpu-int8") && message.contains("minilm-without-int8"),
+        "{message}"
+    );
+    // `auto` measures what there is instead.
+    let auto = load(CpuDtype::Auto).unwrap();
+    assert_eq!(auto.info().precision_choice.candidates.len(), 2);
 }
 
 #[test]

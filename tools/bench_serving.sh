@@ -1,46 +1,87 @@
 #!/usr/bin/env bash
 # Serving benchmark: the real server under the load generator, batchbox's batching against the
-# seed's (one pass per sentence; batches of 32 in input order), at several client counts.
+# seed's (one pass per sentence; batches of 32 in input order), at several client counts and
+# precisions. The response cache is off in every setup: each request is computed.
 #
-#   tools/bench_serving.sh MODEL DTYPE "CONCURRENCIES" SETUPS...
-#   e.g. tools/bench_serving.sh minilm-topics fp32 "1 4 16 64" batchbox seed-fix seed-old
+#   tools/bench_serving.sh MODEL "CONCURRENCIES" SETUP[:DTYPE]...
+#   e.g. tools/bench_serving.sh minilm-topics "1 4 16 64" batchbox seed-fix seed-old
+#        tools/bench_serving.sh deberta-v3-base "1" batchbox:fp32 batchbox:bf16 batchbox:int8 batchbox:auto
 #
-# Each run posts the 120-sentence fixture max(4, clients) times, so every client sends at least
-# one request. Prints one JSON line per run (loadgen --json plus model, setup, dtype).
+# Setups: batchbox (length-sorted batches of up to 32 and 8,192 padded tokens), batchbox-b128
+# (fewer, larger passes: up to 128 rows and 32,768 tokens), seed-fix (batches of 32 in input
+# order), seed-old (one pass per sentence). DTYPE: on CPU a cpu_dtype (fp32, bf16, int8, auto;
+# default fp32), on CUDA fp16 (default) or fp32.
+#
+# Environment: DEVICE (cpu or cuda; default cpu), MODELS_DIR (default models), BIN_DIR (where
+# batchbox and loadgen are; default target/release), PLUGIN (the sentence-classifier .wasm),
+# REQUESTS_PER_CLIENT (default 1; at least 4 requests in all), DURATION (seconds per run, default
+# 3600), OUT_DIR (default target/bench-serving).
+#
+# Prints one JSON line per run: loadgen --json, plus model, setup, dtype, device, and the
+# precision the server ran (with what `auto` measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=$1 dtype=$2 concurrencies=$3
-shift 3
-out=target/bench-serving
+model=$1 concurrencies=$2
+shift 2
+device=${DEVICE:-cpu}
+models_dir=$(realpath "${MODELS_DIR:-models}")
+bin_dir=$(realpath "${BIN_DIR:-target/release}")
+plugin=$(realpath "${PLUGIN:-plugins/target/wasm32-wasip2/release/sentence_classifier.wasm}")
+per_client=${REQUESTS_PER_CLIENT:-1}
+out=${OUT_DIR:-target/bench-serving}
 mkdir -p "$out"
-for setup in "$@"; do
+out=$(realpath "$out")
+for spec in "$@"; do
+  setup=${spec%%:*}
+  dtype=${spec#*:}
+  [ "$dtype" = "$spec" ] && dtype=$([ "$device" = cuda ] && echo fp16 || echo fp32)
   case $setup in
     batchbox) api="inference_batch_size: 32, max_batch_tokens: 8192, batch_order: length-sorted, max_queue_delay_ms: 2" ;;
+    batchbox-b128) api="inference_batch_size: 128, max_batch_tokens: 32768, batch_order: length-sorted, max_queue_delay_ms: 2" ;;
     seed-fix) api="inference_batch_size: 32, max_batch_tokens: 1000000, batch_order: input-order, max_queue_delay_ms: 0" ;;
     seed-old) api="inference_batch_size: 1, max_batch_tokens: 1000000, batch_order: input-order, max_queue_delay_ms: 0" ;;
     *) echo "unknown setup $setup" >&2; exit 2 ;;
   esac
-  config=$out/$model-$dtype-$setup.yaml
+  case $device-$dtype in
+    cuda-fp16) precision="cpu_dtype: fp32" use_fp16=true ;;
+    cuda-fp32) precision="cpu_dtype: fp32" use_fp16=false ;;
+    cpu-fp32|cpu-bf16|cpu-int8|cpu-auto) precision="cpu_dtype: $dtype" use_fp16=true ;;
+    *) echo "unknown dtype $dtype for $device" >&2; exit 2 ;;
+  esac
+  config=$out/$model-$setup-$device-$dtype.yaml
   cat > "$config" <<YAML
-models: [{ name: $model, path: ../../models/$model, device: cpu, cpu_dtype: $dtype }]
-api: { use_fp16: true, max_queued_tokens: 10000000, $api }
-server: { bind: "127.0.0.1:0", plugin_cache_dir: ../plugin-cache }
+models: [{ name: $model, path: $models_dir/$model, device: $device, $precision }]
+api: { use_fp16: $use_fp16, max_queued_tokens: 10000000, $api }
+server: { bind: "127.0.0.1:0", plugin_cache_dir: $out/plugin-cache }
 tenants:
   - name: sentence-classifier
-    wasm: ../../plugins/target/wasm32-wasip2/release/sentence_classifier.wasm
+    wasm: $plugin
     routes: [/api/v1/predict/sentences]
     limits: { wall_ms: 600000, max_concurrent: 1024 }
 YAML
-  ./target/release/batchbox --config "$config" serve > "$out/server.out" 2> "$out/server.log" &
+  "$bin_dir/batchbox" --config "$config" serve > "$out/server.out" 2> "$out/server.log" &
   server=$!
   trap 'kill $server 2>/dev/null' EXIT
-  until grep -q listening "$out/server.out" 2>/dev/null; do sleep 0.2; done
+  until grep -q listening "$out/server.out" 2>/dev/null; do
+    kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
+    sleep 0.2
+  done
   address=$(sed -n 's/^listening on //p' "$out/server.out")
-  until curl -sf "$address/ready" > /dev/null; do sleep 0.2; done
+  until curl -sf "$address/ready" > /dev/null; do
+    kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  curl -sf "$address/v1/models" > "$out/models.json"
   for c in $concurrencies; do
-    n=$(( c > 4 ? c : 4 ))
-    ./target/release/loadgen --server "$address" --concurrency "$c" --requests "$n" --duration 3600 --json \
-      | python3 -c "import json,sys; r=json.load(sys.stdin); r.update(model='$model', dtype='$dtype', setup='$setup'); print(json.dumps(r))"
+    n=$(( c * per_client > 4 ? c * per_client : 4 ))
+    "$bin_dir/loadgen" --server "$address" --concurrency "$c" --requests "$n" --duration "${DURATION:-3600}" --json \
+      | python3 -c "
+import json, sys
+run = json.load(sys.stdin)
+served = json.load(open('$out/models.json'))['models'][0]
+run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', precision=served['precision'],
+           precision_choice=served['precision_choice'])
+print(json.dumps(run))"
   done
   kill $server; wait $server 2>/dev/null || true
   trap - EXIT

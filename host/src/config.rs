@@ -88,6 +88,22 @@ pub struct TenantConfig {
     pub key_hashes: Vec<KeyHash>,
     #[serde(default)]
     pub limits: TenantLimits,
+    /// Opt-in: keep this tenant's logits per sequence and answer repeats without the model.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
+}
+
+/// A tenant's response cache (see [`crate::cache`]).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of keys and logits the cache may hold; least recently used entries go first.
+    pub max_bytes: u64,
+}
+
+impl CacheConfig {
+    /// Larger than any cache a host could want, and far below what would overflow a byte count.
+    pub const MAX_BYTES: u64 = 1 << 40;
 }
 
 /// What one tenant may use. Every limit has a default, so a tenant can never be unlimited.
@@ -447,6 +463,14 @@ impl Config {
             if let Some((limit, _)) = positive.iter().find(|(_, v)| *v == 0) {
                 return Err(("tenants.limits", format!("tenant {name}: {limit} must be above 0")));
             }
+            if let Some(cache) = tenant.cache
+                && !(1..=CacheConfig::MAX_BYTES).contains(&cache.max_bytes)
+            {
+                return Err((
+                    "tenants.cache.max_bytes",
+                    format!("tenant {name}: {} is not between 1 and {} (1 TiB)", cache.max_bytes, CacheConfig::MAX_BYTES),
+                ));
+            }
         }
         Ok(())
     }
@@ -502,12 +526,18 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// Precision on CPU. No one precision is fastest everywhere (bf16 ran DeBERTa-v3 2x faster than
+/// fp32 on one CPU and 0.83x on another), so `auto` measures at load (see `model::precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuDtype {
+    /// The fastest of the exported fp32, bf16 and int8 variants whose top labels agree with fp32.
     #[default]
+    Auto,
     Fp32,
     Bf16,
+    /// Dynamic int8 quantization of the linear layers (the `cpu-int8` variant).
+    Int8,
 }
 
 #[cfg(test)]
@@ -534,10 +564,12 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
     }
 
     #[test]
-    fn defaults_are_auto_device_and_fp32() {
+    fn defaults_are_auto_device_and_auto_cpu_dtype() {
         let c = parse("models: [{name: m, path: p}]\napi: {inference_batch_size: 1, use_fp16: false, max_batch_tokens: 1}").unwrap();
         assert_eq!(c.models[0].device, DeviceSpec::Auto);
-        assert_eq!(c.models[0].cpu_dtype, CpuDtype::Fp32);
+        assert_eq!(c.models[0].cpu_dtype, CpuDtype::Auto);
+        let int8 = parse(&GOOD.replace("bf16", "int8")).unwrap();
+        assert_eq!(int8.models[0].cpu_dtype, CpuDtype::Int8);
     }
 
     #[test]
@@ -639,6 +671,12 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         assert!(zero.contains("max_concurrent"), "{zero}");
         let unset = check("  - {name: p, wasm: p.wasm, routes: [/x], keys: [env:BATCHBOX_TEST_UNSET_KEY]}\n").unwrap_err();
         assert!(unset.contains("tenant p") && unset.contains("BATCHBOX_TEST_UNSET_KEY"), "{unset}");
+        let cached = check("  - {name: p, wasm: p.wasm, routes: [/x], cache: {max_bytes: 1048576}}\n").unwrap();
+        assert_eq!(cached.tenants[0].cache.map(|c| c.max_bytes), Some(1 << 20));
+        for (bad, shows) in [("-1", "-1"), ("0", "0"), ("1000000000000000", "1000000000000000"), ("lots", "lots")] {
+            let err = check(&format!("  - {{name: p, wasm: p.wasm, routes: [/x], cache: {{max_bytes: {bad}}}}}\n")).unwrap_err();
+            assert!(err.contains("max_bytes") && err.contains(shows), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! batchbox: serves a libtorch classifier with batched inference.
 //!
 //! - [`config`]: `shared_config.yaml`, validated into typed settings;
+//! - [`cache`]: a tenant's opt-in response cache of logits per sequence;
 //! - [`batcher`]: how sequences are grouped into forward passes, within one call and across
 //!   calls and tenants (pure logic);
 //! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it;
@@ -9,6 +10,7 @@
 //! - [`server`]: HTTP, host-owned routes, and the one place errors become statuses.
 
 pub mod batcher;
+pub mod cache;
 pub mod config;
 pub mod model;
 pub mod plugins;

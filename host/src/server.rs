@@ -200,7 +200,8 @@ impl App {
                     "labels": m.labels,
                     "max_length": m.max_length,
                     "device": info.device,
-                    "precision": format!("{:?}", info.precision).to_lowercase(),
+                    "precision": info.precision,
+                    "precision_choice": info.precision_choice,
                     "stats": {
                         "batches": count(&c.batches),
                         "sequences": count(&c.sequences),
@@ -210,8 +211,17 @@ impl App {
                         "expired": count(&c.expired),
                         "abandoned": count(&c.abandoned),
                         "failed_sequences": count(&c.failed_sequences),
+                        "oom_splits": count(&c.oom_splits),
                         "queued_sequences": queued_sequences,
                         "queued_tokens": queued_tokens,
+                    },
+                    // Every tenant cache in front of this model, together (tenants are not named here).
+                    "cache": {
+                        "hits": count(&c.cache.hits),
+                        "misses": count(&c.cache.misses),
+                        "evictions": count(&c.cache.evictions),
+                        "entries": count(&c.cache.entries),
+                        "bytes": count(&c.cache.bytes),
                     },
                 })
             })

@@ -147,6 +147,7 @@ mod tests {
             keys: Vec::new(),
             key_hashes: keys.iter().map(|k| KeyHash::of(k)).collect(),
             limits: TenantLimits { max_concurrent: 2, max_body_bytes: 100, ..TenantLimits::default() },
+            cache: None,
         }
     }
 

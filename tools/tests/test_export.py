@@ -68,6 +68,37 @@ def test_refuses_a_model_that_ignores_padding(tmp_path):
         ex.export(toy_source(MeanOfEmbeddings(use_mask=False)), tmp_path / "bad", [ex.Variant("cpu", torch.float32)])
 
 
+INT8 = ex.Variant("cpu", torch.qint8)
+FP32 = ex.Variant("cpu", torch.float32)
+
+
+def test_int8_variant_is_quantized_checked_and_its_agreement_reported(tmp_path):
+    manifest = ex.export(toy_source(MeanOfEmbeddings()), tmp_path / "toy", [FP32, INT8])
+    assert manifest["variants"]["cpu-int8"] == "model-cpu-int8.pt"
+    agreement = manifest["agreement_with_fp32"]["cpu-int8"]
+    assert agreement["compared"] == len(ex.GOLDEN_TEXTS) + ex.AGREEMENT_ROWS
+    assert agreement["agreeing"] >= 0.9 * agreement["compared"], agreement
+    assert any(line.startswith("cpu-int8 top label agrees with fp32") for line in manifest["checks"])
+    # The saved module really runs int8 kernels for its linear layer.
+    traced = torch.jit.load(str(tmp_path / "toy" / "model-cpu-int8.pt"))
+    assert "quantized::linear_dynamic" in str(traced.inlined_graph)
+    golden = json.loads((tmp_path / "toy" / "golden.json").read_text())
+    assert set(golden["variants"]) == {"cpu-float32", "cpu-int8"}
+    assert golden["variants"]["cpu-float32"] == golden["outputs"]
+    assert golden["variants"]["cpu-int8"] != golden["outputs"], "int8 rounds differently from fp32"
+
+
+def test_int8_without_fp32_beside_it_is_refused(tmp_path):
+    with pytest.raises(ex.ExportError, match="add cpu-float32"):
+        ex.export(toy_source(MeanOfEmbeddings()), tmp_path / "bad", [INT8])
+
+
+def test_variant_names_parse_and_cuda_int8_does_not():
+    assert [ex.Variant.parse(v).name for v in ["cpu-int8", "cuda-float16", "cpu-bfloat16"]] == ["cpu-int8", "cuda-float16", "cpu-bfloat16"]
+    with pytest.raises(Exception, match="cpu-int8"):
+        ex.Variant.parse("cuda-int8")
+
+
 def test_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     source = toy_source(MeanOfEmbeddings())
     source.vocab_size = 1000
@@ -92,7 +123,7 @@ def test_deberta_checkpoint_with_only_spm_model_exports(deberta_checkpoint, tmp_
     assert manifest["labels"] == ["negative", "neutral", "positive"]
     assert manifest["task"] == "sequence-classification"
     assert manifest["max_length"] == 128
-    assert set(manifest["variants"]) >= {"cpu-float32", "cpu-bfloat16"}
+    assert set(manifest["variants"]) >= {"cpu-float32", "cpu-bfloat16", "cpu-int8"}
     assert manifest["version"] == f"tiny-deberta-{manifest['sha256'][:12]}"
     # The exported tokenizer.json splits text exactly as the SentencePiece model does.
     sp = sentencepiece.SentencePieceProcessor(model_file=str(deberta_checkpoint / "spm.model"))

@@ -25,6 +25,7 @@ impl Engine {
     ) -> Result<Self, ModelError> {
         let variant = precision.variant(device);
         let file = manifest.variants.get(&variant).ok_or_else(|| ModelError::MissingVariant {
+            dir: dir.to_owned(),
             variant: variant.clone(),
             available: manifest.variants.keys().cloned().collect(),
         })?;

@@ -9,6 +9,7 @@
 mod device;
 mod engine;
 pub mod manifest;
+mod precision;
 pub mod tokenize;
 mod worker;
 
@@ -19,12 +20,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub use manifest::{Manifest, Task};
+pub use precision::{Candidate, Precision, PrecisionChoice};
 pub use tokenize::{Encoding, TextTokenizer};
 
 use crate::batcher::scheduler::{Rejected, Scheduler, SchedulerConfig};
 use crate::batcher::{BatchLimits, ChunkOrder};
 use crate::config::{Config, CpuDtype, DeviceSpec, ModelConfig};
-use engine::Engine;
 use worker::{Job, Queue, Shared};
 pub use worker::Counters;
 
@@ -40,8 +41,13 @@ pub enum ModelError {
     Load { path: PathBuf, source: tch::TchError },
     #[error("CUDA was required (device: {requested}) but is not usable: {why}")]
     CudaUnavailable { requested: String, why: String },
-    #[error("the model has no {variant} variant (it has {available:?}); re-export it with tools/export_model.py --variants {variant}, on a machine with CUDA for cuda variants")]
-    MissingVariant { variant: String, available: Vec<String> },
+    #[error(
+        "{dir} has no {variant} variant (it has {available:?}); add it by re-exporting the model: \
+         `.venv/bin/python tools/export_model.py <checkpoint PATH | default | synthetic> --out {dir} --variants {}`{}",
+        with_variant(available, variant),
+        if variant.starts_with("cuda") { ", on a machine with CUDA" } else { "" }
+    )]
+    MissingVariant { dir: PathBuf, variant: String, available: Vec<String> },
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error("{0}")]
@@ -58,6 +64,14 @@ pub enum ModelError {
     Panicked(String),
     #[error("the model thread has stopped")]
     Stopped,
+}
+
+/// The variants a model has, plus the one it lacks: what `--variants` should say to add it.
+fn with_variant(available: &[String], variant: &str) -> String {
+    let mut all = available.to_vec();
+    all.push(variant.to_owned());
+    all.sort();
+    all.join(",")
 }
 
 impl ModelError {
@@ -100,36 +114,6 @@ pub struct Output {
     pub shape: Vec<usize>,
 }
 
-/// Numeric precision of the loaded weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl Precision {
-    /// The manifest's name for the traced file that runs at this precision on `device`.
-    fn variant(self, device: tch::Device) -> String {
-        let device = if device.is_cuda() { "cuda" } else { "cpu" };
-        let dtype = match self {
-            Self::Fp32 => "float32",
-            Self::Fp16 => "float16",
-            Self::Bf16 => "bfloat16",
-        };
-        format!("{device}-{dtype}")
-    }
-
-    /// fp16 only on CUDA (`use_fp16`); on CPU, bf16 if asked for, as fp16 matmuls are slow there.
-    fn choose(device: tch::Device, use_fp16: bool, cpu_dtype: CpuDtype) -> Self {
-        match (device.is_cuda(), use_fp16, cpu_dtype) {
-            (true, true, _) => Self::Fp16,
-            (true, false, _) | (false, _, CpuDtype::Fp32) => Self::Fp32,
-            (false, _, CpuDtype::Bf16) => Self::Bf16,
-        }
-    }
-}
-
 /// Everything needed to load a model; usually built from the config file.
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
@@ -168,6 +152,8 @@ pub struct ModelInfo {
     pub manifest: Manifest,
     pub device: String,
     pub precision: Precision,
+    /// How the precision was chosen, with what `cpu_dtype: auto` measured.
+    pub precision_choice: PrecisionChoice,
 }
 
 /// What one call cost, for timing metadata and benchmarks.
@@ -194,6 +180,13 @@ pub struct Inference {
     pub stats: RunStats,
 }
 
+impl Inference {
+    /// The answer to a call the model had nothing to compute for.
+    pub fn nothing_computed() -> Self {
+        Self { outputs: Vec::new(), queued: Duration::ZERO, computed: Duration::ZERO, batch_ids: Vec::new(), stats: RunStats::default() }
+    }
+}
+
 /// Who a call is for, so the scheduler can share the model fairly.
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -210,7 +203,6 @@ impl Model {
         let manifest = Manifest::load(&options.path)?;
         let tokenizer = TextTokenizer::from_file(&options.path.join("tokenizer.json"), manifest.max_length)?;
         let device = device::resolve(options.device)?;
-        let precision = Precision::choose(device, options.use_fp16, options.cpu_dtype);
         let scheduler = Scheduler::new(SchedulerConfig {
             limits: options.limits,
             max_queue_delay: options.max_queue_delay,
@@ -228,25 +220,22 @@ impl Model {
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (path, thread_manifest, thread_shared) = (options.path.clone(), manifest.clone(), shared.clone());
+        let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
         std::thread::Builder::new()
             .name("model".into())
-            .spawn(move || {
-                let loaded = Engine::load(&path, &thread_manifest, device, precision)
-                    .and_then(|mut engine| warm_up(&mut engine, &thread_manifest).map(|()| engine));
-                match loaded {
-                    Ok(engine) => {
-                        let _ = ready_tx.send(Ok(()));
-                        let padder = engine.padder();
-                        worker::serve(engine, padder, thread_shared, device.is_cuda());
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
+            .spawn(move || match precision::choose(&path, &thread_manifest, device, use_fp16, cpu_dtype) {
+                Ok((engine, precision, choice)) => {
+                    let _ = ready_tx.send(Ok((precision, choice)));
+                    let padder = engine.padder();
+                    worker::serve(engine, padder, thread_shared, device.is_cuda());
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                 }
             })
             .expect("spawning the model thread");
-        ready_rx.recv().map_err(|_| ModelError::Stopped)??;
-        let info = ModelInfo { manifest, device: format!("{device:?}").to_lowercase(), precision };
+        let (precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
+        let info = ModelInfo { manifest, device: format!("{device:?}").to_lowercase(), precision, precision_choice };
         Ok(Arc::new(Model { info, tokenizer, shared }))
     }
 
@@ -276,6 +265,12 @@ impl Model {
         self.submit(DEFAULT_TENANT, sequences, None)?.blocking_recv().map_err(|_| ModelError::Stopped)?
     }
 
+    /// What a cached output is keyed by besides its token ids: the weights and tokenizer
+    /// (version) and the precision they run at.
+    pub fn cache_version(&self) -> String {
+        format!("{}/{:?}", self.info.manifest.version, self.info.precision)
+    }
+
     /// Queue depth right now: (sequences, tokens).
     pub fn queue_depth(&self) -> (usize, usize) {
         let queue = self.shared.lock();
@@ -297,8 +292,7 @@ impl Model {
         let (reply, answer) = oneshot::channel();
         let real_tokens = sequences.iter().map(Vec::len).sum();
         if sequences.is_empty() {
-            let stats = RunStats { real_tokens, ..RunStats::default() };
-            let _ = reply.send(Ok(Inference { outputs: Vec::new(), queued: Duration::ZERO, computed: Duration::ZERO, batch_ids: Vec::new(), stats }));
+            let _ = reply.send(Ok(Inference::nothing_computed()));
             return Ok(answer);
         }
         let now = Instant::now();
@@ -356,7 +350,7 @@ fn validate(sequences: &[Vec<u32>], manifest: &Manifest) -> Result<(), ModelErro
 
 /// A first pass pays for lazy initialisation (kernels, allocator, JIT profiling), so the first
 /// request does not. Short sequences twice (the JIT optimises after profiling), then the longest.
-fn warm_up(engine: &mut Engine, manifest: &Manifest) -> Result<(), ModelError> {
+fn warm_up(engine: &mut engine::Engine, manifest: &Manifest) -> Result<(), ModelError> {
     let id = (manifest.vocab_size / 2) as u32;
     let short = vec![id; 16.min(manifest.max_length)];
     let padder = engine.padder();

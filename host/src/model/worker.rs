@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::engine::Padder;
+use crate::cache::CacheStats;
 use super::{Executor, Inference, ModelError, Output, Padded, RunStats};
 use crate::batcher::scheduler::{Next, RequestId, Row, Scheduler};
 
@@ -62,6 +63,10 @@ pub struct Counters {
     pub abandoned: AtomicU64,
     /// Sequences whose forward pass failed even alone.
     pub failed_sequences: AtomicU64,
+    /// Batches that ran out of memory and were split in halves.
+    pub oom_splits: AtomicU64,
+    /// The tenants' response caches in front of this model, together.
+    pub cache: CacheStats,
 }
 
 impl Counters {
@@ -120,7 +125,7 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
     for Prepared { id: batch_id, rows, inputs, padded } in batches {
         let started = Instant::now();
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let results = run_split(&mut executor, padder, &refs, Some(&padded));
+        let results = run_split(&mut executor, padder, &refs, Some(&padded), &shared.counters);
         let elapsed = started.elapsed();
         let padded_len = padded.padded_len;
 
@@ -218,6 +223,7 @@ pub(super) fn run_split(
     padder: Padder,
     rows: &[&[u32]],
     padded: Option<&Padded>,
+    counters: &Counters,
 ) -> Vec<Result<Output, ModelError>> {
     let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| match padded {
         Some(batch) => executor.forward(batch),
@@ -228,9 +234,10 @@ pub(super) fn run_split(
         Ok(outputs) => outputs.into_iter().map(Ok).collect(),
         Err(e) if e.is_out_of_memory() && rows.len() > 1 => {
             tracing::warn!(rows = rows.len(), "out of memory: splitting the batch");
+            Counters::add(&counters.oom_splits, 1);
             let (left, right) = rows.split_at(rows.len() / 2);
-            let mut results = run_split(executor, padder, left, None);
-            results.extend(run_split(executor, padder, right, None));
+            let mut results = run_split(executor, padder, left, None, counters);
+            results.extend(run_split(executor, padder, right, None, counters));
             results
         }
         // Every row gets the same failure; an out-of-memory keeps its own message (re-wrapping
@@ -287,7 +294,9 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..13).map(|i| vec![i, 1, 2]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let mut executor = Faulty { max_rows: 3, poison: 999, calls: Vec::new() };
-        let results = run_split(&mut executor, padder(), &refs, None);
+        let counters = Counters::default();
+        let results = run_split(&mut executor, padder(), &refs, None, &counters);
+        assert!(counters.oom_splits.load(Ordering::Relaxed) >= 3, "13 rows down to 3 or fewer");
         let got: Vec<f32> = results.into_iter().map(|r| r.unwrap().data[0]).collect();
         assert_eq!(got, (0..13).map(|i| i as f32).collect::<Vec<_>>(), "in input order");
         assert!(executor.calls.iter().skip(1).all(|&n| n < 13));
@@ -298,7 +307,7 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..8).map(|i| vec![i]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let mut executor = Faulty { max_rows: 8, poison: 5, calls: Vec::new() };
-        let results = run_split(&mut executor, padder(), &refs, None);
+        let results = run_split(&mut executor, padder(), &refs, None, &Counters::default());
         for (i, result) in results.iter().enumerate() {
             match (i, result) {
                 (5, Err(ModelError::OutOfMemory(m))) => assert_eq!(m, "out of memory even alone (injected)"),
@@ -317,7 +326,7 @@ mod tests {
                 panic!("boom")
             }
         }
-        let results = run_split(&mut Panics, padder(), &[&[1u32][..], &[2][..]], None);
+        let results = run_split(&mut Panics, padder(), &[&[1u32][..], &[2][..]], None, &Counters::default());
         assert!(results.iter().all(|r| matches!(r, Err(ModelError::Forward(m)) if m.contains("boom"))));
     }
 }

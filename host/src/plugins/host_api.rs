@@ -95,7 +95,10 @@ impl host::Host for RequestState {
             return Ok(Err(refused));
         }
         let started = Instant::now();
-        let result = self.model.infer_for(&self.tenant, sequences, Some(self.deadline)).await;
+        let result = match &self.cache {
+            Some(cache) => cache.infer(&self.model, &self.tenant, sequences, Some(self.deadline)).await,
+            None => self.model.infer_for(&self.tenant, sequences, Some(self.deadline)).await,
+        };
         self.host_time += started.elapsed();
         Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
             outputs: inference

@@ -29,6 +29,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Reso
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::cache::CachedModel;
 use crate::config::{TenantConfig, TenantLimits};
 use crate::model::Model;
 
@@ -84,6 +85,8 @@ pub(crate) struct RequestState {
     table: ResourceTable,
     limits: MemoryLimit,
     model: Arc<Model>,
+    /// The tenant's response cache, if it has one.
+    cache: Option<Arc<CachedModel>>,
     tenant: Arc<str>,
     request_id: u64,
     started: Instant,
@@ -109,6 +112,7 @@ struct LoadedPlugin {
     config_json: String,
     limits: TenantLimits,
     model: Arc<Model>,
+    cache: Option<Arc<CachedModel>>,
 }
 
 /// Every tenant's plugin, ready to instantiate.
@@ -151,7 +155,8 @@ impl PluginRuntime {
                 })?,
             };
             let model = models.get(&tenant.model).expect("the config names loaded models").clone();
-            let plugin = LoadedPlugin { tenant: tenant.name.as_str().into(), pre, config_json, limits: tenant.limits, model };
+            let cache = tenant.cache.map(|c| Arc::new(CachedModel::new(c.max_bytes)));
+            let plugin = LoadedPlugin { tenant: tenant.name.as_str().into(), pre, config_json, limits: tenant.limits, model, cache };
             // Configure once now, so a bad config stops startup instead of failing every request.
             runtime.call(&plugin, 0, None).await?;
             runtime.plugins.insert(tenant.name.clone(), plugin);
@@ -183,6 +188,7 @@ impl PluginRuntime {
                 reached: false,
             },
             model: plugin.model.clone(),
+            cache: plugin.cache.clone(),
             tenant: plugin.tenant.clone(),
             request_id,
             started: Instant::now(),

@@ -1,0 +1,240 @@
+//! The response cache: a tenant's logits per sequence, so a text it sent before skips the model.
+//!
+//! Policy:
+//! - Opt-in per tenant (`tenants[].cache.max_bytes`). Each tenant has a cache of its own: a
+//!   shared one would let a tenant learn from a fast answer what another tenant had sent.
+//! - An entry is keyed by the model's version and precision and the exact token ids, and holds
+//!   the logits the model computed for them. A hit returns those very bytes, bit for bit.
+//! - Bounded in bytes (token ids, logits and a fixed per-entry overhead): the least recently used
+//!   entries are evicted first; an entry larger than the whole budget is not kept.
+//! - A lookup or insert under another model version clears the cache first: nothing computed by
+//!   one model is ever answered for another.
+//! - Hits and misses count per sequence, into the model's counters (`/v1/models`), summed over
+//!   its tenants so no tenant is named there.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use lru::LruCache;
+
+use crate::model::{Inference, Model, ModelError, Output, RunStats};
+
+/// What an entry costs beyond its ids and logits: the map's node, the LRU links, two `Vec`
+/// headers and the shape. An estimate; it keeps many tiny entries from slipping past the budget.
+const ENTRY_OVERHEAD: u64 = 128;
+
+/// Counters for every cache in front of one model.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    /// Entries and bytes held right now.
+    pub entries: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// One tenant's entries: a byte-bounded LRU for one model version at a time.
+pub struct Lru {
+    max_bytes: u64,
+    version: String,
+    entries: LruCache<Vec<u32>, Output>,
+    bytes: u64,
+}
+
+impl Lru {
+    pub fn new(max_bytes: u64) -> Self {
+        Self { max_bytes, version: String::new(), entries: LruCache::unbounded(), bytes: 0 }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn cost(ids: &[u32], output: &Output) -> u64 {
+        (4 * ids.len() + 4 * output.data.len() + 8 * output.shape.len()) as u64 + ENTRY_OVERHEAD
+    }
+
+    /// Forgets everything if `version` is not the one the entries were computed by.
+    fn switch_to(&mut self, version: &str, stats: &CacheStats) {
+        if self.version != version {
+            stats.entries.fetch_sub(self.entries.len() as u64, Ordering::Relaxed);
+            stats.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+            self.entries.clear();
+            self.bytes = 0;
+            version.clone_into(&mut self.version);
+        }
+    }
+
+    /// The logits computed for `ids` by model `version`, if kept; marks them recently used.
+    pub fn get(&mut self, version: &str, ids: &[u32], stats: &CacheStats) -> Option<Output> {
+        self.switch_to(version, stats);
+        let hit = self.entries.get(ids).cloned();
+        let counter = if hit.is_some() { &stats.hits } else { &stats.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        hit
+    }
+
+    /// Keeps `output` for `ids`, evicting the least recently used entries to stay in budget.
+    pub fn put(&mut self, version: &str, ids: Vec<u32>, output: Output, stats: &CacheStats) {
+        self.switch_to(version, stats);
+        let cost = Self::cost(&ids, &output);
+        if cost > self.max_bytes {
+            return;
+        }
+        if let Some(old) = self.entries.pop(&ids) {
+            self.forget(Self::cost(&ids, &old), stats);
+        }
+        while self.bytes + cost > self.max_bytes {
+            let Some((old_ids, old)) = self.entries.pop_lru() else { break };
+            self.forget(Self::cost(&old_ids, &old), stats);
+            stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.entries.put(ids, output);
+        self.bytes += cost;
+        stats.entries.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(cost, Ordering::Relaxed);
+    }
+
+    fn forget(&mut self, cost: u64, stats: &CacheStats) {
+        self.bytes -= cost;
+        stats.entries.fetch_sub(1, Ordering::Relaxed);
+        stats.bytes.fetch_sub(cost, Ordering::Relaxed);
+    }
+}
+
+/// A tenant's view of its model through its cache.
+pub struct CachedModel {
+    lru: Mutex<Lru>,
+}
+
+impl CachedModel {
+    pub fn new(max_bytes: u64) -> Self {
+        Self { lru: Mutex::new(Lru::new(max_bytes)) }
+    }
+
+    fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
+        // The LRU is consistent after every call; a panic elsewhere cannot leave it half-updated.
+        self.lru.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// [`Model::infer_for`], with repeats answered from the cache: only the misses go to the
+    /// model, and what it computes is kept. Queue and compute times are those of the misses.
+    pub async fn infer(&self, model: &Model, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Inference, ModelError> {
+        let version = model.cache_version();
+        let stats = &model.counters().cache;
+        let mut outputs: Vec<Option<Output>> = {
+            let mut lru = self.lru();
+            sequences.iter().map(|ids| lru.get(&version, ids, stats)).collect()
+        };
+        let missing: Vec<usize> = (0..sequences.len()).filter(|&i| outputs[i].is_none()).collect();
+        let mut inference = if missing.is_empty() {
+            Inference::nothing_computed()
+        } else {
+            model.infer_for(tenant, missing.iter().map(|&i| sequences[i].clone()).collect(), deadline).await?
+        };
+        {
+            let mut lru = self.lru();
+            for (&i, output) in missing.iter().zip(std::mem::take(&mut inference.outputs)) {
+                lru.put(&version, sequences[i].clone(), output.clone(), stats);
+                outputs[i] = Some(output);
+            }
+        }
+        inference.outputs = outputs.into_iter().map(|o| o.expect("every sequence was a hit or computed")).collect();
+        inference.stats = RunStats { real_tokens: sequences.iter().map(Vec::len).sum(), ..inference.stats };
+        Ok(inference)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn output(values: &[f32]) -> Output {
+        Output { data: values.to_vec(), shape: vec![values.len()] }
+    }
+
+    #[test]
+    fn a_hit_returns_the_stored_bits() {
+        let stats = CacheStats::default();
+        let mut lru = Lru::new(1 << 20);
+        // Values whose bits matter: a NaN payload, a negative zero, a subnormal.
+        let stored = output(&[f32::from_bits(0x7fc0_1234), -0.0, f32::from_bits(1), 0.1]);
+        assert_eq!(lru.get("v1", &[1, 2, 3], &stats), None);
+        lru.put("v1", vec![1, 2, 3], stored.clone(), &stats);
+        let hit = lru.get("v1", &[1, 2, 3], &stats).unwrap();
+        let bits = |o: &Output| o.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&hit), bits(&stored));
+        assert_eq!(hit.shape, stored.shape);
+        assert_eq!((stats.hits.load(Ordering::Relaxed), stats.misses.load(Ordering::Relaxed)), (1, 1));
+    }
+
+    #[test]
+    fn a_new_model_version_misses_and_clears_the_old_entries() {
+        let stats = CacheStats::default();
+        let mut lru = Lru::new(1 << 20);
+        lru.put("minilm-aaaa/cpu-float32", vec![7, 8], output(&[1.0, 2.0]), &stats);
+        assert!(lru.get("minilm-bbbb/cpu-float32", &[7, 8], &stats).is_none());
+        assert!(lru.is_empty() && lru.bytes() == 0);
+        assert_eq!((stats.entries.load(Ordering::Relaxed), stats.bytes.load(Ordering::Relaxed)), (0, 0));
+        // And back: the first version's entry is gone for good.
+        assert!(lru.get("minilm-aaaa/cpu-float32", &[7, 8], &stats).is_none());
+    }
+
+    #[test]
+    fn least_recently_used_entries_go_first() {
+        let stats = CacheStats::default();
+        let one = Lru::cost(&[0], &output(&[0.0; 4]));
+        let mut lru = Lru::new(3 * one);
+        for id in 0..3 {
+            lru.put("v", vec![id], output(&[id as f32; 4]), &stats);
+        }
+        assert!(lru.get("v", &[0], &stats).is_some(), "0 is now the most recently used");
+        lru.put("v", vec![3], output(&[3.0; 4]), &stats);
+        assert!(lru.get("v", &[1], &stats).is_none(), "1 was the least recently used");
+        for id in [0, 2, 3] {
+            assert!(lru.get("v", &[id], &stats).is_some(), "{id} is kept");
+        }
+        assert_eq!(stats.evictions.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_budget_is_not_kept() {
+        let stats = CacheStats::default();
+        let mut lru = Lru::new(256);
+        lru.put("v", vec![1], output(&[0.5; 100]), &stats);
+        assert!(lru.is_empty() && lru.bytes() == 0);
+    }
+
+    proptest! {
+        /// Whatever is put, in any order and with repeats: the bytes held never pass the
+        /// budget, they equal the sum of the entries' costs, and the shared counters agree.
+        #[test]
+        fn bytes_never_pass_max_bytes(
+            max_bytes in 200u64..4_000,
+            puts in proptest::collection::vec((proptest::collection::vec(0u32..6, 1..4), 1usize..40), 1..80),
+        ) {
+            let stats = CacheStats::default();
+            let mut lru = Lru::new(max_bytes);
+            for (ids, width) in puts {
+                lru.put("v", ids, output(&vec![1.0; width]), &stats);
+                prop_assert!(lru.bytes() <= max_bytes);
+                let sum: u64 = lru.entries.iter().map(|(ids, o)| Lru::cost(ids, o)).sum();
+                prop_assert_eq!(sum, lru.bytes());
+                prop_assert_eq!(stats.bytes.load(Ordering::Relaxed), lru.bytes());
+                prop_assert_eq!(stats.entries.load(Ordering::Relaxed), lru.len() as u64);
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# CPU precision benchmark (`make bench-cpu`): the 120-sentence request end to end over HTTP
+# through the sentence-classifier plugin, one client, with cpu_dtype fp32, bf16, int8 and auto,
+# beside the seed's way in Python (transformers eager, batches of 32 in input order, fp32), on
+# the same model, in one run. The response cache is off.
+#
+#   tools/bench_cpu.sh [MODEL...]     default: minilm-topics deberta-v3-base
+#
+# deberta-v3-base is a checkpoint with DeBERTa-v3-base's full shapes and random weights
+# (tests/fixtures/make_deberta_checkpoint.py --size base), exported with
+# `tools/export_model.py checkpoint` like a user's own; the Python baseline loads the same
+# checkpoint. REQUESTS (default 5) requests per setup after the server's warm-up. Prints the
+# Markdown tables (tools/bench_table.py) and keeps the JSON lines in target/bench-cpu/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+models=("$@")
+[ ${#models[@]} = 0 ] && models=(minilm-topics deberta-v3-base)
+out=target/bench-cpu
+mkdir -p "$out"
+for model in "${models[@]}"; do
+  results=$out/$model.jsonl
+  : > "$results"
+  case $model in
+    minilm-topics) source=(default) ;;
+    deberta-v3-base) source=(checkpoint models/checkpoints/deberta-v3-base) ;;
+    *) echo "unknown model $model (minilm-topics or deberta-v3-base)" >&2; exit 2 ;;
+  esac
+  .venv/bin/python tools/seed_baseline.py --device cpu --dtype float32 --rounds "${REQUESTS:-5}" --setup input:32 "${source[@]}" \
+    2> "$out/python.log" | tee -a "$results"
+  REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving \
+    bash tools/bench_serving.sh "$model" 1 batchbox:fp32 batchbox:bf16 batchbox:int8 batchbox:auto | tee -a "$results"
+  echo
+  echo "### $model"
+  echo
+  .venv/bin/python tools/bench_table.py "$results"
+  # What auto measured at load, per candidate.
+  .venv/bin/python -c "
+import json, sys
+for line in open('$results'):
+    run = json.loads(line)
+    if run.get('dtype') == 'auto':
+        for c in run['precision_choice']['candidates']:
+            print(f\"auto measured {c['precision']}: {c['median_ms']:.1f} ms on its warm-up batch, golden texts agreeing {c['agreeing_texts']}/{c['golden_texts']}\")
+"
+done

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Turns benchmark JSON lines into the Markdown tables BENCHMARKS.md keeps.
+
+Reads the lines `tools/bench_serving.sh` (one per server run and client count) and
+`tools/seed_baseline.py` (one per Python setup) print, from files or stdin, and writes:
+
+- the Python baselines: median / min / max ms for the 120 sentences;
+- the serving runs: sentences/s, latency percentiles, padding, statuses, the precision the
+  server ran, and the p50 latency's ratio to the seed's way (`--reference`, a Python setup name;
+  default python-input-32, batches of 32 in input order): reference median / p50.
+
+    tools/bench_table.py results.jsonl [--reference python-input-32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", help="JSON-lines files (default: stdin)")
+    parser.add_argument("--reference", default="python-input-32", help="the Python setup ratios are taken against")
+    args = parser.parse_args()
+    lines = []
+    for handle in [open(f) for f in args.files] or [sys.stdin]:
+        lines += [json.loads(line) for line in handle if line.strip().startswith("{")]
+    python = [r for r in lines if r.get("setup", "").startswith("python-")]
+    serving = [r for r in lines if "latency_ms" in r]
+    reference = next((r["median_ms"] for r in python if r["setup"] == args.reference), None)
+
+    if python:
+        print("| Python baseline | model | median ms | min–max ms | passes | real/padded tokens | × seed's way |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in python:
+            ratio = f"{reference / r['median_ms']:.2f}×" if reference else "–"
+            print(f"| {r['description']} | {r['model']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
+                  f"{r['forward_passes']} | {r['real_tokens']}/{r['padded_tokens']} | {ratio} |")
+        print()
+    if serving:
+        print("| clients | setup | device | precision | sentences/s | p50 ms | p95 ms | p99 ms | real/padded | batches | statuses | p50 × seed's way |")
+        print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        for r in serving:
+            latency, server = r["latency_ms"], r.get("server") or {}
+            padding = f"{server['real_over_padded']:.3f}" if server else "–"
+            statuses = " ".join(f"{k}: {v}" for k, v in r["statuses"].items())
+            precision = r.get("precision", r.get("dtype", ""))
+            if r.get("dtype") == "auto":
+                precision = f"auto → {precision}"
+            ratio = f"{reference / latency['p50']:.2f}×" if reference and latency["p50"] else "–"
+            print(f"| {r['concurrency']} | {r['setup']} | {r.get('device', '')} | {precision} | {r['sentences_per_s']:.1f} | "
+                  f"{latency['p50']:.1f} | {latency['p95']:.1f} | {latency['p99']:.1f} | {padding} | {server.get('batches', '–')} | "
+                  f"{statuses} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

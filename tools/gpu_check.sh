@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# `make gpu-check`: the CUDA path checked and measured on a GPU machine that has no compiler.
+#
+#   tools/gpu_check.sh bundle   here, with cargo: build target/gpu-bundle.tar.gz (stripped
+#                               batchbox, loadgen and the CUDA test binary, the plugin, and the
+#                               tokenizer the export needs offline)
+#   tools/gpu_check.sh run      unpack the bundle and run every step; with no GPU visible (or
+#                               --dry) a dry run that does everything but the CUDA parts, and says so
+#
+# On the lent GPU machine (python3 with torch 2.11 and transformers, no cargo), through the
+# device tool: command `bash tools/gpu_check.sh run`, carry `target/gpu-bundle.tar.gz`.
+#
+# Steps: export synthetic DeBERTa-v3-large there (cuda-float16 and cuda-float32); the CUDA tests
+# (tests/cuda.rs: eager PyTorch on the GPU vs batchbox, fp16 vs fp32 top labels, a real CUDA
+# out-of-memory split); the seed's way in Python (batches of 32 in input order, and one
+# length-sorted batch, fp16); the serving benchmark (HTTP, the sentence-classifier plugin) at 1, 8
+# and 64 clients. The summary is printed and written, with every JSON line, under $OUT (default
+# target/gpu-check). Meant to finish in about 6 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+bundle=target/gpu-bundle.tar.gz
+
+build_bundle() {
+  set -e
+  local dir=target/gpu-bundle
+  rm -rf "$dir" && mkdir -p "$dir"
+  # The same build as `make test`'s (all targets: dev-dependencies unify features), so nothing recompiles.
+  cargo build --release --workspace --all-targets
+  local cuda_test
+  cuda_test=$(cargo test --release --workspace --test cuda --no-run --message-format=json \
+    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "cuda"][0])')
+  cp target/release/batchbox target/release/loadgen "$dir/"
+  cp "$cuda_test" "$dir/cuda-tests"
+  strip "$dir/batchbox" "$dir/loadgen" "$dir/cuda-tests"
+  cp plugins/target/wasm32-wasip2/release/sentence_classifier.wasm "$dir/"
+  .venv/bin/python -c 'import sys; sys.path.insert(0, "tools"); import export_model; print(export_model.minilm_tokenizer_file())' \
+    | xargs -I{} cp {} "$dir/tokenizer.json"
+  tar -czf "$bundle" -C target gpu-bundle
+  echo "wrote $bundle ($(du -h "$bundle" | cut -f1)); carry it to the GPU machine and run: bash tools/gpu_check.sh run"
+}
+
+if [ "${1:-}" = bundle ]; then
+  build_bundle
+  exit
+fi
+[ "${1:-}" = run ] && shift
+dry=0
+[ "${1:-}" = --dry ] && dry=1
+
+out=${OUT:-target/gpu-check}
+mkdir -p "$out"
+out=$(realpath "$out")
+results=$out/results.jsonl
+summary=$out/summary.md
+: > "$results"
+started=$(date +%s)
+failures=()
+note() { echo "$*" | tee -a "$summary"; }
+# Runs one step, timing it; a failed step is recorded and the next one still runs.
+step() {
+  local name=$1
+  shift
+  local t0=$(date +%s)
+  echo "== $name"
+  if "$@"; then
+    note "- $name: ok ($(( $(date +%s) - t0 )) s)"
+  else
+    note "- $name: FAILED ($(( $(date +%s) - t0 )) s)"
+    failures+=("$name")
+  fi
+}
+
+# Python with torch: the machine's python3 there, the venv here.
+python=python3
+[ -x .venv/bin/python ] && python=$root/.venv/bin/python
+torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if [ ! -f "$bundle" ]; then
+  command -v cargo > /dev/null || { echo "no $bundle and no cargo to build it: carry it here" >&2; exit 1; }
+  (build_bundle) || exit 1
+fi
+rm -rf target/gpu-bundle && tar -xzf "$bundle" -C target
+bin=$root/target/gpu-bundle
+gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' 2>/dev/null)
+[ -z "$gpu" ] && dry=1
+
+: > "$summary"
+if [ $dry = 1 ]; then
+  note "# gpu-check: DRY RUN on $(hostname) (no GPU visible): the CUDA parts are SKIPPED, not passed"
+  size=${GPU_CHECK_SIZE:-base} variants=cpu-float32 device=cpu dtype=float32 serve_dtype=fp32 concurrencies="1" per_client=1 rounds=1
+else
+  note "# gpu-check on $gpu ($(hostname))"
+  size=${GPU_CHECK_SIZE:-large} variants=cuda-float16,cuda-float32 device=cuda dtype=float16 serve_dtype=fp16 concurrencies="1 8 64" per_client=30 rounds=10
+fi
+note "torch $("$python" -c 'import torch; print(torch.__version__)'), $(nproc) CPU cores; model: synthetic DeBERTa-v3-$size; response cache off"
+note ""
+model=synthetic-deberta-v3-$size
+models=$root/target/gpu-check-models
+
+export_model() {
+  "$python" tools/export_model.py synthetic --size "$size" --tokenizer "$bin/tokenizer.json" \
+    --variants "$variants" --out "$models/$model" | tee "$out/export.log" | grep -v "^  check" || return 1
+  grep "^  check" "$out/export.log" | sed 's/^  check /  - /' >> "$summary"
+}
+
+cuda_tests() {
+  if [ $dry = 1 ]; then
+    note "  SKIPPED (dry run): $("$bin/cuda-tests" --list --ignored 2>/dev/null | grep -c ': test$') CUDA tests:"
+    "$bin/cuda-tests" --list --ignored 2>/dev/null | sed -n 's/: test$//p' | sed 's/^/  - /' | tee -a "$summary"
+    return 0
+  fi
+  BATCHBOX_CUDA_MODEL=$models/$model BATCHBOX_WORKSPACE=$root "$bin/cuda-tests" --ignored --test-threads=1 --nocapture \
+    2>&1 | tee "$out/cuda-tests.log"
+  local rc=${PIPESTATUS[0]}
+  grep -E "^test |max \||agrees|splits|test result" "$out/cuda-tests.log" | sed 's/^/  /' >> "$summary"
+  return "$rc"
+}
+
+seed_baseline() {
+  "$python" tools/seed_baseline.py --device "$device" --dtype "$dtype" --rounds "$rounds" --warmup 2 \
+    --setup input:32 --setup sorted:1000 synthetic --size "$size" --tokenizer "$bin/tokenizer.json" | tee -a "$results"
+}
+
+serving() {
+  DEVICE=$device MODELS_DIR=$models BIN_DIR=$bin PLUGIN=$bin/sentence_classifier.wasm OUT_DIR=$out/serving \
+    REQUESTS_PER_CLIENT=$per_client DURATION=12 \
+    bash tools/bench_serving.sh "$model" "$concurrencies" "batchbox:$serve_dtype" "batchbox-b128:$serve_dtype" | tee -a "$results"
+}
+
+step "export DeBERTa-v3-$size ($variants)" export_model
+step "CUDA tests" cuda_tests
+step "seed's way in Python ($dtype on $device)" seed_baseline
+step "serving benchmark ($device, $serve_dtype, clients: $concurrencies)" serving
+note ""
+"$python" tools/bench_table.py "$results" >> "$summary"
+note ""
+note "total $(( $(date +%s) - started )) s; failed steps: ${#failures[@]}${failures[*]:+ (${failures[*]})}"
+echo
+cat "$summary"
+[ ${#failures[@]} = 0 ]
