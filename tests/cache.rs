@@ -101,3 +101,17 @@ fn the_cache_never_holds_more_than_max_bytes() {
     let hits = cache_stats(&server)["hits"].as_u64().unwrap();
     assert!(hits > 0 && hits < 120, "{hits}");
 }
+
+#[test]
+fn a_sentence_repeated_within_one_request_is_computed_once() {
+    let server = server("cache-duplicates", 1 << 20);
+    let model_sequences = |server: &Server| server.get("/v1/models").1["models"][0]["stats"]["sequences"].as_u64().unwrap();
+    let before = model_sequences(&server);
+    let sentences: Vec<String> = ["The striker scored twice.", "Parliament passed the budget.", "The striker scored twice."].map(String::from).to_vec();
+    let body = predict(&server, &format!("/alpha{PREDICT}"), &sentences);
+    assert_eq!(model_sequences(&server) - before, 2, "two distinct sentences reach the model");
+    let rows = body["probabilities"].as_array().unwrap();
+    assert_eq!(rows[0], rows[2], "both copies get the one computed answer");
+    let stats = cache_stats(&server);
+    assert_eq!((stats["misses"].as_u64(), stats["hits"].as_u64(), stats["entries"].as_u64()), (Some(3), Some(0), Some(2)), "{stats}");
+}

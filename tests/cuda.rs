@@ -92,10 +92,11 @@ fn fp16_top_labels_agree_with_fp32_on_the_fixture() {
 #[test]
 #[ignore = "needs a CUDA GPU: run by `make gpu-check` (tools/gpu_check.sh)"]
 fn a_real_cuda_out_of_memory_splits_the_batch_and_every_row_is_answered() {
-    // 4096 rows of 512 tokens in one pass: DeBERTa-v3-large's attention alone would need
-    // 4096 x 16 heads x 512 x 512 x 2 bytes = 32 GiB per score tensor, several at once: more
-    // than any single GPU has. The halves are retried until they fit.
-    const ROWS: usize = 4096;
+    // 8192 rows of 512 tokens in one pass: each of DeBERTa-v3-large's attention score tensors
+    // (scores, c2p, p2c, softmax) is 8192 x 16 heads x 512 x 512 x 2 bytes = 64 GiB, and several
+    // live at once: more than an H100's 80 GB or an H200's 141 GB. The halves are retried until
+    // they fit.
+    const ROWS: usize = 8192;
     let model = load(true, ROWS, ROWS * 512);
     let max_length = model.info().manifest.max_length;
     let vocab = model.info().manifest.vocab_size as u32;

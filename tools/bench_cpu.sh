@@ -10,7 +10,8 @@
 # (tests/fixtures/make_deberta_checkpoint.py --size base), exported with
 # `tools/export_model.py checkpoint` like a user's own; the Python baseline loads the same
 # checkpoint. REQUESTS (default 5) requests per setup after the server's warm-up. Prints the
-# Markdown tables (tools/bench_table.py) and keeps the JSON lines in target/bench-cpu/.
+# Markdown tables (tools/bench_table.py), with each setup's top-label agreement with fp32 on the
+# fixture, and keeps the JSON lines in target/bench-cpu/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=("$@")
@@ -32,7 +33,7 @@ for model in "${models[@]}"; do
   echo
   echo "### $model"
   echo
-  .venv/bin/python tools/bench_table.py "$results"
+  .venv/bin/python tools/bench_table.py "$results" --agreement-with fp32
   # What auto measured at load, per candidate.
   .venv/bin/python -c "
 import json, sys

@@ -17,8 +17,8 @@
 # REQUESTS_PER_CLIENT (default 1; at least 4 requests in all), DURATION (seconds per run, default
 # 3600), OUT_DIR (default target/bench-serving).
 #
-# Prints one JSON line per run: loadgen --json, plus model, setup, dtype, device, and the
-# precision the server ran (with what `auto` measured).
+# Prints one JSON line per run: loadgen --json, plus model, setup, dtype, device, the precision
+# the server ran (with what `auto` measured) and the file holding its answer to the fixture.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1 concurrencies=$2
@@ -72,6 +72,9 @@ YAML
     sleep 0.2
   done
   curl -sf "$address/v1/models" > "$out/models.json"
+  # One answer to the fixture, kept for comparisons between setups (top-label agreement).
+  curl -sf "$address/api/v1/predict/sentences" -H 'content-type: application/json' \
+    -d @tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype.response.json"
   for c in $concurrencies; do
     n=$(( c * per_client > 4 ? c * per_client : 4 ))
     "$bin_dir/loadgen" --server "$address" --concurrency "$c" --requests "$n" --duration "${DURATION:-3600}" --json \
@@ -80,7 +83,7 @@ import json, sys
 run = json.load(sys.stdin)
 served = json.load(open('$out/models.json'))['models'][0]
 run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', precision=served['precision'],
-           precision_choice=served['precision_choice'])
+           precision_choice=served['precision_choice'], response='$out/$model-$setup-$device-$dtype.response.json')
 print(json.dumps(run))"
   done
   kill $server; wait $server 2>/dev/null || true

@@ -7,9 +7,11 @@ Reads the lines `tools/bench_serving.sh` (one per server run and client count) a
 - the Python baselines: median / min / max ms for the 120 sentences;
 - the serving runs: sentences/s, latency percentiles, padding, statuses, the precision the
   server ran, and the p50 latency's ratio to the seed's way (`--reference`, a Python setup name;
-  default python-input-32, batches of 32 in input order): reference median / p50.
+  default python-input-32, batches of 32 in input order): reference median / p50; with
+  `--agreement-with DTYPE`, how many of the fixture's top labels each run's answer shares with
+  the run of that dtype (from the answers bench_serving.sh keeps).
 
-    tools/bench_table.py results.jsonl [--reference python-input-32]
+    tools/bench_table.py results.jsonl [--reference python-input-32] [--agreement-with fp32]
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ import json
 import sys
 
 
+def agreement(baseline: list[str], predictions: list[str]) -> str:
+    same = sum(a == b for a, b in zip(baseline, predictions))
+    return f" {same}/{len(baseline)} |"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", help="JSON-lines files (default: stdin)")
     parser.add_argument("--reference", default="python-input-32", help="the Python setup ratios are taken against")
+    parser.add_argument("--agreement-with", metavar="DTYPE", help="add each run's top-label agreement with this dtype's run")
     args = parser.parse_args()
     lines = []
     for handle in [open(f) for f in args.files] or [sys.stdin]:
@@ -30,6 +38,8 @@ def main() -> int:
     python = [r for r in lines if r.get("setup", "").startswith("python-")]
     serving = [r for r in lines if "latency_ms" in r]
     reference = next((r["median_ms"] for r in python if r["setup"] == args.reference), None)
+    predictions = lambda run: json.load(open(run["response"]))["predictions"]  # noqa: E731
+    baseline = next((predictions(r) for r in serving if r.get("dtype") == args.agreement_with), None)
 
     if python:
         print("| Python baseline | model | median ms | min–max ms | passes | real/padded tokens | × seed's way |")
@@ -40,8 +50,9 @@ def main() -> int:
                   f"{r['forward_passes']} | {r['real_tokens']}/{r['padded_tokens']} | {ratio} |")
         print()
     if serving:
-        print("| clients | setup | device | precision | sentences/s | p50 ms | p95 ms | p99 ms | real/padded | batches | statuses | p50 × seed's way |")
-        print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        agreement_header = f" top label = {args.agreement_with} |" if baseline else ""
+        print(f"| clients | setup | device | precision | sentences/s | p50 ms | p95 ms | p99 ms | real/padded | batches | statuses | p50 × seed's way |{agreement_header}")
+        print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if baseline else ""))
         for r in serving:
             latency, server = r["latency_ms"], r.get("server") or {}
             padding = f"{server['real_over_padded']:.3f}" if server else "–"
@@ -52,7 +63,7 @@ def main() -> int:
             ratio = f"{reference / latency['p50']:.2f}×" if reference and latency["p50"] else "–"
             print(f"| {r['concurrency']} | {r['setup']} | {r.get('device', '')} | {precision} | {r['sentences_per_s']:.1f} | "
                   f"{latency['p50']:.1f} | {latency['p95']:.1f} | {latency['p99']:.1f} | {padding} | {server.get('batches', '–')} | "
-                  f"{statuses} | {ratio} |")
+                  f"{statuses} | {ratio} |" + (agreement(baseline, predictions(r)) if baseline else ""))
     return 0
 
 

@@ -45,8 +45,11 @@ if [ "${1:-}" = bundle ]; then
   exit
 fi
 [ "${1:-}" = run ] && shift
+# A dry run is asked for, or the machine has no NVIDIA driver at all. A driver that torch cannot
+# use is a failure, not a dry run: on the GPU machine a broken setup must not look like a pass.
 dry=0
 [ "${1:-}" = --dry ] && dry=1
+command -v nvidia-smi > /dev/null || dry=1
 
 out=${OUT:-target/gpu-check}
 mkdir -p "$out"
@@ -57,14 +60,16 @@ summary=$out/summary.md
 started=$(date +%s)
 failures=()
 note() { echo "$*" | tee -a "$summary"; }
-# Runs one step, timing it; a failed step is recorded and the next one still runs.
+# Runs one step, timing it; a failed step is recorded and the next one still runs. A step that
+# sets `skipped=1` was skipped, and the summary says so.
 step() {
   local name=$1
   shift
   local t0=$(date +%s)
   echo "== $name"
+  skipped=0
   if "$@"; then
-    note "- $name: ok ($(( $(date +%s) - t0 )) s)"
+    note "- $name: $([ $skipped = 1 ] && echo SKIPPED || echo ok) ($(( $(date +%s) - t0 )) s)"
   else
     note "- $name: FAILED ($(( $(date +%s) - t0 )) s)"
     failures+=("$name")
@@ -78,12 +83,16 @@ torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(t
 export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ ! -f "$bundle" ]; then
   command -v cargo > /dev/null || { echo "no $bundle and no cargo to build it: carry it here" >&2; exit 1; }
-  (build_bundle) || exit 1
+  bash "$0" bundle || exit 1
 fi
 rm -rf target/gpu-bundle && tar -xzf "$bundle" -C target
 bin=$root/target/gpu-bundle
-gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' 2>/dev/null)
-[ -z "$gpu" ] && dry=1
+gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
+if [ $dry = 0 ] && [ -z "$gpu" ]; then
+  echo "nvidia-smi is here but torch sees no CUDA device:" >&2
+  nvidia-smi >&2
+  exit 1
+fi
 
 : > "$summary"
 if [ $dry = 1 ]; then
@@ -108,6 +117,7 @@ cuda_tests() {
   if [ $dry = 1 ]; then
     note "  SKIPPED (dry run): $("$bin/cuda-tests" --list --ignored 2>/dev/null | grep -c ': test$') CUDA tests:"
     "$bin/cuda-tests" --list --ignored 2>/dev/null | sed -n 's/: test$//p' | sed 's/^/  - /' | tee -a "$summary"
+    skipped=1
     return 0
   fi
   BATCHBOX_CUDA_MODEL=$models/$model BATCHBOX_WORKSPACE=$root "$bin/cuda-tests" --ignored --test-threads=1 --nocapture \
@@ -123,7 +133,8 @@ seed_baseline() {
 }
 
 serving() {
-  DEVICE=$device MODELS_DIR=$models BIN_DIR=$bin PLUGIN=$bin/sentence_classifier.wasm OUT_DIR=$out/serving \
+  # Its configs, logs and plugin cache stay outside $OUT: the device tool brings back 8 files.
+  DEVICE=$device MODELS_DIR=$models BIN_DIR=$bin PLUGIN=$bin/sentence_classifier.wasm OUT_DIR=$root/target/gpu-check-serving \
     REQUESTS_PER_CLIENT=$per_client DURATION=12 \
     bash tools/bench_serving.sh "$model" "$concurrencies" "batchbox:$serve_dtype" "batchbox-b128:$serve_dtype" | tee -a "$results"
 }

@@ -47,7 +47,8 @@ def predict(model, tokenizer, sentences: list[str], batch_size: int, order: str,
     """The seed's loop: chunks in input (or length-sorted) order, each padded to its longest row."""
     indices = list(range(len(sentences)))
     if order == "sorted":
-        lengths = [len(e.ids) for e in tokenizer.encode_batch(sentences)]
+        # The tokenizer pads: a sequence's own length is its attention mask's sum.
+        lengths = [sum(e.attention_mask) for e in tokenizer.encode_batch(sentences)]
         indices.sort(key=lambda i: -lengths[i])
     probabilities: list = [None] * len(sentences)
     passes = real = padded = 0

@@ -9,16 +9,18 @@
 //!   entries are evicted first; an entry larger than the whole budget is not kept.
 //! - A lookup or insert under another model version clears the cache first: nothing computed by
 //!   one model is ever answered for another.
-//! - Hits and misses count per sequence, into the model's counters (`/v1/models`), summed over
-//!   its tenants so no tenant is named there.
+//! - Hits and misses count per sequence, once the call succeeds, into the model's counters
+//!   (`/v1/models`), summed over its tenants so no tenant is named there. A sequence repeated
+//!   within one call is computed once.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lru::LruCache;
 
-use crate::model::{Inference, Model, ModelError, Output, RunStats};
+use crate::model::{Inference, Model, ModelError, Output};
 
 /// What an entry costs beyond its ids and logits: the map's node, the LRU links, two `Vec`
 /// headers and the shape. An estimate; it keeps many tiny entries from slipping past the budget.
@@ -78,10 +80,7 @@ impl Lru {
     /// The logits computed for `ids` by model `version`, if kept; marks them recently used.
     pub fn get(&mut self, version: &str, ids: &[u32], stats: &CacheStats) -> Option<Output> {
         self.switch_to(version, stats);
-        let hit = self.entries.get(ids).cloned();
-        let counter = if hit.is_some() { &stats.hits } else { &stats.misses };
-        counter.fetch_add(1, Ordering::Relaxed);
-        hit
+        self.entries.get(ids).cloned()
     }
 
     /// Keeps `output` for `ids`, evicting the least recently used entries to stay in budget.
@@ -114,12 +113,13 @@ impl Lru {
 
 /// A tenant's view of its model through its cache.
 pub struct CachedModel {
+    model: Arc<Model>,
     lru: Mutex<Lru>,
 }
 
 impl CachedModel {
-    pub fn new(max_bytes: u64) -> Self {
-        Self { lru: Mutex::new(Lru::new(max_bytes)) }
+    pub fn new(model: Arc<Model>, max_bytes: u64) -> Self {
+        Self { model, lru: Mutex::new(Lru::new(max_bytes)) }
     }
 
     fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -128,30 +128,51 @@ impl CachedModel {
     }
 
     /// [`Model::infer_for`], with repeats answered from the cache: only the misses go to the
-    /// model, and what it computes is kept. Queue and compute times are those of the misses.
-    pub async fn infer(&self, model: &Model, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Inference, ModelError> {
-        let version = model.cache_version();
-        let stats = &model.counters().cache;
+    /// model (a sequence repeated within the call, once), and what it computes is kept. Queue
+    /// and compute times and the stats are those of the misses. Hits and misses are counted
+    /// once the call succeeds.
+    pub async fn infer(&self, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Inference, ModelError> {
+        let version = self.model.cache_version();
+        let stats = &self.model.counters().cache;
         let mut outputs: Vec<Option<Output>> = {
             let mut lru = self.lru();
             sequences.iter().map(|ids| lru.get(&version, ids, stats)).collect()
         };
-        let missing: Vec<usize> = (0..sequences.len()).filter(|&i| outputs[i].is_none()).collect();
+        // Each distinct missing sequence, and where its output goes.
+        let mut missing: HashMap<&[u32], Vec<usize>> = HashMap::new();
+        for (i, ids) in sequences.iter().enumerate().filter(|(i, _)| outputs[*i].is_none()) {
+            missing.entry(ids.as_slice()).or_default().push(i);
+        }
+        let missing: Vec<(&[u32], Vec<usize>)> = missing.into_iter().collect();
         let mut inference = if missing.is_empty() {
             Inference::nothing_computed()
         } else {
-            model.infer_for(tenant, missing.iter().map(|&i| sequences[i].clone()).collect(), deadline).await?
+            self.model.infer_for(tenant, missing.iter().map(|(ids, _)| ids.to_vec()).collect(), deadline).await?
         };
+        let misses = missing.iter().map(|(_, at)| at.len()).sum::<usize>();
+        stats.misses.fetch_add(misses as u64, Ordering::Relaxed);
+        stats.hits.fetch_add((sequences.len() - misses) as u64, Ordering::Relaxed);
         {
             let mut lru = self.lru();
-            for (&i, output) in missing.iter().zip(std::mem::take(&mut inference.outputs)) {
-                lru.put(&version, sequences[i].clone(), output.clone(), stats);
-                outputs[i] = Some(output);
+            for ((ids, at), output) in missing.iter().zip(std::mem::take(&mut inference.outputs)) {
+                for &i in at {
+                    outputs[i] = Some(output.clone());
+                }
+                lru.put(&version, ids.to_vec(), output, stats);
             }
         }
         inference.outputs = outputs.into_iter().map(|o| o.expect("every sequence was a hit or computed")).collect();
-        inference.stats = RunStats { real_tokens: sequences.iter().map(Vec::len).sum(), ..inference.stats };
         Ok(inference)
+    }
+}
+
+impl Drop for CachedModel {
+    /// The model may outlive its tenants' caches: take this one's entries off its counters.
+    fn drop(&mut self) {
+        let lru = self.lru();
+        let stats = &self.model.counters().cache;
+        stats.entries.fetch_sub(lru.len() as u64, Ordering::Relaxed);
+        stats.bytes.fetch_sub(lru.bytes(), Ordering::Relaxed);
     }
 }
 
@@ -177,7 +198,6 @@ mod tests {
         let bits = |o: &Output| o.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&hit), bits(&stored));
         assert_eq!(hit.shape, stored.shape);
-        assert_eq!((stats.hits.load(Ordering::Relaxed), stats.misses.load(Ordering::Relaxed)), (1, 1));
     }
 
     #[test]

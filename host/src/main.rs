@@ -122,7 +122,14 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     let (models, _plugins) = load(config).await?;
     for (name, model) in &models {
         let info = model.info();
-        println!("model {name}: {} on {} ({:?})", info.manifest.version, info.device, info.precision);
+        let measured: Vec<String> = info
+            .precision_choice
+            .candidates
+            .iter()
+            .map(|c| format!("{:?} {:.1} ms, {}/{} golden texts agree", c.precision, c.median_ms, c.agreeing_texts, c.golden_texts))
+            .collect();
+        let how = if measured.is_empty() { String::new() } else { format!("; cpu_dtype auto measured: {}", measured.join("; ")) };
+        println!("model {name}: {} on {} ({:?}{how})", info.manifest.version, info.device, info.precision);
     }
     for tenant in &config.tenants {
         let routes: Vec<String> = tenant.routes.iter().map(ToString::to_string).collect();

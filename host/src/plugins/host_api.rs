@@ -96,7 +96,7 @@ impl host::Host for RequestState {
         }
         let started = Instant::now();
         let result = match &self.cache {
-            Some(cache) => cache.infer(&self.model, &self.tenant, sequences, Some(self.deadline)).await,
+            Some(cache) => cache.infer(&self.tenant, sequences, Some(self.deadline)).await,
             None => self.model.infer_for(&self.tenant, sequences, Some(self.deadline)).await,
         };
         self.host_time += started.elapsed();

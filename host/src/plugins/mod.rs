@@ -155,7 +155,7 @@ impl PluginRuntime {
                 })?,
             };
             let model = models.get(&tenant.model).expect("the config names loaded models").clone();
-            let cache = tenant.cache.map(|c| Arc::new(CachedModel::new(c.max_bytes)));
+            let cache = tenant.cache.map(|c| Arc::new(CachedModel::new(model.clone(), c.max_bytes)));
             let plugin = LoadedPlugin { tenant: tenant.name.as_str().into(), pre, config_json, limits: tenant.limits, model, cache };
             // Configure once now, so a bad config stops startup instead of failing every request.
             runtime.call(&plugin, 0, None).await?;
