@@ -7,6 +7,7 @@ the 120-sentence fixture in length-sorted batches of 32, and times each over `--
 interleaved rounds (medians).
 
     tools/bench_freeze.py models/minilm-topics cpu-float32 [--rounds 5]
+    tools/bench_freeze.py models/synthetic-deberta-v3-large cuda-float16   (on a GPU)
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def main() -> int:
     tokenizer.enable_truncation(manifest["max_length"])
     rows = [e.ids for e in tokenizer.encode_batch(json.loads(FIXTURE.read_text())["sentences"])]
     rows.sort(key=len, reverse=True)
-    batches = [_pad(rows[i : i + 32], manifest["pad_token_id"]) for i in range(0, len(rows), 32)]
+    device = args.variant.split("-")[0]
+    batches = [[t.to(device) for t in _pad(rows[i : i + 32], manifest["pad_token_id"])] for i in range(0, len(rows), 32)]
 
     path = str(args.model / manifest["variants"][args.variant])
-    load = lambda: torch.jit.load(path).eval()  # noqa: E731
+    load = lambda: torch.jit.load(path, map_location=device).eval()  # noqa: E731
+    # GPU work is asynchronous: a timing ends when the device has finished.
+    finish = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     modules = {
         "as exported": load(),
         "frozen": torch.jit.freeze(load()),
@@ -61,6 +65,7 @@ def main() -> int:
                 started = time.perf_counter()
                 for batch in batches:
                     module(*batch)
+                finish()
                 times[name].append((time.perf_counter() - started) * 1e3)
     base = statistics.median(times["as exported"])
     for name, samples in times.items():

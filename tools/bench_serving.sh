@@ -31,6 +31,14 @@ per_client=${REQUESTS_PER_CLIENT:-1}
 out=${OUT_DIR:-target/bench-serving}
 mkdir -p "$out"
 out=$(realpath "$out")
+# GET a URL, or POST a JSON file to it, and print the answer; fails on an HTTP error. python3
+# rather than curl, which a GPU machine may lack.
+fetch() {
+  python3 -c 'import sys, urllib.request as http
+body = open(sys.argv[2], "rb").read() if len(sys.argv) > 2 else None
+request = http.Request(sys.argv[1], data=body, headers={"content-type": "application/json"})
+sys.stdout.write(http.urlopen(request, timeout=600).read().decode())' "$@"
+}
 for spec in "$@"; do
   setup=${spec%%:*}
   dtype=${spec#*:}
@@ -67,14 +75,13 @@ YAML
     sleep 0.2
   done
   address=$(sed -n 's/^listening on //p' "$out/server.out")
-  until curl -sf "$address/ready" > /dev/null; do
+  until fetch "$address/ready" > /dev/null 2>&1; do
     kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
     sleep 0.2
   done
-  curl -sf "$address/v1/models" > "$out/models.json"
+  fetch "$address/v1/models" > "$out/models.json"
   # One answer to the fixture, kept for comparisons between setups (top-label agreement).
-  curl -sf "$address/api/v1/predict/sentences" -H 'content-type: application/json' \
-    -d @tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype.response.json"
+  fetch "$address/api/v1/predict/sentences" tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype.response.json"
   for c in $concurrencies; do
     n=$(( c * per_client > 4 ? c * per_client : 4 ))
     "$bin_dir/loadgen" --server "$address" --concurrency "$c" --requests "$n" --duration "${DURATION:-3600}" --json \

@@ -13,7 +13,8 @@
 # Steps: export synthetic DeBERTa-v3-large there (cuda-float16 and cuda-float32); the CUDA tests
 # (tests/cuda.rs: eager PyTorch on the GPU vs batchbox, fp16 vs fp32 top labels, a real CUDA
 # out-of-memory split); the seed's way in Python (batches of 32 in input order, and one
-# length-sorted batch, fp16); the serving benchmark (HTTP, the sentence-classifier plugin) at 1, 8
+# length-sorted batch, fp16); whether freezing the traced module helps there
+# (tools/bench_freeze.py); the serving benchmark (HTTP, the sentence-classifier plugin) at 1, 8
 # and 64 clients. The summary is printed and written, with every JSON line, under $OUT (default
 # target/gpu-check). Meant to finish in about 6 minutes on an H100.
 set -uo pipefail
@@ -132,6 +133,11 @@ seed_baseline() {
     --setup input:32 --setup sorted:1000 synthetic --size "$size" --tokenizer "$bin/tokenizer.json" | tee -a "$results"
 }
 
+# Would freezing the traced module help on this device? (It did not on CPU; see BENCHMARKS.md.)
+freezing() {
+  "$python" tools/bench_freeze.py "$models/$model" "$(cut -d, -f1 <<< "$variants")" --rounds "$rounds" | tee -a "$summary"
+}
+
 serving() {
   # Its configs, logs and plugin cache stay outside $OUT: the device tool brings back 8 files.
   DEVICE=$device MODELS_DIR=$models BIN_DIR=$bin PLUGIN=$bin/sentence_classifier.wasm OUT_DIR=$root/target/gpu-check-serving \
@@ -142,6 +148,7 @@ serving() {
 step "export DeBERTa-v3-$size ($variants)" export_model
 step "CUDA tests" cuda_tests
 step "seed's way in Python ($dtype on $device)" seed_baseline
+step "freezing, measured ($(cut -d, -f1 <<< "$variants"))" freezing
 step "serving benchmark ($device, $serve_dtype, clients: $concurrencies)" serving
 note ""
 "$python" tools/bench_table.py "$results" >> "$summary"
