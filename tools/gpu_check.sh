@@ -80,7 +80,10 @@ step() {
 # Python with torch: the machine's python3 there, the venv here.
 python=python3
 [ -x .venv/bin/python ] && python=$root/.venv/bin/python
-torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+torch_lib=$("$python" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
+  echo "$python cannot import torch: the GPU check needs python3 with torch 2.11 and transformers" >&2
+  exit 1
+}
 export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ ! -f "$bundle" ]; then
   command -v cargo > /dev/null || { echo "no $bundle and no cargo to build it: carry it here" >&2; exit 1; }
