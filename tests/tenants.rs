@@ -331,3 +331,51 @@ fn the_example_config_serves_two_tenants_with_two_plugins_and_two_models() {
     let (status, body) = server.post_with("/api/v1/tag", &tag, &[("authorization", &team_b)]);
     assert_json_error(status, &body, 404, "not_found", "team-b's route on another host");
 }
+
+#[test]
+fn the_target_names_the_host_and_ambiguous_requests_get_400() {
+    let server = start();
+    let alpha = format!("authorization: {}", bearer(ALPHA_KEY));
+    // The absolute-form target's authority wins over the Host header (RFC 9112 §3.2.2): this is
+    // beta's route, so alpha's key is another tenant's key there...
+    let (status, body) = common::raw(&server, &format!("POST http://beta.example{PREDICT} HTTP/1.1\r\nhost: alpha.example\r\n{alpha}"), &predict_body());
+    assert_json_error(status, &body, 403, "forbidden", "absolute-form target naming beta");
+    // ...and the other way round, alpha's route serves alpha's key.
+    let (status, body) = common::raw(&server, &format!("POST http://alpha.example:80{PREDICT} HTTP/1.1\r\nhost: beta.example\r\n{alpha}"), &predict_body());
+    assert_eq!(status, 200, "absolute-form target naming alpha: {body}");
+
+    let ambiguous = [
+        (format!("POST {PREDICT} HTTP/1.1\r\nhost: alpha.example\r\nhost: beta.example\r\n{alpha}"), "several Host headers"),
+        (format!("POST {PREDICT} HTTP/1.1\r\n{alpha}"), "need a Host header"),
+        (format!("POST {PREDICT} HTTP/1.1\r\nhost: alpha.example\r\n{alpha}\r\nauthorization: Bearer other"), "several Authorization headers"),
+        ("GET /health HTTP/1.1".to_owned(), "need a Host header"),
+    ];
+    for (head, says) in ambiguous {
+        let (status, body) = common::raw(&server, &head, "");
+        assert_json_error(status, &body, 400, "bad_request", says);
+        assert!(body["error"]["message"].as_str().unwrap().contains(says), "{body}");
+        assert_alpha_served(&server, says);
+    }
+    // HTTP/1.0 did not require Host: served.
+    let (status, body) = common::raw(&server, &format!("POST {PREDICT} HTTP/1.0\r\n{alpha}"), &predict_body());
+    assert_eq!(status, 200, "HTTP/1.0 without Host: {body}");
+}
+
+#[test]
+fn credentials_and_hop_by_hop_headers_never_reach_a_plugin() {
+    let server = start();
+    let port = server.address().rsplit(':').next().unwrap().to_owned();
+    let head = format!(
+        "POST /hostile/escape?port={port} HTTP/1.1\r\nhost: localhost\r\nauthorization: {}\r\nproxy-authorization: Basic c2VjcmV0\r\n\
+         keep-alive: timeout=5\r\nte: trailers\r\nupgrade: websocket\r\nproxy-connection: keep-alive\r\nx-connection-only: 1\r\n\
+         x-end-to-end: 1\r\nconnection: x-connection-only",
+        bearer(HOSTILE_KEY)
+    );
+    let (status, report) = common::raw(&server, &head, "");
+    assert_eq!(status, 200, "{report}");
+    let headers: Vec<&str> = report["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+    for withheld in ["authorization", "proxy-authorization", "keep-alive", "te", "upgrade", "proxy-connection", "connection", "x-connection-only"] {
+        assert!(!headers.contains(&withheld), "{withheld} reached the plugin: {headers:?}");
+    }
+    assert!(headers.contains(&"x-end-to-end") && headers.contains(&"host"), "{headers:?}");
+}

@@ -52,6 +52,9 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    /// The request's target or its headers are ambiguous (RFC 9112 §3.2).
+    #[error("{0}")]
+    BadRequest(&'static str),
     #[error("the model and plugins are still loading")]
     NotReady,
     #[error(transparent)]
@@ -68,7 +71,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotReady | Self::Plugin(PluginError::NoCapacity) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => StatusCode::UNAUTHORIZED,
             Self::Access(AccessError::WrongTenant { .. }) => StatusCode::FORBIDDEN,
@@ -84,6 +87,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BadBody(_) => "bad_body",
+            Self::BadRequest(_) => "bad_request",
             Self::NotReady => "not_ready",
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => "unauthorized",
             Self::Access(AccessError::WrongTenant { .. }) => "forbidden",
@@ -156,6 +160,7 @@ impl App {
     }
 
     async fn route(&self, id: u64, request: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+        let host = target_host(&request)?;
         let path = request.uri().path().to_owned();
         let host_route = matches!(path.as_str(), "/health" | "/ready" | "/v1/models");
         if host_route && request.method() != Method::GET {
@@ -172,10 +177,14 @@ impl App {
             "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
             _ => {}
         }
-        let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
-        let tenant = self.tenants.route(host, &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
+        let tenant = self.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-        self.tenants.authorize(tenant, request.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))?;
+        let mut authorization = request.headers().get_all(AUTHORIZATION).iter();
+        let key = authorization.next().map(HeaderValue::as_bytes);
+        if authorization.next().is_some() {
+            return Err(ApiError::BadRequest("several Authorization headers: send one"));
+        }
+        self.tenants.authorize(tenant, key)?;
         let _in_flight = tenant.admit()?;
         let request = self.plugin_request(tenant, request).await?;
         let response = loaded.plugins.handle(&tenant.name, id, request).await?;
@@ -255,12 +264,46 @@ impl App {
             headers: parts
                 .headers
                 .iter()
-                .filter(|(name, _)| *name != AUTHORIZATION)
+                .filter(|(name, _)| !withheld_from_plugins(name, &parts.headers))
                 .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
                 .collect(),
             body: body.to_bytes().to_vec(),
         })
     }
+}
+
+/// The host a request is for (RFC 9112 §3.2): the authority of an absolute-form target wins over
+/// `Host`; several `Host` headers, or none on HTTP/1.1 without one in the target, are refused.
+fn target_host(request: &hyper::Request<Incoming>) -> Result<Option<String>, ApiError> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err(ApiError::BadRequest("several Host headers: send one"));
+    }
+    if let Some(host) = request.uri().host() {
+        return Ok(Some(host.to_owned()));
+    }
+    match first {
+        Some(value) => value.to_str().map(|h| Some(h.to_owned())).map_err(|_| ApiError::BadRequest("the Host header is not visible ASCII")),
+        None if request.version() == hyper::Version::HTTP_11 => Err(ApiError::BadRequest("HTTP/1.1 requests need a Host header")),
+        None => Ok(None),
+    }
+}
+
+/// Headers a plugin never sees: the caller's credentials, which stay with the host, and
+/// hop-by-hop headers (RFC 9110 §7.6.1), which describe this connection only, with any header
+/// that `Connection` names.
+fn withheld_from_plugins(name: &HeaderName, headers: &hyper::HeaderMap) -> bool {
+    const WITHHELD: [&str; 9] =
+        ["authorization", "proxy-authorization", "connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "upgrade"];
+    WITHHELD.contains(&name.as_str())
+        || name == hyper::header::TRANSFER_ENCODING
+        || headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|option| option.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
 fn plugin_response(response: plugins::Response) -> Result<Response, ApiError> {

@@ -143,6 +143,22 @@ pub fn assert_json_error(status: u16, body: &Value, want_status: u16, want_code:
     assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty(), "{what}: {body}");
 }
 
+/// Sends `head` (request line and headers, without the blank line) and `body` over a raw
+/// socket, for requests a client library would not send (two Host headers, absolute-form
+/// targets), and reads the answer: its status and JSON body.
+pub fn raw(server: &Server, head: &str, body: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(server.address()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let request = format!("{head}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line: {answer:?}"));
+    let json = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON ({status}): {answer:?}")))
+}
+
 /// The median of some durations.
 pub fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
