@@ -6,6 +6,8 @@
 //! as passed. `make gpu-check` (tools/gpu_check.sh) exports DeBERTa-v3-large on the GPU machine
 //! and runs this binary with `--ignored`; there a missing GPU or model is a failure.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,17 +19,6 @@ use serde::Deserialize;
 
 fn model_dir() -> PathBuf {
     PathBuf::from(std::env::var("BATCHBOX_CUDA_MODEL").expect("BATCHBOX_CUDA_MODEL names a model exported with cuda variants"))
-}
-
-fn fixture_sentences() -> Vec<String> {
-    // The binary may run far from its build tree (a GPU machine): BATCHBOX_WORKSPACE says where.
-    let root = std::env::var("BATCHBOX_WORKSPACE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
-    #[derive(Deserialize)]
-    struct Fixture {
-        sentences: Vec<String>,
-    }
-    let text = std::fs::read_to_string(root.join("tests/fixtures/test_120_sentences.json")).unwrap();
-    serde_json::from_str::<Fixture>(&text).unwrap().sentences
 }
 
 fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
@@ -77,7 +68,8 @@ fn cuda_variants_match_eager_pytorch_on_the_gpu() {
 #[test]
 #[ignore = "needs a CUDA GPU: run by `make gpu-check` (tools/gpu_check.sh)"]
 fn fp16_top_labels_agree_with_fp32_on_the_fixture() {
-    let sentences = fixture_sentences();
+    // The binary runs far from its build tree there: BATCHBOX_WORKSPACE says where the fixture is.
+    let sentences = common::fixture_sentences();
     let top = |use_fp16: bool| {
         let model = load(use_fp16, 32, 8192);
         let ids = model.tokenize(&sentences).unwrap().into_iter().map(|e| e.ids).collect();

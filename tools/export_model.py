@@ -523,24 +523,23 @@ def eager_outputs(module: torch.nn.Module, source: Source, rows: list[list[int]]
 AGREEMENT_ROWS = 64
 
 
-def top_label_agreement(fp32: torch.nn.Module, variant_module: torch.nn.Module, source: Source, variant: Variant) -> tuple[int, int]:
-    """How many top labels `variant_module` shares with the fp32 model: on the golden texts and on
-    random rows of 4 to 64 tokens (per token for token classifiers). Returns (agreeing, compared)."""
+def agreement_rows(source: Source, golden_rows: list[list[int]]) -> list[list[int]]:
+    """What reduced-precision variants are compared with fp32 on: the golden texts and random rows
+    of 4 to 64 tokens."""
     vocab = min(source.vocab_size, source.tokenizer.get_vocab_size())
     generator = torch.Generator().manual_seed(99)
     lengths = torch.randint(4, min(64, source.max_length) + 1, (AGREEMENT_ROWS,), generator=generator).tolist()
-    rows = [e.ids for e in _encode(source.tokenizer, GOLDEN_TEXTS, source.max_length)]
-    rows += _random_rows(lengths, vocab, generator)
-    agreeing = compared = 0
-    for start in range(0, len(rows), 16):
-        batch = rows[start : start + 16]
-        want = eager_outputs(fp32, source, batch, "cpu")
-        got = eager_outputs(variant_module, source, batch, variant.device)
-        for a, b in zip(want, got):
-            agree = a.argmax(-1) == b.argmax(-1)
-            agreeing += int(agree.sum())
-            compared += agree.numel()
-    return agreeing, compared
+    return golden_rows + _random_rows(lengths, vocab, generator)
+
+
+def top_labels(module: torch.nn.Module, source: Source, rows: list[list[int]], device: str) -> list[torch.Tensor]:
+    """Each row's top label (one per token for token classifiers), in batches of 16."""
+    return [o.argmax(-1) for start in range(0, len(rows), 16) for o in eager_outputs(module, source, rows[start : start + 16], device)]
+
+
+def agreement(want: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[int, int]:
+    """How many top labels agree, out of how many."""
+    return sum(int((a == b).sum()) for a, b in zip(want, got)), sum(a.numel() for a in want)
 
 
 def _sha256(files: list[Path]) -> str:
@@ -571,7 +570,10 @@ def export(source: Source, out: Path, variants: list[Variant]) -> dict:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp = Path(tmp)
         report = []
-        agreement = {}
+        agreements = {}
+        # fp32's top labels, computed once for every reduced-precision variant to be compared with.
+        rows = agreement_rows(source, reference["input_ids"])
+        fp32_labels = top_labels(eager, source, rows, "cpu") if any(v.dtype != torch.float32 for v in variants) else []
         for variant in variants:
             module = variant.prepare(eager)
             traced = trace(module, source, variant)
@@ -582,8 +584,8 @@ def export(source: Source, out: Path, variants: list[Variant]) -> dict:
             outputs = eager_outputs(module, source, reference["input_ids"], variant.device)
             reference["variants"][variant.name] = [o.flatten().tolist() for o in outputs]
             if variant.dtype != torch.float32:
-                agreeing, compared = top_label_agreement(eager, module, source, variant)
-                agreement[variant.name] = {"agreeing": agreeing, "compared": compared}
+                agreeing, compared = agreement(fp32_labels, top_labels(module, source, rows, variant.device))
+                agreements[variant.name] = {"agreeing": agreeing, "compared": compared}
                 report.append(f"{variant.name} top label agrees with fp32 on {agreeing}/{compared} ({agreeing / compared:.1%})")
             del module, traced, reloaded
         source.tokenizer.save(str(tmp / "tokenizer.json"))
@@ -603,8 +605,8 @@ def export(source: Source, out: Path, variants: list[Variant]) -> dict:
             "sha256": sha256,
             "torch_version": torch.__version__.split("+")[0],
             "checks": report,
-            # Top-label agreement of each reduced-precision variant with fp32 (see top_label_agreement).
-            "agreement_with_fp32": agreement,
+            # Top-label agreement of each reduced-precision variant with fp32 (see agreement_rows).
+            "agreement_with_fp32": agreements,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "golden.json").write_text(json.dumps(reference) + "\n")

@@ -179,12 +179,8 @@ impl App {
         }
         let tenant = self.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-        let mut authorization = request.headers().get_all(AUTHORIZATION).iter();
-        let key = authorization.next().map(HeaderValue::as_bytes);
-        if authorization.next().is_some() {
-            return Err(ApiError::BadRequest("several Authorization headers: send one"));
-        }
-        self.tenants.authorize(tenant, key)?;
+        let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
+        self.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
         let _in_flight = tenant.admit()?;
         let request = self.plugin_request(tenant, request).await?;
         let response = loaded.plugins.handle(&tenant.name, id, request).await?;
@@ -249,6 +245,7 @@ impl App {
             check_size(declared)?;
         }
         let (parts, body) = request.into_parts();
+        let withheld = withheld_from_plugins(&parts.headers);
         let read_limit = limit.min(tenant.limits.max_body_bytes);
         let body = Limited::new(body, read_limit).collect().await.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
@@ -264,7 +261,7 @@ impl App {
             headers: parts
                 .headers
                 .iter()
-                .filter(|(name, _)| !withheld_from_plugins(name, &parts.headers))
+                .filter(|(name, _)| !withheld.iter().any(|w| w.eq_ignore_ascii_case(name.as_str())))
                 .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
                 .collect(),
             body: body.to_bytes().to_vec(),
@@ -275,11 +272,7 @@ impl App {
 /// The host a request is for (RFC 9112 §3.2): the authority of an absolute-form target wins over
 /// `Host`; several `Host` headers, or none on HTTP/1.1 without one in the target, are refused.
 fn target_host(request: &hyper::Request<Incoming>) -> Result<Option<String>, ApiError> {
-    let mut hosts = request.headers().get_all(HOST).iter();
-    let (first, second) = (hosts.next(), hosts.next());
-    if second.is_some() {
-        return Err(ApiError::BadRequest("several Host headers: send one"));
-    }
+    let first = single_header(request.headers(), HOST, "several Host headers: send one")?;
     if let Some(host) = request.uri().host() {
         return Ok(Some(host.to_owned()));
     }
@@ -290,20 +283,34 @@ fn target_host(request: &hyper::Request<Incoming>) -> Result<Option<String>, Api
     }
 }
 
-/// Headers a plugin never sees: the caller's credentials, which stay with the host, and
-/// hop-by-hop headers (RFC 9110 §7.6.1), which describe this connection only, with any header
-/// that `Connection` names.
-fn withheld_from_plugins(name: &HeaderName, headers: &hyper::HeaderMap) -> bool {
-    const WITHHELD: [&str; 9] =
-        ["authorization", "proxy-authorization", "connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "upgrade"];
-    WITHHELD.contains(&name.as_str())
-        || name == hyper::header::TRANSFER_ENCODING
-        || headers
-            .get_all(hyper::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|option| option.trim().eq_ignore_ascii_case(name.as_str()))
+/// The one value of header `name`, if any; several are refused with `several`.
+fn single_header<'a>(headers: &'a hyper::HeaderMap, name: HeaderName, several: &'static str) -> Result<Option<&'a HeaderValue>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(several));
+    }
+    Ok(first)
+}
+
+/// The names of the headers a plugin never sees: the caller's credentials, which stay with the
+/// host, and hop-by-hop headers (RFC 9110 §7.6.1), which describe this connection only, with
+/// any header that `Connection` names.
+fn withheld_from_plugins(headers: &hyper::HeaderMap) -> Vec<&str> {
+    const WITHHELD: [&str; 10] = [
+        "authorization",
+        "proxy-authorization",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let named = headers.get_all(hyper::header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim);
+    WITHHELD.into_iter().chain(named).collect()
 }
 
 fn plugin_response(response: plugins::Response) -> Result<Response, ApiError> {

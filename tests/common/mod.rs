@@ -11,8 +11,13 @@ use serde_json::Value;
 
 pub const PREDICT: &str = "/api/v1/predict/sentences";
 
+/// The repository: `BATCHBOX_WORKSPACE` for a test binary run away from its build tree (the CUDA
+/// tests on a GPU machine, see tools/gpu_check.sh), else the one it was built in.
 pub fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        std::env::var_os("BATCHBOX_WORKSPACE").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned(), PathBuf::from)
+    })
 }
 
 pub fn wasm(name: &str) -> PathBuf {

@@ -123,7 +123,8 @@ pub(super) fn choose(
     let padder = engines[0].1.padder();
     let golden_rows: Vec<&[u32]> = golden.input_ids.iter().map(Vec::as_slice).collect();
     let golden_batch = padder.pad(&golden_rows);
-    let reference = top_labels(&engines[0].1.forward(&golden_batch)?);
+    let labels = engines.iter_mut().map(|(_, engine)| Ok(top_labels(&engine.forward(&golden_batch)?))).collect::<Result<Vec<_>, ModelError>>()?;
+    let reference = &labels[0]; // fp32's
     let timing: Vec<&[u32]> = golden_rows.iter().cycle().take(TIMING_ROWS).map(|row| &row[..row.len().min(TIMING_MAX_LEN)]).collect();
     let timing_batch = padder.pad(&timing);
 
@@ -136,9 +137,8 @@ pub(super) fn choose(
         }
     }
     let mut candidates = Vec::new();
-    for ((precision, engine), times) in engines.iter_mut().zip(samples) {
-        let labels = top_labels(&engine.forward(&golden_batch)?);
-        let agreeing_texts = labels.iter().zip(&reference).filter(|(a, b)| a == b).count();
+    for (((precision, _), times), labels) in engines.iter().zip(samples).zip(&labels) {
+        let agreeing_texts = labels.iter().zip(reference).filter(|(a, b)| a == b).count();
         candidates.push(Candidate { precision: *precision, median_ms: median(times).as_secs_f64() * 1e3, agreeing_texts, golden_texts: reference.len() });
     }
     let best = candidates
