@@ -362,20 +362,70 @@ fn the_target_names_the_host_and_ambiguous_requests_get_400() {
 }
 
 #[test]
-fn credentials_and_hop_by_hop_headers_never_reach_a_plugin() {
+fn credentials_cookies_and_hop_by_hop_headers_never_reach_a_plugin() {
     let server = start();
     let port = server.address().rsplit(':').next().unwrap().to_owned();
     let head = format!(
         "POST /hostile/escape?port={port} HTTP/1.1\r\nhost: localhost\r\nauthorization: {}\r\nproxy-authorization: Basic c2VjcmV0\r\n\
          keep-alive: timeout=5\r\nte: trailers\r\nupgrade: websocket\r\nproxy-connection: keep-alive\r\nx-connection-only: 1\r\n\
+         cookie: session=another-tenants\r\n\
          x-end-to-end: 1\r\nconnection: x-connection-only",
         bearer(HOSTILE_KEY)
     );
     let (status, report) = common::raw(&server, &head, "");
     assert_eq!(status, 200, "{report}");
     let headers: Vec<&str> = report["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
-    for withheld in ["authorization", "proxy-authorization", "keep-alive", "te", "upgrade", "proxy-connection", "connection", "x-connection-only"] {
+    for withheld in ["authorization", "proxy-authorization", "cookie", "keep-alive", "te", "upgrade", "proxy-connection", "connection", "x-connection-only"] {
         assert!(!headers.contains(&withheld), "{withheld} reached the plugin: {headers:?}");
     }
     assert!(headers.contains(&"x-end-to-end") && headers.contains(&"host"), "{headers:?}");
+}
+
+#[test]
+fn a_plugin_response_that_would_break_framing_or_flood_headers_gets_500_naming_the_problem() {
+    let server = start();
+    let key = bearer(HOSTILE_KEY);
+    let respond = |query: &str, headers: &[(&str, &str)]| {
+        let mut headers = headers.to_vec();
+        headers.push(("authorization", &key));
+        server.post_with(&format!("/hostile/respond?{query}"), "", &headers)
+    };
+    let refused: [(&str, &[(&str, &str)], &str); 13] = [
+        ("n=101", &[("x-respond-upgrade", "websocket"), ("x-respond-connection", "upgrade")], "status 101 is outside 200-599"),
+        ("n=199", &[], "status 199 is outside 200-599"),
+        ("n=600", &[], "status 600 is outside 200-599"),
+        ("", &[("x-respond-content-length", "1000")], "header content-length is set by the host"),
+        ("", &[("x-respond-transfer-encoding", "chunked")], "header transfer-encoding is set by the host"),
+        ("", &[("x-respond-connection", "close")], "header connection is set by the host"),
+        ("", &[("x-respond-upgrade", "h2c")], "header upgrade is set by the host"),
+        ("", &[("x-respond-keep-alive", "timeout=1")], "header keep-alive is set by the host"),
+        ("", &[("x-respond-te", "trailers")], "header te is set by the host"),
+        ("", &[("x-respond-set-cookie", "session=mine; Path=/")], "header set-cookie is set by the host"),
+        ("count=101", &[], "101 headers, more than the limit of 100"),
+        ("count=20&bytes=4000", &[], "more than the limit of 65536"),
+        ("count=1&bytes=70000", &[], "more than the limit of 65536"),
+    ];
+    for (query, headers, says) in refused {
+        let (status, body) = respond(query, headers);
+        let what = format!("respond?{query} {headers:?}");
+        assert_json_error(status, &body, 500, "bad_plugin_response", &what);
+        assert!(body["error"]["message"].as_str().unwrap().contains(says), "{what}: {body}");
+        assert_alpha_served(&server, &what);
+    }
+    // 200,000 headers: the hostile tenant's 4 MiB hostcall budget stops them (429), the default
+    // 16 MiB (the sleepy tenant's) lets them through to the count check.
+    let (status, body) = respond("count=200000", &[]);
+    assert_json_error(status, &body, 429, "quota_exceeded", "200,000 headers from the hostile tenant");
+    let (status, body) = server.post("/sleepy/respond?count=200000", "");
+    assert_json_error(status, &body, 500, "bad_plugin_response", "200,000 headers from the sleepy tenant");
+    assert!(body["error"]["message"].as_str().unwrap().contains("200000 headers"), "{body}");
+    assert_alpha_served(&server, "200,000 headers");
+
+    // What a plugin may set arrives as it was set, on a well-framed response.
+    let response = server.send("/hostile/respond?n=201&count=99", "", &[("authorization", &key), ("x-respond-cache-control", "no-store")]);
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers().get("cache-control").unwrap(), "no-store");
+    assert_eq!(response.headers().get("content-length").unwrap(), "5");
+    assert!(response.headers().get("x-request-id").is_some());
+    assert_eq!(response.into_body().with_config().read_to_string().unwrap(), "hello");
 }

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -51,6 +51,27 @@ pub struct ServerConfig {
     pub plugin_cache_dir: PathBuf,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     pub shutdown_grace_ms: u64,
+    /// A request's headers must arrive within this long of the connection opening or of the
+    /// previous response (HTTP/1.1); slower or stalled headers close the connection.
+    pub header_read_timeout_ms: NonZeroU64,
+    /// A connection with no request in flight is closed after this long (both protocols).
+    pub keep_alive_idle_ms: NonZeroU64,
+    /// A request body must arrive within this long of its headers; a slower one gets 408 and
+    /// gives its tenant's `max_concurrent` slot back.
+    pub body_read_timeout_ms: NonZeroU64,
+    /// Open connections at once; past it the server stops accepting until one closes (new
+    /// clients wait in the listen backlog).
+    pub max_connections: NonZeroUsize,
+    /// Bytes of request headers (HTTP/1.1: the read buffer, at least 8 KiB; HTTP/2: the header
+    /// list size).
+    pub max_header_bytes: usize,
+    /// HTTP/2 requests in flight on one connection.
+    pub http2_max_concurrent_streams: NonZeroU32,
+}
+
+impl ServerConfig {
+    /// hyper's smallest HTTP/1.1 read buffer.
+    pub const MIN_HEADER_BYTES: usize = 8 << 10;
 }
 
 impl Default for ServerConfig {
@@ -61,6 +82,12 @@ impl Default for ServerConfig {
             max_instances: 256,
             plugin_cache_dir: PathBuf::from("target/plugin-cache"),
             shutdown_grace_ms: 10_000,
+            header_read_timeout_ms: NonZeroU64::new(10_000).unwrap(),
+            keep_alive_idle_ms: NonZeroU64::new(10_000).unwrap(),
+            body_read_timeout_ms: NonZeroU64::new(30_000).unwrap(),
+            max_connections: NonZeroUsize::new(4_096).unwrap(),
+            max_header_bytes: 64 << 10,
+            http2_max_concurrent_streams: NonZeroU32::new(100).unwrap(),
         }
     }
 }
@@ -129,6 +156,10 @@ pub struct TenantLimits {
     /// Per host call (and for the response): bytes the host copies out of the plugin
     /// (wasmtime's hostcall fuel). Checked before the data is read.
     pub max_hostcall_bytes: usize,
+    /// Headers in one plugin response, and their bytes (names and values); more is a 500
+    /// `bad_plugin_response`.
+    pub max_response_headers: usize,
+    pub max_response_header_bytes: usize,
 }
 
 impl Default for TenantLimits {
@@ -143,6 +174,8 @@ impl Default for TenantLimits {
             max_tokens: 262_144,
             max_text_bytes: 8 << 20,
             max_hostcall_bytes: 16 << 20,
+            max_response_headers: 100,
+            max_response_header_bytes: 64 << 10,
         }
     }
 }
@@ -421,6 +454,9 @@ impl Config {
         if self.server.max_body_bytes == 0 || self.server.max_instances == 0 {
             return Err(("server", "max_body_bytes and max_instances must be above 0".into()));
         }
+        if !(ServerConfig::MIN_HEADER_BYTES..=u32::MAX as usize).contains(&self.server.max_header_bytes) {
+            return Err(("server.max_header_bytes", format!("must be {} to {}", ServerConfig::MIN_HEADER_BYTES, u32::MAX)));
+        }
         let mut names = std::collections::HashSet::new();
         let mut routes = std::collections::HashMap::new();
         for (i, tenant) in self.tenants.iter().enumerate() {
@@ -459,6 +495,8 @@ impl Config {
                 ("max_tokens", l.max_tokens),
                 ("max_text_bytes", l.max_text_bytes),
                 ("max_hostcall_bytes", l.max_hostcall_bytes),
+                ("max_response_headers", l.max_response_headers),
+                ("max_response_header_bytes", l.max_response_header_bytes),
             ];
             if let Some((limit, _)) = positive.iter().find(|(_, v)| *v == 0) {
                 return Err(("tenants.limits", format!("tenant {name}: {limit} must be above 0")));

@@ -5,13 +5,13 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use batchbox::config::{Config, DeviceSpec};
 use batchbox::model::{Model, ModelOptions, Task};
 use batchbox::plugins::PluginRuntime;
-use batchbox::server::{self, App, Loaded};
+use batchbox::server::{self, App, ConnectionLimits, Loaded};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -84,8 +84,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("listening on http://{address}");
     tracing::info!(%address, "listening");
     let app = Arc::new(App::new(&config));
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    let server = tokio::spawn(server::serve(listener, app.clone(), grace, shutdown_signal()));
+    let limits = ConnectionLimits::from_config(&config.server);
+    let server = tokio::spawn(server::serve(listener, app.clone(), limits, shutdown_signal()));
 
     let (models, plugins) = load(&config).await?;
     app.set_loaded(Loaded { models, plugins });

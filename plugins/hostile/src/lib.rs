@@ -55,6 +55,18 @@ impl Plugin for Hostile {
                 report["headers"] = request.headers.iter().map(|(name, _)| name.clone()).collect();
                 json(200, &report)
             }
+            // Status `n`, a header for each request header `x-respond-<name>: <value>`, and
+            // `count` filler headers of `bytes` bytes each: for the host's checks of responses.
+            "respond" => {
+                let mut headers: Vec<(String, String)> = request
+                    .headers
+                    .iter()
+                    .filter_map(|(name, value)| Some((name.strip_prefix("x-respond-")?.to_owned(), value.clone())))
+                    .collect();
+                let filler = "x".repeat(param(&request, "bytes").unwrap_or(1));
+                headers.extend((0..param(&request, "count").unwrap_or(0)).map(|i| (format!("x-filler-{i}"), filler.clone())));
+                Response { status: n(200) as u16, headers, body: b"hello".to_vec() }
+            }
             _ => json(200, "ok"),
         }
     }

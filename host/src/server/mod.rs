@@ -4,8 +4,8 @@
 //! `{"error": {"code": ..., "message": ...}}`, and [`ApiError`] is the one place that maps
 //! errors to HTTP statuses.
 
-use std::convert::Infallible;
-use std::future::Future;
+mod connections;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -14,17 +14,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
-use hyper::service::service_fn;
 use hyper::{Method, StatusCode};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
-use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, TenantLimits};
 use crate::model::Model;
 use crate::plugins::{self, PluginError, PluginRuntime};
 use crate::tenants::{AccessError, Tenant, Tenants};
+pub use connections::{ConnectionLimits, serve};
 
 type Response = hyper::Response<Full<Bytes>>;
 
@@ -39,6 +36,7 @@ pub struct App {
     loaded: OnceLock<Loaded>,
     tenants: Tenants,
     max_body_bytes: usize,
+    body_read_timeout: Duration,
     next_request_id: AtomicU64,
 }
 
@@ -52,6 +50,8 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     /// The request's target or its headers are ambiguous (RFC 9112 §3.2).
     #[error("{0}")]
     BadRequest(&'static str),
@@ -61,7 +61,7 @@ pub enum ApiError {
     Access(#[from] AccessError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
-    #[error("the plugin's response is not valid HTTP: {0}")]
+    #[error("the plugin's response was refused: {0}")]
     BadPluginResponse(String),
 }
 
@@ -72,6 +72,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::NotReady | Self::Plugin(PluginError::NoCapacity) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => StatusCode::UNAUTHORIZED,
             Self::Access(AccessError::WrongTenant { .. }) => StatusCode::FORBIDDEN,
@@ -87,6 +88,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BadBody(_) => "bad_body",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::BadRequest(_) => "bad_request",
             Self::NotReady => "not_ready",
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => "unauthorized",
@@ -131,6 +133,10 @@ impl ApiError {
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => {
                 headers.insert("www-authenticate", HeaderValue::from_static("Bearer"));
             }
+            // The rest of the body may still be on its way: this connection cannot carry another request.
+            Self::BodyTimeout(_) => {
+                headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response
@@ -143,6 +149,7 @@ impl App {
             loaded: OnceLock::new(),
             tenants: Tenants::new(&config.tenants),
             max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms.get()),
             next_request_id: AtomicU64::new(1),
         }
     }
@@ -184,7 +191,7 @@ impl App {
         let _in_flight = tenant.admit()?;
         let request = self.plugin_request(tenant, request).await?;
         let response = loaded.plugins.handle(&tenant.name, id, request).await?;
-        plugin_response(response)
+        plugin_response(response, &tenant.limits)
     }
 
     fn models(&self) -> Result<serde_json::Value, ApiError> {
@@ -234,8 +241,8 @@ impl App {
         Ok(json!({ "models": models }))
     }
 
-    /// Reads the body (within the server's and the tenant's limits) and copies what a plugin
-    /// sees of the request. The `Authorization` header stays with the host.
+    /// Reads the body (within the server's and the tenant's limits, and `body_read_timeout`)
+    /// and copies what a plugin sees of the request (see [`withheld_from_plugins`]).
     async fn plugin_request(&self, tenant: &Tenant, request: hyper::Request<Incoming>) -> Result<plugins::Request, ApiError> {
         let limit = self.max_body_bytes;
         // n bytes pass the server's limit (413) or the tenant's quota (429).
@@ -247,7 +254,8 @@ impl App {
         let (parts, body) = request.into_parts();
         let withheld = withheld_from_plugins(&parts.headers);
         let read_limit = limit.min(tenant.limits.max_body_bytes);
-        let body = Limited::new(body, read_limit).collect().await.map_err(|e| {
+        let read = Limited::new(body, read_limit).collect();
+        let body = tokio::time::timeout(self.body_read_timeout, read).await.map_err(|_| ApiError::BodyTimeout(self.body_read_timeout))?.map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 check_size(read_limit + 1).expect_err("one byte past the smaller limit")
             } else {
@@ -294,12 +302,14 @@ fn single_header<'a>(headers: &'a hyper::HeaderMap, name: HeaderName, several: &
 }
 
 /// The names of the headers a plugin never sees: the caller's credentials, which stay with the
-/// host, and hop-by-hop headers (RFC 9110 §7.6.1), which describe this connection only, with
-/// any header that `Connection` names.
+/// host; cookies, which a browser sends to every tenant on the same host name; and hop-by-hop
+/// headers (RFC 9110 §7.6.1), which describe this connection only, with any header that
+/// `Connection` names.
 fn withheld_from_plugins(headers: &hyper::HeaderMap) -> Vec<&str> {
-    const WITHHELD: [&str; 10] = [
+    const WITHHELD: [&str; 11] = [
         "authorization",
         "proxy-authorization",
+        "cookie",
         "connection",
         "keep-alive",
         "proxy-authenticate",
@@ -313,13 +323,34 @@ fn withheld_from_plugins(headers: &hyper::HeaderMap) -> Vec<&str> {
     WITHHELD.into_iter().chain(named).collect()
 }
 
-fn plugin_response(response: plugins::Response) -> Result<Response, ApiError> {
-    let status = StatusCode::from_u16(response.status).map_err(|_| ApiError::BadPluginResponse(format!("status {}", response.status)))?;
+/// Response headers that are the host's alone: framing and the connection (the host computes
+/// them from the body it sends), and cookies, which every tenant on one host name would share.
+const HOST_RESPONSE_HEADERS: [&str; 9] =
+    ["content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer", "proxy-connection", "set-cookie"];
+
+/// A plugin's response as HTTP, once it is checked: a final status (200-599; informational
+/// ones and 101 would change what the connection is), none of [`HOST_RESPONSE_HEADERS`], and
+/// no more headers than the tenant's limits.
+fn plugin_response(response: plugins::Response, limits: &TenantLimits) -> Result<Response, ApiError> {
+    let refuse = |why: String| Err(ApiError::BadPluginResponse(why));
+    if !(200..=599).contains(&response.status) {
+        return refuse(format!("status {} is outside 200-599", response.status));
+    }
+    if response.headers.len() > limits.max_response_headers {
+        return refuse(format!("{} headers, more than the limit of {}", response.headers.len(), limits.max_response_headers));
+    }
+    let bytes: usize = response.headers.iter().map(|(name, value)| name.len() + value.len()).sum();
+    if bytes > limits.max_response_header_bytes {
+        return refuse(format!("{bytes} bytes of headers, more than the limit of {}", limits.max_response_header_bytes));
+    }
     let mut http = hyper::Response::new(Full::new(Bytes::from(response.body)));
-    *http.status_mut() = status;
+    *http.status_mut() = StatusCode::from_u16(response.status).expect("200-599 are valid statuses");
     for (name, value) in response.headers {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| ApiError::BadPluginResponse(format!("header name {name:?}")))?;
-        let value = HeaderValue::from_str(&value).map_err(|_| ApiError::BadPluginResponse(format!("value of header {name}")))?;
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { return refuse(format!("header name {name:?} is not a valid name")) };
+        if HOST_RESPONSE_HEADERS.contains(&name.as_str()) {
+            return refuse(format!("header {name} is set by the host, not by plugins"));
+        }
+        let Ok(value) = HeaderValue::from_str(&value) else { return refuse(format!("the value of header {name} is not visible ASCII")) };
         http.headers_mut().append(name, value);
     }
     Ok(http)
@@ -330,43 +361,4 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-/// Serves HTTP/1.1 until `shutdown` resolves, then stops accepting and lets in-flight requests
-/// finish for up to `grace`.
-pub async fn serve(listener: TcpListener, app: Arc<App>, grace: Duration, shutdown: impl Future<Output = ()>) {
-    let http = hyper::server::conn::http1::Builder::new();
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let app = app.clone();
-                let service = service_fn(move |request| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(request).await) }
-                });
-                let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tracing::info!("shutting down: finishing in-flight requests");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all requests finished"),
-        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; dropping what is left"),
-    }
 }
