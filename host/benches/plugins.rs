@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use batchbox::config::Config;
 use batchbox::model::{Model, ModelOptions};
 use batchbox::plugins::{PluginRuntime, Request};
-use batchbox::server::{self, App, Loaded};
+use batchbox::server::{self, App, ConnectionLimits, Loaded};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         let url = format!("http://{}{PREDICT}", listener.local_addr()?);
         let app = Arc::new(App::new(&config));
         app.set_loaded(Loaded { models: models.to_vec(), plugins });
-        tokio::spawn(server::serve(listener, app, Duration::from_secs(1), std::future::pending()));
+        tokio::spawn(server::serve(listener, app, ConnectionLimits::from_config(&config.server), std::future::pending()));
         let rounds = args.rounds;
         let over_http = tokio::task::spawn_blocking(move || -> anyhow::Result<Samples> {
             let agent = ureq::Agent::new_with_defaults();
