@@ -390,7 +390,8 @@ fn a_plugin_response_that_would_break_framing_or_flood_headers_gets_500_naming_t
         headers.push(("authorization", &key));
         server.post_with(&format!("/hostile/respond?{query}"), "", &headers)
     };
-    let refused: [(&str, &[(&str, &str)], &str); 13] = [
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let refused: [(&str, Headers, &str); 13] = [
         ("n=101", &[("x-respond-upgrade", "websocket"), ("x-respond-connection", "upgrade")], "status 101 is outside 200-599"),
         ("n=199", &[], "status 199 is outside 200-599"),
         ("n=600", &[], "status 600 is outside 200-599"),
