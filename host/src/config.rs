@@ -72,6 +72,8 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// hyper's smallest HTTP/1.1 read buffer.
     pub const MIN_HEADER_BYTES: usize = 8 << 10;
+    /// More than any one process can hold open, and few enough to count as a semaphore's permits.
+    pub const MAX_CONNECTIONS: usize = 1 << 20;
 }
 
 impl Default for ServerConfig {
@@ -454,6 +456,9 @@ impl Config {
         if self.server.max_body_bytes == 0 || self.server.max_instances == 0 {
             return Err(("server", "max_body_bytes and max_instances must be above 0".into()));
         }
+        if self.server.max_connections.get() > ServerConfig::MAX_CONNECTIONS {
+            return Err(("server.max_connections", format!("must be at most {}", ServerConfig::MAX_CONNECTIONS)));
+        }
         if !(ServerConfig::MIN_HEADER_BYTES..=u32::MAX as usize).contains(&self.server.max_header_bytes) {
             return Err(("server.max_header_bytes", format!("must be {} to {}", ServerConfig::MIN_HEADER_BYTES, u32::MAX)));
         }
@@ -715,6 +720,31 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
             let err = check(&format!("  - {{name: p, wasm: p.wasm, routes: [/x], cache: {{max_bytes: {bad}}}}}\n")).unwrap_err();
             assert!(err.contains("max_bytes") && err.contains(shows), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn connection_limits_have_safe_defaults_and_refuse_what_cannot_work() {
+        let server = parse(GOOD).unwrap().server;
+        assert_eq!((server.header_read_timeout_ms.get(), server.keep_alive_idle_ms.get(), server.body_read_timeout_ms.get()), (10_000, 10_000, 30_000));
+        assert_eq!((server.max_connections.get(), server.max_header_bytes, server.http2_max_concurrent_streams.get()), (4_096, 64 << 10, 100));
+        // Zero would mean "close at once" or "never accept": refused while parsing, naming the key.
+        for key in ["header_read_timeout_ms", "keep_alive_idle_ms", "body_read_timeout_ms", "max_connections", "http2_max_concurrent_streams"] {
+            let err = parse(&format!("{GOOD}server: {{{key}: 0}}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let dir = std::env::temp_dir().join(format!("batchbox-config-server-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("models/m")).unwrap();
+        std::fs::write(dir.join("models/m/manifest.json"), "{}").unwrap();
+        let check = |server: &str| {
+            let file = dir.join("c.yaml");
+            std::fs::write(&file, format!("{GOOD}server: {{{server}}}\n")).unwrap();
+            Config::load(&file).map(|_| ()).map_err(|e| e.to_string())
+        };
+        check("max_header_bytes: 8192, max_connections: 1048576").unwrap();
+        let small = check("max_header_bytes: 8191").unwrap_err();
+        assert!(small.contains("server.max_header_bytes") && small.contains("8192"), "{small}");
+        let many = check("max_connections: 1048577").unwrap_err();
+        assert!(many.contains("server.max_connections"), "{many}");
     }
 
     #[test]

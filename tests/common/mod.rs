@@ -60,13 +60,18 @@ impl Server {
     }
 
     pub fn launch_with_env(config: &Path, env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_batchbox"))
-            .args(["--config", config.to_str().unwrap(), "serve"])
-            .env("RUST_LOG", "error")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Self::launch_with(config, |command| {
+            command.envs(env.iter().copied());
+        })
+    }
+
+    /// Launches the server with `customise` applied to its command (environment, stderr,
+    /// resource limits).
+    pub fn launch_with(config: &Path, customise: impl FnOnce(&mut Command)) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_batchbox"));
+        command.args(["--config", config.to_str().unwrap(), "serve"]).env("RUST_LOG", "error").stdout(Stdio::piped());
+        customise(&mut command);
+        let mut child = command.spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let base = line.trim().strip_prefix("listening on ").expect("the server prints its address").to_owned();
