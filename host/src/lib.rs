@@ -7,7 +7,8 @@
 //! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it;
 //! - [`plugins`]: the WebAssembly plugin runtime (wasmtime, component model);
 //! - [`tenants`]: routing a request to its tenant, API keys and per-tenant quotas;
-//! - [`server`]: HTTP, host-owned routes, and the one place errors become statuses.
+//! - [`server`]: HTTP, host-owned routes, the one place errors become statuses, and the
+//!   connections' limits and drain.
 
 pub mod batcher;
 pub mod cache;

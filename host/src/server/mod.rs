@@ -1,4 +1,4 @@
-//! HTTP: hyper 1.x on tokio. Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered
+//! HTTP: hyper 1.x on tokio (connections: see [`connections`]). Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered
 //! here, without keys; every other request goes to the tenant its route names, once its key and
 //! the tenant's quotas allow (see [`crate::tenants`]). Every error is a JSON body
 //! `{"error": {"code": ..., "message": ...}}`, and [`ApiError`] is the one place that maps
