@@ -1,8 +1,9 @@
-//! HTTP: hyper 1.x on tokio (connections: see [`connections`]). Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered
-//! here, without keys; every other request goes to the tenant its route names, once its key and
-//! the tenant's quotas allow (see [`crate::tenants`]). Every error is a JSON body
-//! `{"error": {"code": ..., "message": ...}}`, and [`ApiError`] is the one place that maps
-//! errors to HTTP statuses.
+//! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is [`connections`].
+//! Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered here, without keys; every
+//! other request goes to the tenant its route names, once its key and the tenant's quotas allow
+//! (see [`crate::tenants`]). Every error the host writes is a JSON body
+//! `{"error": {"code": ..., "message": ...}}` (hyper answers requests it cannot parse itself,
+//! before they reach us), and [`ApiError`] is the one place that maps errors to HTTP statuses.
 
 mod connections;
 
