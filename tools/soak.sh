@@ -4,7 +4,7 @@
 # a plot of resident memory against requests answered.
 #
 #   tools/soak.sh LABEL [SERVER_ENV...]
-#   e.g. tools/soak.sh glibc-default
+#   e.g. tools/soak.sh as-shipped
 #        tools/soak.sh arena-max-2 MALLOC_ARENA_MAX=2
 #
 # SERVER_ENV are NAME=VALUE pairs for the server's environment (an allocator setting, say).
