@@ -256,7 +256,7 @@ fn main() -> anyhow::Result<()> {
                     if fate == Outcome::Answered {
                         let done = answered.fetch_add(1, Ordering::Relaxed) + 1;
                         if let (Some(pid), Some(samples)) = (args.pid, &samples)
-                            && done % args.sample_every == 0
+                            && done.is_multiple_of(args.sample_every)
                         {
                             samples.lock().unwrap().push(Sample::take(pid, done, started)?)?;
                         }
