@@ -14,6 +14,7 @@
 # Prints one JSON line: loadgen's report, with the server's exit code added to its "drain".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source tools/start_server.sh
 clients=${1:-64}
 out=${OUT_DIR:-target/drain}
 bin_dir=${BIN_DIR:-target/release}
@@ -26,18 +27,7 @@ n = int(sys.argv[1])
 for i in range(0, len(sentences), n):
     print(json.dumps({"sentences": sentences[i:i + n]}))' "${SENTENCES:-4}" > "$requests_file"
 
-"$bin_dir/batchbox" --config "${CONFIG:-shared_config.yaml}" serve --bind 127.0.0.1:0 > "$out/server.out" 2> "$out/server.log" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-until grep -q listening "$out/server.out" 2>/dev/null; do
-  kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
-  sleep 0.2
-done
-address=$(sed -n 's/^listening on //p' "$out/server.out")
-until .venv/bin/python -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1])' "$address/ready" 2> /dev/null; do
-  kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
-  sleep 0.5
-done
+start_server "$out/server" "${CONFIG:-shared_config.yaml}"
 "$bin_dir/loadgen" --server "$address" --requests-file "$requests_file" --concurrency "$clients" \
   --requests 1000000 --duration 3600 --pid $server --sigterm-after $((clients * 2)) --json > "$out/loadgen.json"
 code=0

@@ -22,6 +22,7 @@
 # log), and plots every CSV in OUT_DIR to OUT_DIR/soak-rss.png (tools/plot_soak.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source tools/start_server.sh
 label=${1:?usage: tools/soak.sh LABEL [NAME=VALUE...]}
 shift
 out=${OUT_DIR:-target/soak}
@@ -39,19 +40,7 @@ sed -e "s|cpu_dtype: auto|cpu_dtype: ${DTYPE:-int8}|" -e "s|path: models/|path: 
     shared_config.yaml > "$config"
 grep -q "cpu_dtype: ${DTYPE:-int8}" "$config" || { echo "shared_config.yaml has no 'cpu_dtype: auto' to pin" >&2; exit 1; }
 
-env "$@" "$bin_dir/batchbox" --config "$config" serve --bind 127.0.0.1:0 \
-  > "$out/$label.out" 2> "$out/$label.log" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-until grep -q listening "$out/$label.out" 2>/dev/null; do
-  kill -0 $server 2>/dev/null || { cat "$out/$label.log" >&2; exit 1; }
-  sleep 0.2
-done
-address=$(sed -n 's/^listening on //p' "$out/$label.out")
-until .venv/bin/python -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1])' "$address/ready" 2> /dev/null; do
-  kill -0 $server 2>/dev/null || { cat "$out/$label.log" >&2; exit 1; }
-  sleep 0.5
-done
+start_server "$out/$label" "$config" "$@"
 "$bin_dir/loadgen" --server "$address" --requests-file "$requests_file" --concurrency "${CLIENTS:-64}" \
   --requests "${REQUESTS:-50000}" --duration 86400 --pid $server --samples "$out/$label.csv" \
   --sample-every "${SAMPLE_EVERY:-1000}" --json | tee "$out/$label.json"
