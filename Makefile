@@ -11,7 +11,7 @@ TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-n
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 
-.PHONY: setup serve test test-models plugins bench bench-cpu gpu-bundle gpu-check clean
+.PHONY: setup serve test test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check clean
 
 setup: $(VENV_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
 
@@ -73,6 +73,19 @@ bench-cpu: setup plugins models/deberta-v3-base/manifest.json
 bench: setup plugins $(BENCH_MODEL)/manifest.json
 	cargo bench -p batchbox-host --bench runtime
 	cargo bench -p batchbox-host --bench plugins
+
+# The server's memory under 50,000 one-sentence requests at 64 clients (REQUESTS, CLIENTS, DTYPE:
+# see tools/soak.sh), sampled every 1,000, plotted to target/soak/soak-rss.png. About half an
+# hour on 2 cores. docs/soak-rss.png is the before/after figure in BENCHMARKS.md ("Soak").
+soak: setup plugins
+	cargo build --release -p batchbox-host --bins
+	rm -f target/soak/*.csv
+	bash tools/soak.sh as-shipped
+
+# SIGTERM under 64 clients: requests in flight, answered, dropped, exit code and drain time.
+drain: setup plugins
+	cargo build --release -p batchbox-host --bins
+	bash tools/drain.sh 64
 
 # The CUDA path on a GPU machine without a compiler: `make gpu-bundle` here, then on the device
 # `bash tools/gpu_check.sh run` with target/gpu-bundle.tar.gz carried. Here, without a GPU,

@@ -21,6 +21,7 @@
 # the server ran (with what `auto` measured) and the file holding its answer to the fixture.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source tools/start_server.sh
 model=$1 concurrencies=$2
 shift 2
 device=${DEVICE:-cpu}
@@ -67,18 +68,7 @@ tenants:
     routes: [/api/v1/predict/sentences]
     limits: { wall_ms: 600000, max_concurrent: 1024 }
 YAML
-  "$bin_dir/batchbox" --config "$config" serve > "$out/server.out" 2> "$out/server.log" &
-  server=$!
-  trap 'kill $server 2>/dev/null' EXIT
-  until grep -q listening "$out/server.out" 2>/dev/null; do
-    kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
-    sleep 0.2
-  done
-  address=$(sed -n 's/^listening on //p' "$out/server.out")
-  until fetch "$address/ready" > /dev/null 2>&1; do
-    kill -0 $server 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
-    sleep 0.2
-  done
+  start_server "$out/server" "$config"
   fetch "$address/v1/models" > "$out/models.json"
   # One answer to the fixture, kept for comparisons between setups (top-label agreement).
   fetch "$address/api/v1/predict/sentences" tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype.response.json"
