@@ -16,7 +16,10 @@
 //!   log says so at most once every few seconds, with how many failures it did not print.
 //! - **Drain.** On shutdown the listener closes (new connections are refused), every connection
 //!   finishes the requests it has and closes, and `serve` returns once all are closed or the
-//!   grace period is over.
+//!   grace period is over. A connection accepted but not yet read from gets up to
+//!   `FIRST_REQUEST_WAIT` for its first request to arrive before it is closed: its client has
+//!   been accepted and has most likely sent the request already, and hyper's graceful shutdown
+//!   would close such a connection unread, dropping it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,7 +31,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use super::App;
 use crate::config::ServerConfig;
@@ -109,6 +112,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, limits: ConnectionLimit
     }
 }
 
+/// At shutdown, how long a connection that has not had a request yet may wait for its first.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
 /// Descriptors the process needs besides its connections: the model's and plugins' files,
 /// the runtime's own, logs.
 const OTHER_DESCRIPTORS: u64 = 256;
@@ -175,6 +181,12 @@ async fn connection(
         tokio::select! {
             result = connection.as_mut() => break result,
             () = stopped(&mut stopping) => {
+                // Resolves at once if a request has begun on this connection (see the module docs).
+                let first_request = tokio::time::timeout(FIRST_REQUEST_WAIT, activity.requested.notified());
+                tokio::select! {
+                    result = connection.as_mut() => break result,
+                    _ = first_request => {}
+                }
                 connection.as_mut().graceful_shutdown();
                 break connection.await;
             }
@@ -201,6 +213,8 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 struct Activity {
     in_flight: AtomicUsize,
     last_done: Mutex<Instant>,
+    /// Holds a permit once any request has begun (`notify_one` keeps one for a later waiter).
+    requested: Notify,
 }
 
 /// A request in flight on its connection; dropping it marks it done.
@@ -208,11 +222,12 @@ struct Busy(Arc<Activity>);
 
 impl Activity {
     fn new() -> Self {
-        Self { in_flight: AtomicUsize::new(0), last_done: Mutex::new(Instant::now()) }
+        Self { in_flight: AtomicUsize::new(0), last_done: Mutex::new(Instant::now()), requested: Notify::new() }
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.requested.notify_one();
         Busy(self.clone())
     }
 
