@@ -61,6 +61,8 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
         limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
         max_queue_delay: std::time::Duration::ZERO,
         max_queued_tokens: 1 << 20,
+        queue_shares: Vec::new(),
+        max_batch_time: None,
         chunk_order: ChunkOrder::LengthSorted,
     })
     .unwrap();
