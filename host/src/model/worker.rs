@@ -141,6 +141,8 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
         Counters::add(&counters.padded_tokens, rows.len() * padded_len);
         let mut queue = shared.lock();
         if whole {
+            let predicted_ms = queue.scheduler.predict(rows.len(), padded_len).map(|p| p.as_secs_f64() * 1e3);
+            tracing::debug!(rows = rows.len(), padded_len, elapsed_ms = elapsed.as_secs_f64() * 1e3, ?predicted_ms, "forward pass");
             queue.scheduler.observe(rows.len(), padded_len, elapsed);
         }
         let mut failed: Vec<(RequestId, ModelError)> = Vec::new();
