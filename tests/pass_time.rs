@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Server, median, write_config};
 use serde_json::json;
@@ -18,11 +18,11 @@ const LIGHT_REQUESTS: usize = 9;
 
 #[test]
 fn a_small_request_waits_about_one_bounded_pass_behind_a_max_length_flood() {
-    // fp32, not `auto`: the slowest precision, so a full pass is clearly longer than the target.
+    // int8, what `cpu_dtype: auto` picks on this CPU, fixed so that every run measures the same.
     let config = write_config(
         "pass-time",
         &r#"
-models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: fp32 }]
+models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: int8 }]
 api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192, max_queue_delay_ms: 2, max_batch_ms: TARGET }
 server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}" }
 tenants:
@@ -35,23 +35,12 @@ tenants:
     let (_, models) = server.get("/v1/models");
     assert_eq!(models["models"][0]["max_length"], 256, "the flood sends sequences of the model's max length: {models}");
     let body = json!({ "sentences": ["Shares fell 4% today.", "The home team won the final."] }).to_string();
-    let light = || -> Vec<Duration> {
-        (0..LIGHT_REQUESTS)
-            .map(|_| {
-                std::thread::sleep(Duration::from_millis(300));
-                let started = Instant::now();
-                let (status, response) = server.post("/light", &body);
-                assert_eq!(status, 200, "{response}");
-                started.elapsed()
-            })
-            .collect()
-    };
+    let light = || server.timed_posts("/light", &body, LIGHT_REQUESTS, Duration::from_millis(300));
     light(); // warm-up
     let idle = light();
 
     let stop = AtomicBool::new(false);
     let answered = AtomicUsize::new(0);
-    let pid = server.child.id().to_string();
     let (loaded, queued) = std::thread::scope(|scope| {
         for _ in 0..FLOOD_CLIENTS {
             scope.spawn(|| {
@@ -71,7 +60,7 @@ tenants:
         let queued = models["models"][0]["stats"]["queued_sequences"].as_u64().unwrap();
         // The flood's queued requests would take minutes to finish: end them with the server.
         stop.store(true, Ordering::Relaxed);
-        std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        server.kill_now();
         (loaded, queued)
     });
     let target = Duration::from_millis(TARGET_MS);

@@ -33,7 +33,6 @@ tenants:
     let body = json!({ "sentences": fixture_sentences() }).to_string();
     let stop = AtomicBool::new(false);
     let refusals: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let pid = server.child.id().to_string();
     let b_statuses = std::thread::scope(|scope| {
         for _ in 0..FLOOD_CLIENTS {
             scope.spawn(|| {
@@ -60,7 +59,7 @@ tenants:
             .collect();
         // The flood's queued requests would take minutes to finish: end them with the server.
         stop.store(true, Ordering::Relaxed);
-        std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        server.kill_now();
         statuses
     });
     let refusals = refusals.into_inner().unwrap();

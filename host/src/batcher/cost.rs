@@ -150,11 +150,12 @@ impl CostModel {
                 return None;
             }
             a.swap(col, pivot);
-            for row in 0..n {
-                if row != col {
-                    let factor = a[row][col] / a[col][col];
-                    for k in col..=n {
-                        a[row][k] -= factor * a[col][k];
+            let pivot_row = a[col].clone();
+            for (r, row) in a.iter_mut().enumerate() {
+                if r != col {
+                    let factor = row[col] / pivot_row[col];
+                    for (value, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                        *value -= factor * p;
                     }
                 }
             }

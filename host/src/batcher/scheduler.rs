@@ -232,7 +232,7 @@ impl Scheduler {
         let limit = self.config.max_queued_tokens;
         let fits = self.queued_tokens + tokens + reserved_by_others <= limit;
         // With nothing waiting and nothing reserved, a request larger than the limit still runs (alone).
-        if !fits && !(self.queued_tokens == 0 && reserved_by_others == 0) {
+        if !(fits || self.queued_tokens == 0 && reserved_by_others == 0) {
             let (queued, share) = own.map_or((0, None), |t| (self.tenants[t].queued, self.tenants[t].share));
             return Err(match share {
                 Some(share) if queued + tokens > share => Rejected::OverShare { tenant: tenant.to_owned(), queued, requested: tokens, share },
@@ -753,7 +753,7 @@ mod tests {
             let limit = shares.iter().sum::<usize>() + slack;
             let named: Vec<(String, usize)> = shares.iter().enumerate().map(|(i, &s)| (format!("t{i}"), s)).collect();
             let mut s = Scheduler::with_shares(config(4, 256, 0, limit), &named).unwrap();
-            let mut queued = vec![0usize; 5];
+            let mut queued = [0usize; 5];
             let mut owner = HashMap::new();
             for (id, &(tenant, len, action)) in steps.iter().enumerate() {
                 if action == 0 {
