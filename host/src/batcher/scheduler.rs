@@ -14,8 +14,9 @@
 //!   one runs waits for all of it. With `max_batch_time` set, a batch is shrunk (fewer rows, never
 //!   a split sequence) until its predicted time is within the target; the prediction comes from
 //!   a [`CostModel`] fitted to the passes the executor measured and reported with
-//!   [`Scheduler::observe`]. One sequence always runs, even if predicted over the target. The
-//!   seed's `InputOrder` batching ignores the target.
+//!   [`Scheduler::observe`]. One sequence always runs, even if predicted over the target, and
+//!   where a pass's fixed cost seems to take more than half the target the rows still get half of
+//!   it ([`CostModel::rows_within`]). The seed's `InputOrder` batching ignores the target.
 //! - **Backpressure.** At most `max_queued_tokens` tokens wait; past that, a submission is refused
 //!   at once. Requests past their deadline, or cancelled, leave the queue before they are computed.
 //! - **A share of the queue per tenant.** A tenant may be given a share of `max_queued_tokens`
@@ -23,8 +24,8 @@
 //!   share stays reserved for it: a submission is refused if it would leave less room than the
 //!   other tenants' unused shares. So a tenant within its share is never refused, whatever the
 //!   others queue, and a tenant past its share is refused alone (it may use only room no share
-//!   reserves). Without shares, an empty queue takes any request, so one larger than the limit
-//!   still runs (alone).
+//!   reserves). When nothing waits and no other tenant's share reserves room (no shares, or a
+//!   model's only tenant), any request is taken, so one larger than the limit still runs (alone).
 //!
 //! Pure: time comes in as arguments, so tests drive it step by step.
 
