@@ -30,6 +30,8 @@ fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
         limits: BatchLimits { max_sequences: max_sequences.try_into().unwrap(), max_tokens: max_tokens.try_into().unwrap() },
         max_queue_delay: std::time::Duration::ZERO,
         max_queued_tokens: 1 << 24,
+        queue_shares: Vec::new(),
+        max_batch_time: None,
         chunk_order: ChunkOrder::LengthSorted,
     })
     .unwrap_or_else(|e| panic!("loading {} on cuda:0: {e}", model_dir().display()));

@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Server, fixture_sentences, median, write_config};
 use serde_json::json;
@@ -32,23 +32,12 @@ tenants:
     let body = json!({ "sentences": fixture_sentences() }).to_string();
     // B: the 120-sentence fixture, one request at a time with a pause between: alone, it keeps
     // the model busy about a third of the time, less than its fair half.
-    let b_latencies = || -> Vec<Duration> {
-        (0..B_REQUESTS)
-            .map(|_| {
-                std::thread::sleep(Duration::from_millis(1500));
-                let started = Instant::now();
-                let (status, response) = server.post("/b", &body);
-                assert_eq!(status, 200, "{response}");
-                started.elapsed()
-            })
-            .collect()
-    };
+    let b_latencies = || server.timed_posts("/b", &body, B_REQUESTS, Duration::from_millis(1500));
 
     server.post("/b", &body); // warm-up
     let unloaded = median(b_latencies());
 
     let stop = AtomicBool::new(false);
-    let pid = server.child.id().to_string();
     let (loaded, flood_answered) = std::thread::scope(|scope| {
         let flood: Vec<_> = (0..FLOOD_CLIENTS)
             .map(|_| {
@@ -71,7 +60,7 @@ tenants:
         let queued = models["models"][0]["stats"]["queued_sequences"].as_u64().unwrap();
         // The flood's queued requests would take long to finish: end them with the server.
         stop.store(true, Ordering::Relaxed);
-        std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        server.kill_now();
         let answered: usize = flood.into_iter().map(|h| h.join().unwrap()).sum();
         assert!(queued > 120, "the flood kept the queue full while B was measured: {queued} sequences queued");
         (loaded, answered)

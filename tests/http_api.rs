@@ -61,6 +61,8 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
         limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
         max_queue_delay: std::time::Duration::ZERO,
         max_queued_tokens: 1 << 20,
+        queue_shares: Vec::new(),
+        max_batch_time: None,
         chunk_order: ChunkOrder::LengthSorted,
     })
     .unwrap();
@@ -323,7 +325,8 @@ fn concurrent_requests_share_batches_and_get_the_sequential_numbers() {
 fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     let text = std::fs::read_to_string(config("tiny-queue-base", "{}")).unwrap();
     let config = workspace().join("target/http-tests/tiny-queue.yaml");
-    std::fs::write(&config, text.replace("max_batch_tokens: 8192 }", "max_batch_tokens: 8192, max_queued_tokens: 64 }")).unwrap();
+    // Each of the two tenants' shares (4,000 tokens) holds one fixture request (3,645), not two.
+    std::fs::write(&config, text.replace("max_batch_tokens: 8192 }", "max_batch_tokens: 8192, max_queued_tokens: 8000 }")).unwrap();
     let server = Server::launch(&config);
     let body = json!({ "sentences": fixture_sentences() }).to_string();
     let url = format!("{}{PREDICT}", server.base);

@@ -40,6 +40,8 @@ fn options(name: &str) -> ModelOptions {
         limits: limits(32, 8192),
         max_queue_delay: std::time::Duration::ZERO,
         max_queued_tokens: 1 << 20,
+        queue_shares: Vec::new(),
+        max_batch_time: None,
         chunk_order: ChunkOrder::LengthSorted,
     }
 }

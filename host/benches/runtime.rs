@@ -71,6 +71,8 @@ fn main() -> anyhow::Result<()> {
                     },
                     max_queue_delay: std::time::Duration::ZERO,
         max_queued_tokens: 1 << 20,
+        queue_shares: Vec::new(),
+        max_batch_time: None,
                     chunk_order: setup.order,
                 })
             })

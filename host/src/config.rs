@@ -162,6 +162,10 @@ pub struct TenantLimits {
     /// `bad_plugin_response`.
     pub max_response_headers: usize,
     pub max_response_header_bytes: usize,
+    /// Tokens this tenant may have waiting for its model; more is refused (503) for this tenant
+    /// only. Unset: an equal part of what the model's other tenants leave of `api.max_queued_tokens`
+    /// (see [`Config::queue_shares`]).
+    pub max_queued_tokens: Option<usize>,
 }
 
 impl Default for TenantLimits {
@@ -178,6 +182,7 @@ impl Default for TenantLimits {
             max_hostcall_bytes: 16 << 20,
             max_response_headers: 100,
             max_response_header_bytes: 64 << 10,
+            max_queued_tokens: None,
         }
     }
 }
@@ -369,7 +374,20 @@ pub struct ApiConfig {
     /// `length-sorted` (batchbox) or `input-order` (the seed's batching, for comparisons).
     #[serde(default)]
     pub batch_order: BatchOrder,
+    /// A target for one forward pass: a batch predicted to take longer gets fewer rows (a single
+    /// sequence always runs), so a request arriving mid-pass waits about this long at most.
+    #[serde(default = "default_max_batch_ms")]
+    pub max_batch_ms: u64,
 }
+
+/// Longer than a pass of normal traffic takes on a 2-core CPU (BENCHMARKS.md, "Bounded pass
+/// time"), so it costs no throughput there; short enough to bound a flood of long sequences.
+fn default_max_batch_ms() -> u64 {
+    500
+}
+
+/// The longest `api.max_batch_ms` accepted: longer is surely a mistake (seconds for milliseconds).
+pub const MAX_BATCH_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -453,6 +471,9 @@ impl Config {
                 ));
             }
         }
+        if !(1..=MAX_BATCH_MS).contains(&self.api.max_batch_ms) {
+            return Err(("api.max_batch_ms", format!("{} is not between 1 and {MAX_BATCH_MS}", self.api.max_batch_ms)));
+        }
         if self.server.max_body_bytes == 0 || self.server.max_instances == 0 {
             return Err(("server", "max_body_bytes and max_instances must be above 0".into()));
         }
@@ -502,6 +523,7 @@ impl Config {
                 ("max_hostcall_bytes", l.max_hostcall_bytes),
                 ("max_response_headers", l.max_response_headers),
                 ("max_response_header_bytes", l.max_response_header_bytes),
+                ("max_queued_tokens", l.max_queued_tokens.unwrap_or(1)),
             ];
             if let Some((limit, _)) = positive.iter().find(|(_, v)| *v == 0) {
                 return Err(("tenants.limits", format!("tenant {name}: {limit} must be above 0")));
@@ -515,7 +537,46 @@ impl Config {
                 ));
             }
         }
+        self.validate_queue_shares()
+    }
+
+    /// Each model's queue must hold its tenants' shares, so that no tenant's backlog can make
+    /// another's requests get 503 (see [`crate::batcher::scheduler`]).
+    fn validate_queue_shares(&self) -> Result<(), (&'static str, String)> {
+        let limit = self.api.max_queued_tokens.get();
+        for model in &self.models {
+            let tenants: Vec<&TenantConfig> = self.tenants.iter().filter(|t| t.model == model.name).collect();
+            let explicit: usize = tenants.iter().filter_map(|t| t.limits.max_queued_tokens).sum();
+            let unset = tenants.iter().filter(|t| t.limits.max_queued_tokens.is_none()).count();
+            if explicit > limit {
+                return Err((
+                    "tenants.limits.max_queued_tokens",
+                    format!("the shares of model {}'s tenants add up to {explicit} tokens, more than api.max_queued_tokens ({limit})", model.name),
+                ));
+            }
+            if unset > 0 && (limit - explicit) / unset == 0 {
+                return Err((
+                    "tenants.limits.max_queued_tokens",
+                    format!(
+                        "model {}'s tenants with a share leave {} of api.max_queued_tokens ({limit}) tokens for {unset} without one",
+                        model.name,
+                        limit - explicit
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Each of `model`'s tenants' share of its queue, in tokens: its `limits.max_queued_tokens`
+    /// if set, else an equal part of what the tenants with a share leave of `api.max_queued_tokens`.
+    /// Validated to add up to at most the queue.
+    pub fn queue_shares(&self, model: &str) -> Vec<(String, usize)> {
+        let tenants: Vec<&TenantConfig> = self.tenants.iter().filter(|t| t.model == model).collect();
+        let explicit: usize = tenants.iter().filter_map(|t| t.limits.max_queued_tokens).sum();
+        let unset = tenants.iter().filter(|t| t.limits.max_queued_tokens.is_none()).count().max(1);
+        let default = self.api.max_queued_tokens.get().saturating_sub(explicit) / unset;
+        tenants.iter().map(|t| (t.name.clone(), t.limits.max_queued_tokens.unwrap_or(default))).collect()
     }
 
     pub fn batch_limits(&self) -> BatchLimits {
@@ -745,6 +806,61 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         assert!(small.contains("server.max_header_bytes") && small.contains("8192"), "{small}");
         let many = check("max_connections: 1048577").unwrap_err();
         assert!(many.contains("server.max_connections"), "{many}");
+    }
+
+    #[test]
+    fn max_batch_ms_has_a_default_and_a_range() {
+        assert_eq!(parse(GOOD).unwrap().api.max_batch_ms, 500);
+        let dir = std::env::temp_dir().join(format!("batchbox-config-batch-ms-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("models/m")).unwrap();
+        std::fs::write(dir.join("models/m/manifest.json"), "{}").unwrap();
+        let check = |ms: &str| {
+            let file = dir.join("c.yaml");
+            std::fs::write(&file, GOOD.replace("max_batch_tokens: 8192", &format!("max_batch_tokens: 8192, max_batch_ms: {ms}"))).unwrap();
+            Config::load(&file).map(|c| c.api.max_batch_ms).map_err(|e| e.to_string())
+        };
+        assert_eq!(check("200"), Ok(200));
+        for bad in ["0", "60001"] {
+            let err = check(bad).unwrap_err();
+            assert!(err.contains("api.max_batch_ms") && err.contains(bad), "{err}");
+        }
+        assert!(check("-5").unwrap_err().contains("max_batch_ms"));
+    }
+
+    #[test]
+    fn queue_shares_default_to_equal_parts_and_never_pass_the_queue() {
+        let dir = std::env::temp_dir().join(format!("batchbox-config-shares-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("models/m")).unwrap();
+        std::fs::create_dir_all(dir.join("models/n")).unwrap();
+        std::fs::write(dir.join("models/m/manifest.json"), "{}").unwrap();
+        std::fs::write(dir.join("models/n/manifest.json"), "{}").unwrap();
+        std::fs::write(dir.join("p.wasm"), "").unwrap();
+        let check = |tenants: &str| {
+            let file = dir.join("c.yaml");
+            let models = "models: [{name: m, path: models/m}, {name: n, path: models/n}]\n";
+            let api = "api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192, max_queued_tokens: 1000}\n";
+            std::fs::write(&file, format!("{models}{api}tenants:\n{tenants}")).unwrap();
+            Config::load(&file).map_err(|e| e.to_string())
+        };
+        let tenant = |name: &str, model: &str, share: Option<usize>| {
+            let limits = share.map_or(String::new(), |s| format!(", limits: {{max_queued_tokens: {s}}}"));
+            format!("  - {{name: {name}, wasm: p.wasm, routes: [/{name}], model: {model}{limits}}}\n")
+        };
+        // Each model's queue is shared by its own tenants.
+        let c = check(&[tenant("a", "m", None), tenant("b", "m", None), tenant("c", "m", None), tenant("d", "n", None)].concat()).unwrap();
+        assert_eq!(c.queue_shares("m"), vec![("a".into(), 333), ("b".into(), 333), ("c".into(), 333)]);
+        assert_eq!(c.queue_shares("n"), vec![("d".into(), 1000)]);
+        // Tenants without a share split what the others leave.
+        let c = check(&[tenant("a", "m", Some(600)), tenant("b", "m", None), tenant("c", "m", None)].concat()).unwrap();
+        assert_eq!(c.queue_shares("m"), vec![("a".into(), 600), ("b".into(), 200), ("c".into(), 200)]);
+        let c = check(&[tenant("a", "m", Some(100)), tenant("b", "m", Some(100))].concat()).unwrap();
+        assert_eq!(c.queue_shares("m"), vec![("a".into(), 100), ("b".into(), 100)], "shares may leave room unreserved");
+        let over = check(&[tenant("a", "m", Some(600)), tenant("b", "m", Some(500))].concat()).unwrap_err();
+        assert!(over.contains("tenants.limits.max_queued_tokens") && over.contains("1100") && over.contains("1000"), "{over}");
+        let none_left = check(&[tenant("a", "m", Some(1000)), tenant("b", "m", None)].concat()).unwrap_err();
+        assert!(none_left.contains("leave 0"), "{none_left}");
+        let zero = check(&tenant("a", "m", Some(0))).unwrap_err();
+        assert!(zero.contains("max_queued_tokens must be above 0"), "{zero}");
     }
 
     #[test]

@@ -137,7 +137,11 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
             0 => "public (no keys)".to_owned(),
             n => format!("{n} key(s)"),
         };
-        println!("tenant {}: routes {routes:?}, model {}, {keys}, limits {:?}", tenant.name, tenant.model, tenant.limits);
+        let share = config.queue_shares(&tenant.model).into_iter().find(|(name, _)| *name == tenant.name).map_or(0, |(_, share)| share);
+        println!(
+            "tenant {}: routes {routes:?}, model {}, {keys}, limits {:?}, share of the model's queue {share} tokens",
+            tenant.name, tenant.model, tenant.limits
+        );
     }
     println!("config OK");
     Ok(())

@@ -126,6 +126,26 @@ impl Server {
         request.send(body.as_ref()).unwrap()
     }
 
+    /// `n` posts of `body` to `path`, one at a time with `pause` before each, each answered 200:
+    /// their latencies.
+    pub fn timed_posts(&self, path: &str, body: &str, n: usize, pause: Duration) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                std::thread::sleep(pause);
+                let started = Instant::now();
+                let (status, response) = self.post(path, body);
+                assert_eq!(status, 200, "{response}");
+                started.elapsed()
+            })
+            .collect()
+    }
+
+    /// Kills the server at once: a flood's queued requests would take long to finish, and
+    /// clients still posting see their requests fail.
+    pub fn kill_now(&self) {
+        Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status().unwrap();
+    }
+
     /// The server's resident memory, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();

@@ -10,14 +10,29 @@
 //!   request goes ahead of a tenant flooding the queue, and tenants that both flood converge to
 //!   equal shares, as serving one raises its use above the other's.
 //! - **No starvation.** A sequence passed over `max_pass_over` times goes first in its tenant.
+//! - **Bounded pass time.** A forward pass cannot be pre-empted, so a request that arrives while
+//!   one runs waits for all of it. With `max_batch_time` set, a batch is shrunk (fewer rows, never
+//!   a split sequence) until its predicted time is within the target; the prediction comes from
+//!   a [`CostModel`] fitted to the passes the executor measured and reported with
+//!   [`Scheduler::observe`]. One sequence always runs, even if predicted over the target, and
+//!   where a pass's fixed cost seems to take more than half the target the rows still get half of
+//!   it ([`CostModel::rows_within`]). The seed's `InputOrder` batching ignores the target.
 //! - **Backpressure.** At most `max_queued_tokens` tokens wait; past that, a submission is refused
 //!   at once. Requests past their deadline, or cancelled, leave the queue before they are computed.
+//! - **A share of the queue per tenant.** A tenant may be given a share of `max_queued_tokens`
+//!   ([`Scheduler::with_shares`]; the shares add up to at most the limit). Every tenant's unused
+//!   share stays reserved for it: a submission is refused if it would leave less room than the
+//!   other tenants' unused shares. So a tenant within its share is never refused, whatever the
+//!   others queue, and a tenant past its share is refused alone (it may use only room no share
+//!   reserves). When nothing waits and no other tenant's share reserves room (no shares, or a
+//!   model's only tenant), any request is taken, so one larger than the limit still runs (alone).
 //!
 //! Pure: time comes in as arguments, so tests drive it step by step.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::cost::CostModel;
 use super::{BatchLimits, ChunkOrder, plan_chunks};
 
 pub type RequestId = u64;
@@ -33,6 +48,9 @@ pub struct SchedulerConfig {
     pub max_pass_over: u32,
     /// How fast a tenant's past use of the model is forgotten: halved every this long.
     pub usage_half_life: Duration,
+    /// A target for one forward pass: batches predicted to take longer are shrunk. `None`: no
+    /// target, only `limits`.
+    pub max_batch_time: Option<Duration>,
     /// `InputOrder` is the seed's batching (first come, first in a batch), kept as a
     /// benchmark baseline: no length grouping and no fairness.
     pub order: ChunkOrder,
@@ -42,8 +60,21 @@ pub struct SchedulerConfig {
 pub enum Rejected {
     #[error("the model's queue is full: {queued} tokens are waiting and {requested} more would pass the limit of {limit}")]
     Overloaded { queued: usize, requested: usize, limit: usize },
+    #[error(
+        "tenant {tenant}'s share of the model's queue is full: it has {queued} tokens waiting and {requested} more \
+         would pass its share of {share} (limits.max_queued_tokens)"
+    )]
+    OverShare { tenant: String, queued: usize, requested: usize, share: usize },
     #[error("request {0} is already queued")]
     Duplicate(RequestId),
+}
+
+/// Tenants' shares of the queue that add up to more than the queue holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the tenants' shares of the queue add up to {total} tokens, more than the {limit} it holds")]
+pub struct SharesTooLarge {
+    pub total: usize,
+    pub limit: usize,
 }
 
 /// One row of a batch: sequence `index` of request `request`, `len` tokens long.
@@ -93,6 +124,10 @@ struct Request {
 
 struct Tenant {
     queue: Vec<Waiting>,
+    /// Tokens of `queue`.
+    queued: usize,
+    /// Tokens it may have waiting whatever the others do; `None`: only what no share reserves.
+    share: Option<usize>,
     /// Padded tokens computed for this tenant, decayed to `usage_at`.
     usage: f64,
     usage_at: Option<Instant>,
@@ -108,6 +143,11 @@ impl Tenant {
         self.usage = self.usage(now, half_life) + tokens as f64;
         self.usage_at = Some(now);
     }
+
+    /// Room its share still reserves in the queue.
+    fn unused_share(&self) -> usize {
+        self.share.map_or(0, |share| share.saturating_sub(self.queued))
+    }
 }
 
 pub struct Scheduler {
@@ -118,6 +158,7 @@ pub struct Scheduler {
     ring: VecDeque<usize>,
     requests: HashMap<RequestId, Request>,
     queued_tokens: usize,
+    cost: CostModel,
 }
 
 impl Scheduler {
@@ -129,7 +170,44 @@ impl Scheduler {
             ring: VecDeque::new(),
             requests: HashMap::new(),
             queued_tokens: 0,
+            cost: CostModel::default(),
         }
+    }
+
+    /// A scheduler whose tenants each have a share of the queue, in tokens (see the module docs).
+    pub fn with_shares(config: SchedulerConfig, shares: &[(String, usize)]) -> Result<Self, SharesTooLarge> {
+        let total = shares.iter().map(|(_, share)| share).sum();
+        if total > config.max_queued_tokens {
+            return Err(SharesTooLarge { total, limit: config.max_queued_tokens });
+        }
+        let mut scheduler = Self::new(config);
+        for (name, share) in shares {
+            let t = scheduler.tenant(name);
+            scheduler.tenants[t].share = Some(*share);
+        }
+        Ok(scheduler)
+    }
+
+    /// The tenant's index, added if new.
+    fn tenant(&mut self, name: &str) -> usize {
+        let next = self.tenants.len();
+        let t = *self.tenant_ids.entry(name.to_owned()).or_insert(next);
+        if t == next {
+            self.tenants.push(Tenant { queue: Vec::new(), queued: 0, share: None, usage: 0.0, usage_at: None });
+        }
+        t
+    }
+
+    /// Learns from a forward pass the executor measured: `rows` sequences padded to `padded_len`
+    /// took `elapsed`. Later batches are sized from it (see `max_batch_time`).
+    pub fn observe(&mut self, rows: usize, padded_len: usize, elapsed: Duration) {
+        self.cost.observe(rows, padded_len, elapsed);
+    }
+
+    /// What a pass of `rows` sequences padded to `len` tokens is predicted to take, once enough
+    /// passes were measured (for the model thread's log).
+    pub fn predict(&self, rows: usize, len: usize) -> Option<Duration> {
+        self.cost.predict(rows, len)
     }
 
     /// Queues a request's sequences (their token lengths). An empty request queues nothing:
@@ -149,17 +227,23 @@ impl Scheduler {
             return Ok(());
         }
         let tokens: usize = lengths.iter().map(|&len| len.max(1)).sum();
-        // An empty queue takes any request, so one larger than the limit still runs (alone).
-        if self.queued_tokens > 0 && self.queued_tokens + tokens > self.config.max_queued_tokens {
-            return Err(Rejected::Overloaded { queued: self.queued_tokens, requested: tokens, limit: self.config.max_queued_tokens });
+        let own = self.tenant_ids.get(tenant).copied();
+        let reserved_by_others: usize =
+            self.tenants.iter().enumerate().filter(|&(t, _)| Some(t) != own).map(|(_, other)| other.unused_share()).sum();
+        let limit = self.config.max_queued_tokens;
+        let fits = self.queued_tokens + tokens + reserved_by_others <= limit;
+        // With nothing waiting and nothing reserved, a request larger than the limit still runs (alone).
+        if !(fits || self.queued_tokens == 0 && reserved_by_others == 0) {
+            let (queued, share) = own.map_or((0, None), |t| (self.tenants[t].queued, self.tenants[t].share));
+            return Err(match share {
+                Some(share) if queued + tokens > share => Rejected::OverShare { tenant: tenant.to_owned(), queued, requested: tokens, share },
+                _ => Rejected::Overloaded { queued: self.queued_tokens, requested: tokens, limit },
+            });
         }
-        let next_tenant = self.tenants.len();
-        let t = *self.tenant_ids.entry(tenant.to_owned()).or_insert(next_tenant);
-        if t == next_tenant {
-            self.tenants.push(Tenant { queue: Vec::new(), usage: 0.0, usage_at: None });
-        }
-        let queue = &mut self.tenants[t].queue;
-        queue.extend(lengths.iter().enumerate().map(|(index, &len)| Waiting { row: Row { request: id, index, len: len.max(1) }, passed_over: 0 }));
+        let t = self.tenant(tenant);
+        let entry = &mut self.tenants[t];
+        entry.queued += tokens;
+        entry.queue.extend(lengths.iter().enumerate().map(|(index, &len)| Waiting { row: Row { request: id, index, len: len.max(1) }, passed_over: 0 }));
         if !self.ring.contains(&t) {
             self.ring.push_back(t);
         }
@@ -174,10 +258,10 @@ impl Scheduler {
         let Some(request) = self.requests.remove(&id) else { return false };
         if request.queued > 0 {
             let tenant = &mut self.tenants[request.tenant];
-            let before: usize = tenant.queue.iter().map(|w| w.row.len).sum();
+            let removed: usize = tenant.queue.iter().filter(|w| w.row.request == id).map(|w| w.row.len).sum();
             tenant.queue.retain(|w| w.row.request != id);
-            let after: usize = tenant.queue.iter().map(|w| w.row.len).sum();
-            self.queued_tokens -= before - after;
+            tenant.queued -= removed;
+            self.queued_tokens -= removed;
             self.drop_idle_tenant(request.tenant);
         }
         true
@@ -263,7 +347,7 @@ impl Scheduler {
             .iter()
             .map(|&t| {
                 let tenant = &self.tenants[t];
-                (tenant.usage(now, half_life), tenant.queue.iter().map(|w| w.row.len).sum(), t)
+                (tenant.usage(now, half_life), tenant.queued, t)
             })
             .collect();
         keyed.sort_by(|a, b| (a.0, a.1).partial_cmp(&(b.0, b.1)).expect("usage is finite"));
@@ -273,7 +357,10 @@ impl Scheduler {
         let anchor_tenant = order[0];
         let anchor = take_anchor(&mut self.tenants[anchor_tenant].queue, starving);
         let padded_len = anchor.row.len;
-        let capacity = limits.max_sequences.get().min((limits.max_tokens.get() / padded_len).max(1));
+        let mut capacity = limits.max_sequences.get().min((limits.max_tokens.get() / padded_len).max(1));
+        if let Some(target) = self.config.max_batch_time {
+            capacity = self.cost.rows_within(padded_len, target, capacity);
+        }
         let mut rows = vec![anchor.row];
 
         // Candidates no longer than the anchor: by tenant, then starving ones first within a
@@ -321,6 +408,7 @@ impl Scheduler {
             let request = self.requests.get_mut(&row.request).expect("queued rows belong to live requests");
             request.queued -= 1;
             let tenant = request.tenant;
+            self.tenants[tenant].queued -= row.len;
             self.tenants[tenant].charge(padded_len, now, self.config.usage_half_life);
             self.drop_idle_tenant(tenant);
         }
@@ -365,7 +453,22 @@ mod tests {
             max_queued_tokens,
             max_pass_over: 4,
             usage_half_life: Duration::from_secs(5),
+            max_batch_time: None,
             order: ChunkOrder::LengthSorted,
+        }
+    }
+
+    /// A CPU-like pass time: 2 ms a pass, 20 µs a token, attention 0.1 µs per token per position.
+    fn pass_ms(rows: usize, len: usize) -> f64 {
+        2.0 + 0.02 * (rows * len) as f64 + 0.0001 * (rows * len * len) as f64
+    }
+
+    /// Reports passes of varied shapes, as the model thread would after serving them; `stall_ms`
+    /// more each, as on a contended machine.
+    fn teach(s: &mut Scheduler, passes: usize, stall_ms: f64) {
+        let shapes = [(32, 48), (7, 20), (32, 256), (1, 256), (16, 128), (32, 12), (4, 200), (2, 8)];
+        for &(rows, len) in shapes.iter().cycle().take(passes) {
+            s.observe(rows, len, Duration::from_secs_f64((pass_ms(rows, len) + stall_ms) / 1e3));
         }
     }
 
@@ -554,7 +657,135 @@ mod tests {
         assert!(served_at.unwrap() <= c.max_pass_over as usize + 1, "served after {served_at:?} batches");
     }
 
+    #[test]
+    fn a_batch_predicted_over_the_target_is_shrunk_to_fit() {
+        let t0 = Instant::now();
+        let c = SchedulerConfig { max_batch_time: Some(Duration::from_millis(200)), ..config(32, 8192, 0, usize::MAX) };
+        let mut s = Scheduler::new(c);
+        // Before any pass was measured, the limits alone size the batch.
+        s.submit(1, "flood", &[256; 64], None, t0).unwrap();
+        let Next::Run(first) = s.next(t0) else { panic!() };
+        assert_eq!(first.rows.len(), 32);
+        s.complete(&first.rows);
+        teach(&mut s, 24, 0.0);
+        let Next::Run(batch) = s.next(t0) else { panic!() };
+        // 2 + r·(5.12 + 6.55) ≤ 200: 16 rows of 256 tokens, where the limits allowed 32.
+        assert_eq!(batch.rows.len(), 16);
+        assert!(pass_ms(batch.rows.len(), batch.padded_len) <= 200.0);
+        // Short rows still fill the batch.
+        s.submit(2, "light", &[12; 32], None, t0).unwrap();
+        let Next::Run(light) = s.next(t0) else { panic!() };
+        assert_eq!((light.rows.len(), light.padded_len), (32, 12));
+    }
+
+    #[test]
+    fn a_sequence_predicted_over_the_target_still_runs_alone() {
+        let t0 = Instant::now();
+        let c = SchedulerConfig { max_batch_time: Some(Duration::from_millis(5)), ..config(32, 8192, 0, usize::MAX) };
+        let mut s = Scheduler::new(c);
+        teach(&mut s, 24, 0.0);
+        s.submit(1, "a", &[256, 256, 256], None, t0).unwrap();
+        let batches = drain(&mut s, t0, &mut |_, _| {});
+        assert_eq!(batches.iter().map(|b| b.rows.len()).collect::<Vec<_>>(), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn a_light_request_waits_one_bounded_pass_behind_a_flood() {
+        let t0 = Instant::now();
+        let target = Duration::from_millis(200);
+        let c = SchedulerConfig { max_batch_time: Some(target), ..config(32, 8192, 0, usize::MAX) };
+        let mut s = Scheduler::new(c);
+        teach(&mut s, 24, 0.0);
+        for r in 0..16 {
+            s.submit(r, "flood", &[256; 256], None, t0).unwrap();
+        }
+        let Next::Run(running) = s.next(t0) else { panic!() };
+        // The light request arrives while the flood's pass runs, and goes next.
+        s.submit(100, "light", &[9, 14], None, t0).unwrap();
+        s.complete(&running.rows);
+        let Next::Run(next) = s.next(t0) else { panic!() };
+        assert_eq!(s.complete(&next.rows), vec![100]);
+        let waited = pass_ms(running.rows.len(), running.padded_len) + pass_ms(next.rows.len(), next.padded_len);
+        assert!(waited <= 200.0 + pass_ms(2, 14), "waited {waited:.1} ms");
+    }
+
+    #[test]
+    fn a_tenant_past_its_share_is_refused_alone() {
+        let t0 = Instant::now();
+        let shares = [("a".to_owned(), 500), ("b".to_owned(), 500)];
+        let mut s = Scheduler::with_shares(config(4, 1000, 0, 1000), &shares).unwrap();
+        s.submit(1, "a", &[200, 200], None, t0).unwrap();
+        let refused = s.submit(2, "a", &[200], None, t0).unwrap_err();
+        assert_eq!(refused, Rejected::OverShare { tenant: "a".into(), queued: 400, requested: 200, share: 500 });
+        assert!(refused.to_string().contains("tenant a's share") && refused.to_string().contains("500"), "{refused}");
+        // B's whole share is still there for it.
+        s.submit(3, "b", &[250, 250], None, t0).unwrap();
+        // A tenant without a share gets only room no share reserves: none here.
+        assert!(matches!(s.submit(4, "c", &[1], None, t0), Err(Rejected::Overloaded { .. })));
+        // Once A's work ran, A has room again.
+        drain(&mut s, t0, &mut |_, _| {});
+        s.submit(2, "a", &[200], None, t0).unwrap();
+        assert_eq!(
+            Scheduler::with_shares(config(4, 1000, 0, 1000), &[("a".into(), 600), ("b".into(), 500)]).err(),
+            Some(SharesTooLarge { total: 1100, limit: 1000 })
+        );
+    }
+
+    #[test]
+    fn room_no_share_reserves_is_first_come() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::with_shares(config(4, 1000, 0, 1000), &[("a".into(), 300), ("b".into(), 300)]).unwrap();
+        // A may go past its share into the 400 tokens no one reserves, but not into B's.
+        s.submit(1, "a", &[350, 350], None, t0).unwrap();
+        assert!(matches!(s.submit(2, "a", &[1], None, t0), Err(Rejected::OverShare { .. })));
+        s.submit(3, "b", &[300], None, t0).unwrap();
+    }
+
     proptest! {
+        /// Whatever the others queue, a tenant whose own waiting tokens stay within its share is
+        /// never refused; a refused tenant is always past its share.
+        #[test]
+        fn a_tenant_within_its_share_is_never_refused(
+            shares in proptest::collection::vec(1usize..400, 1..4),
+            slack in 0usize..300,
+            steps in proptest::collection::vec((0usize..5, 1usize..120, 0usize..4), 1..80),
+        ) {
+            let t0 = Instant::now();
+            let limit = shares.iter().sum::<usize>() + slack;
+            let named: Vec<(String, usize)> = shares.iter().enumerate().map(|(i, &s)| (format!("t{i}"), s)).collect();
+            let mut s = Scheduler::with_shares(config(4, 256, 0, limit), &named).unwrap();
+            let mut queued = [0usize; 5];
+            let mut owner = HashMap::new();
+            for (id, &(tenant, len, action)) in steps.iter().enumerate() {
+                if action == 0 {
+                    // A batch runs and frees its rows.
+                    if let Next::Run(batch) = s.next(t0) {
+                        for row in &batch.rows {
+                            queued[owner[&row.request]] -= row.len;
+                        }
+                        s.complete(&batch.rows);
+                    }
+                    continue;
+                }
+                let name = format!("t{tenant}");
+                let share = shares.get(tenant).copied();
+                match s.submit(id as RequestId, &name, &[len], None, t0) {
+                    Ok(()) => {
+                        queued[tenant] += len;
+                        owner.insert(id as RequestId, tenant);
+                    }
+                    Err(refused) => {
+                        prop_assert!(share.is_none_or(|share| queued[tenant] + len > share), "t{tenant} refused within its share: {refused}");
+                        if share.is_some() {
+                            prop_assert!(matches!(refused, Rejected::OverShare { .. }), "{refused}");
+                        }
+                    }
+                }
+                // Past the limit only by one sequence larger than it, alone in the queue.
+                prop_assert!(s.queued_tokens() <= limit || s.queued_sequences() == 1);
+            }
+        }
+
         #[test]
         fn every_sequence_runs_once_within_the_limits(
             requests in proptest::collection::vec((0usize..3, proptest::collection::vec(1usize..300, 0..40)), 1..30),
@@ -562,11 +793,16 @@ mod tests {
             max_tokens in 1usize..4096,
             cancel_every in 0usize..5,
             sorted in any::<bool>(),
+            target_ms in proptest::option::of(0u64..300),
+            taught in 0usize..12,
+            stall_ms in proptest::option::of(0.0f64..400.0),
         ) {
             let t0 = Instant::now();
             let order = if sorted { ChunkOrder::LengthSorted } else { ChunkOrder::InputOrder };
-            let c = SchedulerConfig { order, ..config(max_sequences, max_tokens, 3, usize::MAX) };
+            let max_batch_time = target_ms.map(Duration::from_millis);
+            let c = SchedulerConfig { order, max_batch_time, ..config(max_sequences, max_tokens, 3, usize::MAX) };
             let mut s = Scheduler::new(c);
+            teach(&mut s, taught, stall_ms.unwrap_or(0.0));
             let mut expected = HashSet::new();
             let mut cancelled = HashSet::new();
             for (id, (tenant, lengths)) in requests.iter().enumerate() {
@@ -581,8 +817,16 @@ mod tests {
             }
             let mut seen = HashSet::new();
             let mut completed = Vec::new();
+            let predicts = s.cost.predict(1, 1).is_some();
             for batch in drain(&mut s, t0 + Duration::from_secs(1), &mut |_, done| completed.extend(done)) {
                 check_limits(&batch, &c);
+                // Only a single sequence may be predicted over the target (or over a pass's fixed
+                // cost and half the target, where the fixed cost takes more than half).
+                if let (Some(target), true, true, true) = (max_batch_time, sorted, predicts, batch.rows.len() > 1) {
+                    let fixed = s.cost.predict(0, batch.padded_len).unwrap();
+                    let bound = target.max(fixed + target / 2) + Duration::from_nanos(1);
+                    prop_assert!(s.cost.predict(batch.rows.len(), batch.padded_len).unwrap() <= bound, "{batch:?}");
+                }
                 for row in batch.rows {
                     prop_assert!(seen.insert((row.request, row.index)), "row {row:?} ran twice");
                     prop_assert_eq!(row.len, requests[row.request as usize].1[row.index].max(1));

@@ -23,7 +23,7 @@ pub use manifest::{Manifest, Task};
 pub use precision::{Candidate, Precision, PrecisionChoice};
 pub use tokenize::{Encoding, TextTokenizer};
 
-use crate::batcher::scheduler::{Rejected, Scheduler, SchedulerConfig};
+use crate::batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
 use crate::batcher::{BatchLimits, ChunkOrder};
 use crate::config::{Config, CpuDtype, DeviceSpec, ModelConfig};
 use worker::{Job, Queue, Shared};
@@ -52,6 +52,8 @@ pub enum ModelError {
     InvalidInput(String),
     #[error("{0}")]
     Overloaded(Rejected),
+    #[error(transparent)]
+    Shares(#[from] SharesTooLarge),
     #[error("waited {0:?} in the model's queue, past the request's deadline")]
     TimedOut(Duration),
     #[error("model returned shape {got:?}, expected {expected:?}")]
@@ -126,6 +128,11 @@ pub struct ModelOptions {
     pub max_queue_delay: Duration,
     /// Tokens that may wait for the model; more is refused at once (`Overloaded`).
     pub max_queued_tokens: usize,
+    /// Each tenant's share of `max_queued_tokens` (see [`crate::batcher::scheduler`]); a tenant
+    /// not named gets only room no share reserves.
+    pub queue_shares: Vec<(String, usize)>,
+    /// A target for one forward pass: batches predicted to take longer are shrunk. `None`: no target.
+    pub max_batch_time: Option<Duration>,
     /// `InputOrder` reproduces the seed's batching; only benchmarks want it.
     pub chunk_order: ChunkOrder,
 }
@@ -141,6 +148,8 @@ impl ModelOptions {
             limits: config.batch_limits(),
             max_queue_delay: Duration::from_millis(config.api.max_queue_delay_ms),
             max_queued_tokens: config.api.max_queued_tokens.get(),
+            queue_shares: config.queue_shares(&model.name),
+            max_batch_time: Some(Duration::from_millis(config.api.max_batch_ms)),
             chunk_order: config.api.batch_order.into(),
         }
     }
@@ -203,7 +212,8 @@ impl Model {
         let manifest = Manifest::load(&options.path)?;
         let tokenizer = TextTokenizer::from_file(&options.path.join("tokenizer.json"), manifest.max_length)?;
         let device = device::resolve(options.device)?;
-        let scheduler = Scheduler::new(SchedulerConfig {
+        let scheduler = Scheduler::with_shares(
+            SchedulerConfig {
             limits: options.limits,
             max_queue_delay: options.max_queue_delay,
             max_queued_tokens: options.max_queued_tokens,
@@ -211,8 +221,11 @@ impl Model {
             // Long enough to remember a flood across a light tenant's whole request, short
             // enough that a tenant's own burst is soon forgotten.
             usage_half_life: Duration::from_secs(2),
+            max_batch_time: options.max_batch_time,
             order: options.chunk_order,
-        });
+        },
+            &options.queue_shares,
+        )?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { scheduler, jobs: Default::default(), next_request: 1, next_batch: 1, stopped: false }),
             wakeup: Condvar::new(),

@@ -4,7 +4,8 @@
 //! full) and wait on a oneshot. On CUDA a preparing thread takes the next batch from the
 //! scheduler and pads it (pinned) while the model thread runs the current one; on CPU the model
 //! thread takes each batch when it is free. It answers each caller as soon as all of its
-//! sequences are done.
+//! sequences are done, and reports each pass's shape and time to the scheduler, which sizes later
+//! batches from them (`api.max_batch_ms`).
 //! A forward pass that runs out of memory is split in halves and retried, down to single
 //! sequences; a sequence that fails alone fails only its own request.
 
@@ -124,10 +125,14 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
     };
     for Prepared { id: batch_id, rows, inputs, padded } in batches {
         let started = Instant::now();
+        let splits_before = shared.counters.oom_splits.load(Ordering::Relaxed);
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let results = run_split(&mut executor, padder, &refs, Some(&padded), &shared.counters);
         let elapsed = started.elapsed();
         let padded_len = padded.padded_len;
+        // Only a pass that ran whole says what a pass of its shape costs: one split after running
+        // out of memory was several passes, and a failed one may have stopped early.
+        let whole = shared.counters.oom_splits.load(Ordering::Relaxed) == splits_before && results.iter().all(Result::is_ok);
 
         let counters = &shared.counters;
         Counters::add(&counters.batches, 1);
@@ -135,6 +140,11 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
         Counters::add(&counters.real_tokens, rows.iter().map(|r| r.len).sum());
         Counters::add(&counters.padded_tokens, rows.len() * padded_len);
         let mut queue = shared.lock();
+        if whole {
+            let predicted_ms = queue.scheduler.predict(rows.len(), padded_len).map(|p| p.as_secs_f64() * 1e3);
+            tracing::debug!(rows = rows.len(), padded_len, elapsed_ms = elapsed.as_secs_f64() * 1e3, ?predicted_ms, "forward pass");
+            queue.scheduler.observe(rows.len(), padded_len, elapsed);
+        }
         let mut failed: Vec<(RequestId, ModelError)> = Vec::new();
         for (row, result) in rows.iter().zip(results) {
             let Some(job) = queue.jobs.get_mut(&row.request) else { continue }; // cancelled meanwhile

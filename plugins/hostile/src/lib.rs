@@ -46,6 +46,15 @@ impl Plugin for Hostile {
                     Err(e) => e.into_response(),
                 }
             }
+            // Floods the model: `n` sequences (64 unless set) as long as the model takes, the most
+            // expensive forward passes a tenant can ask for.
+            "flood" => {
+                let sequences = vec![vec![101u32; host::model().max_length as usize]; n(64)];
+                match host::infer(&sequences) {
+                    Ok(inference) => json(200, &inference.outputs.len()),
+                    Err(e) => e.into_response(),
+                }
+            }
             "tokenize-huge" => match host::tokenize(&["a ".repeat(n(16 << 20) / 2)]) {
                 Ok(encodings) => json(200, &encodings.len()),
                 Err(e) => e.into_response(),
