@@ -1,6 +1,7 @@
 //! Each tenant's share of the model's queue, over real HTTP: tenant A floods the model with many
 //! concurrent max-length `infer` calls, more than the whole queue holds; A is refused past its
 //! share (503 naming it), and tenant B's normal requests meanwhile are all answered, never 503.
+//! A request that can never fit in A's room is refused for good (413).
 
 mod common;
 
@@ -30,6 +31,10 @@ tenants:
 "#,
     );
     let server = Server::launch(&config);
+    // 200 x 256 tokens can never fit in A's 32,768: 413 at once, not a 503 to retry forever.
+    let (status, answer) = server.post("/a/flood?n=200", "");
+    assert_eq!((status, answer["error"]["code"].as_str()), (413, Some("too_large")), "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("32768"), "{answer}");
     let body = json!({ "sentences": fixture_sentences() }).to_string();
     let stop = AtomicBool::new(false);
     let refusals: Mutex<Vec<String>> = Mutex::new(Vec::new());

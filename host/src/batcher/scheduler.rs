@@ -65,6 +65,13 @@ pub enum Rejected {
          would pass its share of {share} (limits.max_queued_tokens)"
     )]
     OverShare { tenant: String, queued: usize, requested: usize, share: usize },
+    /// Refused for good: even with the queue empty, the other tenants' shares leave less room
+    /// than the request needs. Retrying cannot help; smaller requests can.
+    #[error(
+        "the request's {requested} tokens can never wait in the model's queue: the other tenants' shares leave \
+         tenant {tenant} at most {room} (limits.max_queued_tokens); send fewer or shorter sequences per request"
+    )]
+    NeverFits { tenant: String, requested: usize, room: usize },
     #[error("request {0} is already queued")]
     Duplicate(RequestId),
 }
@@ -231,6 +238,10 @@ impl Scheduler {
         let reserved_by_others: usize =
             self.tenants.iter().enumerate().filter(|&(t, _)| Some(t) != own).map(|(_, other)| other.unused_share()).sum();
         let limit = self.config.max_queued_tokens;
+        let others_shares: usize = self.tenants.iter().enumerate().filter(|&(t, _)| Some(t) != own).filter_map(|(_, other)| other.share).sum();
+        if others_shares > 0 && tokens + others_shares > limit {
+            return Err(Rejected::NeverFits { tenant: tenant.to_owned(), requested: tokens, room: limit - others_shares });
+        }
         let fits = self.queued_tokens + tokens + reserved_by_others <= limit;
         // With nothing waiting and nothing reserved, a request larger than the limit still runs (alone).
         if !(fits || self.queued_tokens == 0 && reserved_by_others == 0) {
@@ -710,6 +721,21 @@ mod tests {
     }
 
     #[test]
+    fn a_request_larger_than_its_tenants_room_is_refused_for_good_even_from_an_empty_queue() {
+        let t0 = Instant::now();
+        let shares = [("a".to_owned(), 300), ("b".to_owned(), 500)];
+        let mut s = Scheduler::with_shares(config(4, 1000, 0, 1000), &shares).unwrap();
+        // A may use its 300 and the 200 no share reserves: 500 at most, queue empty or not.
+        let refused = s.submit(1, "a", &[300, 201], None, t0).unwrap_err();
+        assert_eq!(refused, Rejected::NeverFits { tenant: "a".into(), requested: 501, room: 500 });
+        assert!(refused.to_string().contains("can never wait") && refused.to_string().contains("500"), "{refused}");
+        s.submit(2, "a", &[300, 200], None, t0).unwrap();
+        // Without shares, an empty queue still takes a request larger than the limit (it runs alone).
+        let mut alone = Scheduler::new(config(4, 1000, 0, 1000));
+        alone.submit(1, "a", &[2000], None, t0).unwrap();
+    }
+
+    #[test]
     fn a_tenant_past_its_share_is_refused_alone() {
         let t0 = Instant::now();
         let shares = [("a".to_owned(), 500), ("b".to_owned(), 500)];
@@ -720,8 +746,8 @@ mod tests {
         assert!(refused.to_string().contains("tenant a's share") && refused.to_string().contains("500"), "{refused}");
         // B's whole share is still there for it.
         s.submit(3, "b", &[250, 250], None, t0).unwrap();
-        // A tenant without a share gets only room no share reserves: none here.
-        assert!(matches!(s.submit(4, "c", &[1], None, t0), Err(Rejected::Overloaded { .. })));
+        // A tenant without a share gets only room no share reserves: none here, ever.
+        assert_eq!(s.submit(4, "c", &[1], None, t0), Err(Rejected::NeverFits { tenant: "c".into(), requested: 1, room: 0 }));
         // Once A's work ran, A has room again.
         drain(&mut s, t0, &mut |_, _| {});
         s.submit(2, "a", &[200], None, t0).unwrap();
@@ -777,8 +803,11 @@ mod tests {
                     Err(refused) => {
                         prop_assert!(share.is_none_or(|share| queued[tenant] + len > share), "t{tenant} refused within its share: {refused}");
                         if share.is_some() {
-                            prop_assert!(matches!(refused, Rejected::OverShare { .. }), "{refused}");
+                            prop_assert!(matches!(refused, Rejected::OverShare { .. } | Rejected::NeverFits { .. }), "{refused}");
                         }
+                        // Refused for good only what could never fit beside the others' shares.
+                        let others: usize = shares.iter().enumerate().filter(|&(t, _)| t != tenant).map(|(_, s)| s).sum();
+                        prop_assert_eq!(matches!(refused, Rejected::NeverFits { .. }), others > 0 && len + others > limit, "{}", refused);
                     }
                 }
                 // Past the limit only by one sequence larger than it, alone in the queue.

@@ -6,6 +6,7 @@ use std::time::Instant;
 use super::RequestState;
 use super::bindings::batchbox::plugin::{host, types};
 use crate::config::TenantLimits;
+use crate::batcher::scheduler::Rejected;
 use crate::model::{ModelError, Task};
 
 /// What one request's host calls have asked for so far.
@@ -140,6 +141,8 @@ impl host::Host for RequestState {
 fn to_wit_error(error: ModelError) -> types::Error {
     match error {
         ModelError::InvalidInput(message) => types::Error::InvalidInput(message),
+        // Waiting cannot help a request that can never fit in its tenant's room: 413, not 503.
+        ModelError::Overloaded(rejected @ Rejected::NeverFits { .. }) => types::Error::TooLarge(rejected.to_string()),
         e @ ModelError::Overloaded(_) => types::Error::Overloaded(e.to_string()),
         e @ ModelError::TimedOut(_) => types::Error::TimedOut(e.to_string()),
         other => types::Error::Internal(other.to_string()),
