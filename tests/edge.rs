@@ -135,7 +135,9 @@ fn two_thousand_idle_connections_neither_stop_a_request_nor_stay_open() {
 #[test]
 fn running_out_of_descriptors_is_survived_with_a_short_log() {
     let log = common::workspace().join("target/http-tests/edge-descriptors.log");
-    let config = config("edge-descriptors", "header_read_timeout_ms: 1000, keep_alive_idle_ms: 1000, max_connections: 1000");
+    // The held sockets stay open for 3 s: long enough that the server runs out however slowly
+    // the test opens them, short enough that it comes back soon.
+    let config = config("edge-descriptors", "header_read_timeout_ms: 3000, keep_alive_idle_ms: 3000, max_connections: 1000");
     let stderr = std::fs::File::create(&log).unwrap();
     let server = Server::launch_with(&config, |command| {
         command.env("RUST_LOG", "warn").stderr(Stdio::from(stderr));
@@ -150,7 +152,9 @@ fn running_out_of_descriptors_is_survived_with_a_short_log() {
     // Far more sockets than the server has descriptors: it runs out, and must come back once the
     // header timeout closes the ones it holds.
     let held: Vec<TcpStream> = (0..600).map(|_| connect(&server)).collect();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(1));
+    let open = std::fs::read_dir(format!("/proc/{}/fd", server.child.id())).unwrap().count();
+    assert!(open >= 250, "the server holds {open} descriptors of its 256: the test did not exhaust them");
     let started = Instant::now();
     assert_served(&server, "running out of descriptors");
     let waited = started.elapsed();
