@@ -67,40 +67,34 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    /// The status and code of every error, in one exhaustive match: a new variant must be
+    /// mapped here before the host compiles, instead of falling into a 500 by a wildcard.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
         match self {
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BadBody(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::NotReady | Self::Plugin(PluginError::NoCapacity) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => StatusCode::UNAUTHORIZED,
-            Self::Access(AccessError::WrongTenant { .. }) => StatusCode::FORBIDDEN,
-            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Plugin(PluginError::WallTimeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Plugin(_) | Self::BadPluginResponse(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            Self::NotFound(_) => "not_found",
-            Self::MethodNotAllowed { .. } => "method_not_allowed",
-            Self::BodyTooLarge { .. } => "body_too_large",
-            Self::BadBody(_) => "bad_body",
-            Self::BodyTimeout(_) => "body_timeout",
-            Self::BadRequest(_) => "bad_request",
-            Self::NotReady => "not_ready",
-            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => "unauthorized",
-            Self::Access(AccessError::WrongTenant { .. }) => "forbidden",
-            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => "quota_exceeded",
-            Self::Plugin(PluginError::NoCapacity) => "overloaded",
-            Self::Plugin(PluginError::WallTimeout { .. }) => "plugin_timeout",
-            Self::Plugin(PluginError::CpuLimit { .. }) => "plugin_cpu_limit",
-            Self::Plugin(PluginError::MemoryLimit { .. }) => "plugin_memory_limit",
-            Self::Plugin(_) => "plugin_failed",
-            Self::BadPluginResponse(_) => "bad_plugin_response",
+            Self::NotFound(_) => (S::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::BadBody(_) => (S::BAD_REQUEST, "bad_body"),
+            Self::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
+            Self::BadRequest(_) => (S::BAD_REQUEST, "bad_request"),
+            Self::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
+            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => (S::UNAUTHORIZED, "unauthorized"),
+            Self::Access(AccessError::WrongTenant { .. }) => (S::FORBIDDEN, "forbidden"),
+            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => (S::TOO_MANY_REQUESTS, "quota_exceeded"),
+            Self::Plugin(PluginError::NoCapacity) => (S::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Plugin(PluginError::WallTimeout { .. }) => (S::GATEWAY_TIMEOUT, "plugin_timeout"),
+            Self::Plugin(PluginError::CpuLimit { .. }) => (S::INTERNAL_SERVER_ERROR, "plugin_cpu_limit"),
+            Self::Plugin(PluginError::MemoryLimit { .. }) => (S::INTERNAL_SERVER_ERROR, "plugin_memory_limit"),
+            // Loading errors stop startup; a request meeting one means the plugin is broken.
+            Self::Plugin(
+                PluginError::Trapped { .. }
+                | PluginError::Read { .. }
+                | PluginError::Compile { .. }
+                | PluginError::MissingExport { .. }
+                | PluginError::Configure { .. },
+            ) => (S::INTERNAL_SERVER_ERROR, "plugin_failed"),
+            Self::BadPluginResponse(_) => (S::INTERNAL_SERVER_ERROR, "bad_plugin_response"),
         }
     }
 
@@ -114,11 +108,11 @@ impl ApiError {
     }
 
     fn into_response(self) -> Response {
-        let status = self.status();
+        let (status, code) = self.status_and_code();
         if status.is_server_error() && !matches!(self, Self::NotReady) {
             tracing::warn!(error = %self, "request failed");
         }
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        let mut error = json!({ "code": code, "message": self.to_string() });
         if let Some(quota) = self.quota() {
             error["quota"] = quota.into();
         }
@@ -362,4 +356,60 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error variant, its status, code and the headers that go with it: the table the
+    /// README's error list is written from.
+    #[test]
+    fn every_error_maps_to_its_status_code_and_headers() {
+        let tenant = || "t".to_owned();
+        /// An error, its status, its code, and a header it must carry.
+        type Row = (ApiError, u16, &'static str, Option<(&'static str, &'static str)>);
+        let table: Vec<Row> = vec![
+            (ApiError::NotFound("/x".into()), 404, "not_found", None),
+            (ApiError::MethodNotAllowed { method: Method::PUT, path: "/health".into(), allow: "GET" }, 405, "method_not_allowed", Some(("allow", "GET"))),
+            (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large", None),
+            (ApiError::BadBody("eof".into()), 400, "bad_body", None),
+            (ApiError::BodyTimeout(Duration::from_secs(1)), 408, "body_timeout", Some(("connection", "close"))),
+            (ApiError::BadRequest("two Host headers"), 400, "bad_request", None),
+            (ApiError::NotReady, 503, "not_ready", Some(("retry-after", "1"))),
+            (AccessError::MissingKey.into(), 401, "unauthorized", Some(("www-authenticate", "Bearer"))),
+            (AccessError::InvalidKey.into(), 401, "unauthorized", Some(("www-authenticate", "Bearer"))),
+            (AccessError::WrongTenant { tenant: tenant() }.into(), 403, "forbidden", None),
+            (AccessError::Quota { tenant: tenant(), quota: "max_concurrent", detail: "64".into() }.into(), 429, "quota_exceeded", Some(("retry-after", "1"))),
+            (AccessError::Quota { tenant: tenant(), quota: "max_body_bytes", detail: "1".into() }.into(), 429, "quota_exceeded", None),
+            (PluginError::HostcallBytes { tenant: tenant(), limit: 1 }.into(), 429, "quota_exceeded", None),
+            (PluginError::NoCapacity.into(), 503, "overloaded", Some(("retry-after", "1"))),
+            (PluginError::WallTimeout { tenant: tenant(), limit_ms: 1 }.into(), 504, "plugin_timeout", None),
+            (PluginError::CpuLimit { tenant: tenant(), limit_ms: 1 }.into(), 500, "plugin_cpu_limit", None),
+            (PluginError::MemoryLimit { tenant: tenant(), limit: 1 }.into(), 500, "plugin_memory_limit", None),
+            (PluginError::Trapped { tenant: tenant(), message: "panic".into() }.into(), 500, "plugin_failed", None),
+            (PluginError::Read { tenant: tenant(), path: "p.wasm".into(), source: std::io::ErrorKind::NotFound.into() }.into(), 500, "plugin_failed", None),
+            (PluginError::Compile { tenant: tenant(), message: "bad".into() }.into(), 500, "plugin_failed", None),
+            (PluginError::MissingExport { tenant: tenant(), message: "handle".into() }.into(), 500, "plugin_failed", None),
+            (PluginError::Configure { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
+            (ApiError::BadPluginResponse("status 101".into()), 500, "bad_plugin_response", None),
+        ];
+        for (error, status, code, header) in table {
+            let what = format!("{error:?}");
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status, "{what}");
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/json", "{what}");
+            if let Some((name, value)) = header {
+                assert_eq!(response.headers()[name], value, "{what}");
+            }
+            let body: serde_json::Value = serde_json::from_slice(&body_bytes(response)).unwrap();
+            assert_eq!(body["error"]["code"], code, "{what}");
+            assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{what}");
+        }
+    }
+
+    fn body_bytes(response: Response) -> Bytes {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(response.into_body().collect()).unwrap().to_bytes()
+    }
 }
