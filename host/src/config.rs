@@ -545,9 +545,7 @@ impl Config {
     fn validate_queue_shares(&self) -> Result<(), (&'static str, String)> {
         let limit = self.api.max_queued_tokens.get();
         for model in &self.models {
-            let tenants: Vec<&TenantConfig> = self.tenants.iter().filter(|t| t.model == model.name).collect();
-            let explicit: usize = tenants.iter().filter_map(|t| t.limits.max_queued_tokens).sum();
-            let unset = tenants.iter().filter(|t| t.limits.max_queued_tokens.is_none()).count();
+            let (_, explicit, unset) = self.explicit_shares(&model.name);
             if explicit > limit {
                 return Err((
                     "tenants.limits.max_queued_tokens",
@@ -568,14 +566,20 @@ impl Config {
         Ok(())
     }
 
+    /// `model`'s tenants, the tokens their explicit shares add up to, and how many have none.
+    fn explicit_shares(&self, model: &str) -> (Vec<&TenantConfig>, usize, usize) {
+        let tenants: Vec<&TenantConfig> = self.tenants.iter().filter(|t| t.model == model).collect();
+        let explicit = tenants.iter().filter_map(|t| t.limits.max_queued_tokens).sum();
+        let unset = tenants.iter().filter(|t| t.limits.max_queued_tokens.is_none()).count();
+        (tenants, explicit, unset)
+    }
+
     /// Each of `model`'s tenants' share of its queue, in tokens: its `limits.max_queued_tokens`
     /// if set, else an equal part of what the tenants with a share leave of `api.max_queued_tokens`.
     /// Validated to add up to at most the queue.
     pub fn queue_shares(&self, model: &str) -> Vec<(String, usize)> {
-        let tenants: Vec<&TenantConfig> = self.tenants.iter().filter(|t| t.model == model).collect();
-        let explicit: usize = tenants.iter().filter_map(|t| t.limits.max_queued_tokens).sum();
-        let unset = tenants.iter().filter(|t| t.limits.max_queued_tokens.is_none()).count().max(1);
-        let default = self.api.max_queued_tokens.get().saturating_sub(explicit) / unset;
+        let (tenants, explicit, unset) = self.explicit_shares(model);
+        let default = self.api.max_queued_tokens.get().saturating_sub(explicit) / unset.max(1);
         tenants.iter().map(|t| (t.name.clone(), t.limits.max_queued_tokens.unwrap_or(default))).collect()
     }
 

@@ -214,16 +214,16 @@ impl Model {
         let device = device::resolve(options.device)?;
         let scheduler = Scheduler::with_shares(
             SchedulerConfig {
-            limits: options.limits,
-            max_queue_delay: options.max_queue_delay,
-            max_queued_tokens: options.max_queued_tokens,
-            max_pass_over: 8,
-            // Long enough to remember a flood across a light tenant's whole request, short
-            // enough that a tenant's own burst is soon forgotten.
-            usage_half_life: Duration::from_secs(2),
-            max_batch_time: options.max_batch_time,
-            order: options.chunk_order,
-        },
+                limits: options.limits,
+                max_queue_delay: options.max_queue_delay,
+                max_queued_tokens: options.max_queued_tokens,
+                max_pass_over: 8,
+                // Long enough to remember a flood across a light tenant's whole request, short
+                // enough that a tenant's own burst is soon forgotten.
+                usage_half_life: Duration::from_secs(2),
+                max_batch_time: options.max_batch_time,
+                order: options.chunk_order,
+            },
             &options.queue_shares,
         )?;
         let shared = Arc::new(Shared {
