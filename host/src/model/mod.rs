@@ -199,11 +199,13 @@ impl Inference {
 /// Who a call is for, so the scheduler can share the model fairly.
 pub const DEFAULT_TENANT: &str = "default";
 
-/// A loaded model. Cheap to share behind an `Arc`; dropping the last one stops the model thread.
+/// A loaded model. Cheap to share behind an `Arc`; dropping the last one stops the model thread
+/// and waits for it (at most the pass it is running).
 pub struct Model {
     info: ModelInfo,
     tokenizer: TextTokenizer,
     shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Model {
@@ -234,7 +236,7 @@ impl Model {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (path, thread_manifest, thread_shared) = (options.path.clone(), manifest.clone(), shared.clone());
         let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("model".into())
             .spawn(move || match precision::choose(&path, &thread_manifest, device, use_fp16, cpu_dtype) {
                 Ok((engine, precision, choice)) => {
@@ -249,7 +251,7 @@ impl Model {
             .expect("spawning the model thread");
         let (precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
         let info = ModelInfo { manifest, device: format!("{device:?}").to_lowercase(), precision, precision_choice };
-        Ok(Arc::new(Model { info, tokenizer, shared }))
+        Ok(Arc::new(Model { info, tokenizer, shared, thread: Some(thread) }))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -335,9 +337,15 @@ impl Model {
 }
 
 impl Drop for Model {
+    /// Stops the model thread and joins it, so the module and its tensors are freed before
+    /// `main` returns. A thread left running frees them while the process exits, after libtorch's
+    /// CUDA allocator is gone: the GPU check saw that abort the process ("invalid device pointer").
     fn drop(&mut self) {
         self.shared.lock().stopped = true;
         self.shared.wakeup.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -380,4 +388,31 @@ fn warm_up(engine: &mut engine::Engine, manifest: &Manifest) -> Result<(), Model
         engine.forward(&batch)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_the_last_handle_returns_only_after_the_model_thread_has_freed_the_module() {
+        let model = Model::load(&ModelOptions {
+            path: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/minilm-topics"),
+            device: DeviceSpec::Cpu,
+            use_fp16: false,
+            cpu_dtype: CpuDtype::Fp32,
+            limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
+            max_queue_delay: Duration::ZERO,
+            max_queued_tokens: 1 << 20,
+            queue_shares: Vec::new(),
+            max_batch_time: None,
+            chunk_order: ChunkOrder::LengthSorted,
+        })
+        .unwrap();
+        model.infer_blocking(vec![vec![101, 2023, 102]]).unwrap();
+        // The model thread holds `shared` until it has dropped the module (see `worker::serve`).
+        let shared = Arc::downgrade(&model.shared);
+        drop(model);
+        assert!(shared.upgrade().is_none(), "drop returned while the model thread still held the module");
+    }
 }

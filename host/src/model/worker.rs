@@ -178,6 +178,10 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
     if let Some(preparer) = preparer {
         let _ = preparer.join();
     }
+    // The module goes before this thread lets go of `shared`, so a handle that sees `shared` gone
+    // knows the module was freed (`Model`'s `Drop` relies on the thread ending after this).
+    drop(executor);
+    drop(shared);
 }
 
 /// Waits for the next batch and copies its rows out; `None` once the model is dropped.
