@@ -83,6 +83,5 @@ run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', pre
            precision_choice=served['precision_choice'], response='$out/$model-$setup-$device-$dtype.response.json')
 print(json.dumps(run))"
   done
-  kill $server; wait $server 2>/dev/null || true
-  trap - EXIT
+  stop_server "$out/server"
 done

@@ -1,4 +1,4 @@
-# Sourced by tools/soak.sh and tools/drain.sh: start_server PREFIX CONFIG [NAME=VALUE...] runs
+# Sourced by tools/soak.sh, tools/drain.sh and tools/bench_serving.sh: start_server PREFIX CONFIG [NAME=VALUE...] runs
 # `batchbox serve` on a free loopback port with CONFIG and the given environment, its stdout in
 # PREFIX.out and its log in PREFIX.log, and returns once it is ready, with its pid in $server and
 # its base URL in $address. The server is killed if the calling script exits early.
@@ -18,4 +18,18 @@ start_server() {
     kill -0 $server 2>/dev/null || { cat "$prefix.log" >&2; exit 1; }
     sleep 0.5
   done
+}
+
+# stop_server PREFIX: SIGTERM the server started above, wait for it, and fail (printing the end of
+# its log) unless it exits 0: a server that crashes on its way out must not pass a benchmark.
+stop_server() {
+  local rc=0
+  kill -TERM $server
+  wait $server || rc=$?
+  trap - EXIT
+  if [ $rc != 0 ]; then
+    echo "batchbox exited $rc after SIGTERM; the end of $1.log:" >&2
+    tail -n 20 "$1.log" >&2
+    return 1
+  fi
 }
