@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use batchbox::batcher::{BatchLimits, ChunkOrder};
-use batchbox::config::{CpuDtype, DeviceSpec};
-use batchbox::model::{Model, ModelOptions, Output, Precision};
+use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model::{Model, Output, Precision, QueueOptions};
 use serde::Deserialize;
 
 fn model_dir() -> PathBuf {
@@ -22,17 +22,20 @@ fn model_dir() -> PathBuf {
 }
 
 fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
-    let model = Model::load(&ModelOptions {
+    let model = batchbox_model_tch::load(&ModelOptions {
         path: model_dir(),
         device: DeviceSpec::Cuda(0),
         use_fp16,
         cpu_dtype: CpuDtype::Fp32,
-        limits: BatchLimits { max_sequences: max_sequences.try_into().unwrap(), max_tokens: max_tokens.try_into().unwrap() },
-        max_queue_delay: std::time::Duration::ZERO,
-        max_queued_tokens: 1 << 24,
-        queue_shares: Vec::new(),
-        max_batch_time: None,
-        chunk_order: ChunkOrder::LengthSorted,
+        queue: QueueOptions {
+            limits: BatchLimits { max_sequences: max_sequences.try_into().unwrap(), max_tokens: max_tokens.try_into().unwrap() },
+            max_queue_delay: std::time::Duration::ZERO,
+            max_queued_tokens: 1 << 24,
+            queue_shares: Vec::new(),
+            max_batch_time: None,
+            chunk_order: ChunkOrder::LengthSorted,
+    
+        },
     })
     .unwrap_or_else(|e| panic!("loading {} on cuda:0: {e}", model_dir().display()));
     assert!(model.info().device.starts_with("cuda"), "{}", model.info().device);

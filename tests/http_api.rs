@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use batchbox::batcher::{BatchLimits, ChunkOrder};
-use batchbox::config::{CpuDtype, DeviceSpec};
-use batchbox::model::{Model, ModelOptions};
+use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model::{Model, QueueOptions};
 use common::{PREDICT, Server, assert_json_error, fixture_sentences, read, workspace, write_config};
 use serde_json::{Value, json};
 
@@ -53,17 +53,20 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
     assert_eq!(status, 200, "{body}");
 
     // The model runtime, driven directly, for the same sentences.
-    let model = Model::load(&ModelOptions {
+    let model = batchbox_model_tch::load(&ModelOptions {
         path: workspace().join("models/minilm-topics"),
         device: DeviceSpec::Cpu,
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
-        limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
-        max_queue_delay: std::time::Duration::ZERO,
-        max_queued_tokens: 1 << 20,
-        queue_shares: Vec::new(),
-        max_batch_time: None,
-        chunk_order: ChunkOrder::LengthSorted,
+        queue: QueueOptions {
+            limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
+            max_queue_delay: std::time::Duration::ZERO,
+            max_queued_tokens: 1 << 20,
+            queue_shares: Vec::new(),
+            max_batch_time: None,
+            chunk_order: ChunkOrder::LengthSorted,
+    
+        },
     })
     .unwrap();
     let encodings = model.tokenize(&sentences).unwrap();

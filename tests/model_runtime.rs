@@ -7,9 +7,9 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use batchbox::batcher::{BatchLimits, ChunkOrder};
-use batchbox::config::{CpuDtype, DeviceSpec};
-use batchbox::model::{Model, ModelError, ModelOptions, Output, Precision};
+use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model::{Model, ModelError, Output, Precision, QueueOptions};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -37,19 +37,21 @@ fn options(name: &str) -> ModelOptions {
         device: DeviceSpec::Cpu,
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
-        limits: limits(32, 8192),
-        max_queue_delay: std::time::Duration::ZERO,
-        max_queued_tokens: 1 << 20,
-        queue_shares: Vec::new(),
-        max_batch_time: None,
-        chunk_order: ChunkOrder::LengthSorted,
+        queue: QueueOptions {
+            limits: limits(32, 8192),
+            max_queue_delay: std::time::Duration::ZERO,
+            max_queued_tokens: 1 << 20,
+            queue_shares: Vec::new(),
+            max_batch_time: None,
+            chunk_order: ChunkOrder::LengthSorted,
+        },
     }
 }
 
 /// The default model, loaded once for all tests of this file.
 fn default_model() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL.get_or_init(|| Model::load(&options("minilm-topics")).expect("default model loads")).clone()
+    MODEL.get_or_init(|| batchbox_model_tch::load(&options("minilm-topics")).expect("default model loads")).clone()
 }
 
 fn sentences() -> Vec<String> {
@@ -95,7 +97,7 @@ struct Golden {
 fn check_against_golden(name: &str) {
     let dir = model_dir(name);
     let golden: Golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let model = Model::load(&options(name)).unwrap();
+    let model = batchbox_model_tch::load(&options(name)).unwrap();
     let encodings = model.tokenize(&golden.texts).unwrap();
     for (i, encoding) in encodings.iter().enumerate() {
         assert_eq!(encoding.ids, golden.input_ids[i], "{name}: token ids of text {i}");
@@ -142,7 +144,7 @@ fn batched_equals_one_by_one() {
 fn small_chunks_keep_results_and_input_order() {
     let texts = sentences();
     let expected = infer_texts(&default_model(), &texts);
-    let small = Model::load(&ModelOptions { limits: limits(3, 40), ..options("minilm-topics") }).unwrap();
+    let small = batchbox_model_tch::load(&ModelOptions { queue: QueueOptions { limits: limits(3, 40), ..options("minilm-topics").queue }, ..options("minilm-topics") }).unwrap();
     let ids: Vec<Vec<u32>> = small.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
     let longest = ids.iter().map(Vec::len).max().unwrap();
     assert!(longest > 40, "one sentence is longer than the token budget, so it must run alone");
@@ -159,11 +161,11 @@ fn small_chunks_keep_results_and_input_order() {
 #[test]
 fn length_sorting_pads_less_than_input_order() {
     let texts = sentences();
-    let unsorted = Model::load(&ModelOptions { chunk_order: ChunkOrder::InputOrder, ..options("minilm-topics") }).unwrap();
+    let unsorted = batchbox_model_tch::load(&ModelOptions { queue: QueueOptions { chunk_order: ChunkOrder::InputOrder, ..options("minilm-topics").queue }, ..options("minilm-topics") }).unwrap();
     let ids: Vec<Vec<u32>> = unsorted.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
     let in_order = unsorted.infer_blocking(ids.clone()).unwrap();
     // A model of its own: on the shared one, other tests' concurrent calls share its batches.
-    let sorted = Model::load(&options("minilm-topics")).unwrap().infer_blocking(ids).unwrap();
+    let sorted = batchbox_model_tch::load(&options("minilm-topics")).unwrap().infer_blocking(ids).unwrap();
     assert!(max_abs_diff(&sorted.outputs, &in_order.outputs) <= TOLERANCE);
     assert_eq!(sorted.stats.real_tokens, in_order.stats.real_tokens);
     assert!(
@@ -259,11 +261,11 @@ fn default_model_puts_clear_sentences_under_the_right_topic() {
 fn bf16_and_int8_on_cpu_agree_with_fp32_on_99_percent_of_the_fixture() {
     let texts = sentences();
     // A model of its own: batches shared with other tests' calls would change int8's scales.
-    let fp32 = infer_texts(&Model::load(&options("minilm-topics")).unwrap(), &texts);
+    let fp32 = infer_texts(&batchbox_model_tch::load(&options("minilm-topics")).unwrap(), &texts);
     // Logits reach about 20 (cosine / 0.05): bf16 keeps 8 bits of mantissa, int8 quantizes the
     // linear layers' inputs per batch.
     for (dtype, max_diff) in [(CpuDtype::Bf16, 0.5), (CpuDtype::Int8, 2.0)] {
-        let model = Model::load(&ModelOptions { cpu_dtype: dtype, ..options("minilm-topics") }).unwrap();
+        let model = batchbox_model_tch::load(&ModelOptions { cpu_dtype: dtype, ..options("minilm-topics") }).unwrap();
         let reduced = infer_texts(&model, &texts);
         let agree = fp32.iter().zip(&reduced).filter(|(a, b)| top_label(&model, a) == top_label(&model, b)).count();
         let diff = max_abs_diff(&fp32, &reduced);
@@ -291,7 +293,7 @@ fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
     for name in ["minilm-topics", "test/tiny-deberta"] {
         for (dtype, variant) in [(CpuDtype::Fp32, "cpu-float32"), (CpuDtype::Bf16, "cpu-bfloat16"), (CpuDtype::Int8, "cpu-int8")] {
             let (ids, expected) = golden_variant(name, variant);
-            let model = Model::load(&ModelOptions { cpu_dtype: dtype, ..options(name) }).unwrap();
+            let model = batchbox_model_tch::load(&ModelOptions { cpu_dtype: dtype, ..options(name) }).unwrap();
             // One batch, as the export ran it: int8's activation scales depend on the batch.
             let got = model.infer_blocking(ids).unwrap().outputs;
             let scale = expected.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
@@ -304,7 +306,7 @@ fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
 
 #[test]
 fn auto_runs_the_fastest_precision_whose_top_labels_agree_with_fp32() {
-    let model = Model::load(&ModelOptions { cpu_dtype: CpuDtype::Auto, ..options("minilm-topics") }).unwrap();
+    let model = batchbox_model_tch::load(&ModelOptions { cpu_dtype: CpuDtype::Auto, ..options("minilm-topics") }).unwrap();
     let choice = &model.info().precision_choice;
     assert_eq!(choice.mode, "auto");
     let tried: Vec<Precision> = choice.candidates.iter().map(|c| c.precision).collect();
@@ -334,7 +336,7 @@ fn a_precision_the_export_lacks_stops_loading_with_the_command_that_adds_it() {
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
 
-    let load = |dtype| Model::load(&ModelOptions { path: dir.clone(), cpu_dtype: dtype, ..options("minilm-topics") });
+    let load = |dtype| batchbox_model_tch::load(&ModelOptions { path: dir.clone(), cpu_dtype: dtype, ..options("minilm-topics") });
     let error = load(CpuDtype::Int8).err().expect("no int8 variant");
     let message = error.to_string();
     assert!(matches!(&error, ModelError::MissingVariant { variant, .. } if variant == "cpu-int8"), "{message}");
@@ -349,7 +351,7 @@ fn a_precision_the_export_lacks_stops_loading_with_the_command_that_adds_it() {
 
 #[test]
 fn cuda_is_used_when_present_and_refused_clearly_when_absent() {
-    match Model::load(&ModelOptions { device: DeviceSpec::Cuda(0), ..options("minilm-topics") }) {
+    match batchbox_model_tch::load(&ModelOptions { device: DeviceSpec::Cuda(0), ..options("minilm-topics") }) {
         Ok(model) => assert!(model.info().device.starts_with("cuda"), "{}", model.info().device),
         Err(ModelError::CudaUnavailable { requested, .. }) => assert_eq!(requested, "cuda:0"),
         // A GPU machine whose export had no cuda variant must say so, not fall back silently.
@@ -363,7 +365,7 @@ fn a_caller_that_goes_away_is_dropped_before_its_sequences_are_computed() {
     use std::sync::atomic::Ordering::Relaxed;
     use std::time::Duration;
 
-    let model = Model::load(&options("minilm-topics")).unwrap(); // its own counters
+    let model = batchbox_model_tch::load(&options("minilm-topics")).unwrap(); // its own counters
     let ids: Vec<Vec<u32>> = model.tokenize(&sentences()).unwrap().into_iter().map(|e| e.ids).collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

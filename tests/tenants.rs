@@ -19,7 +19,7 @@ const HOSTILE_KEY: &str = "hostile-secret-key";
 const HOSTILE_CPU_MS: u64 = 300;
 
 fn sha256(key: &str) -> String {
-    batchbox::config::KeyHash::of(key).0.iter().map(|b| format!("{b:02x}")).collect()
+    batchbox_tenants::KeyHash::of(key).0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Three tenants with keys (alpha: the default model; beta: a second model, reached by Host
@@ -242,7 +242,7 @@ fn wasi_grants_no_files_environment_network_or_fine_clock() {
     assert_eq!(report["env_vars"], 0, "the server's environment (BATCHBOX_SECRET) is not visible");
     let headers = report["headers"].as_array().unwrap();
     assert!(headers.contains(&json!("host")) && !headers.contains(&json!("authorization")), "the key stays with the host: {headers:?}");
-    let resolution = batchbox::plugins::CLOCK_RESOLUTION.as_nanos() as u64;
+    let resolution = batchbox_plugins::CLOCK_RESOLUTION.as_nanos() as u64;
     assert_eq!(report["wall_clock_ns"].as_u64().unwrap() % resolution, 0, "{report}");
     let step = report["monotonic_step_ns"].as_u64().unwrap();
     assert!(step > 0 && step % resolution == 0, "the finest monotonic step is {step} ns");

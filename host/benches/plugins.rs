@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchbox::config::Config;
-use batchbox::model::{Model, ModelOptions};
-use batchbox::plugins::{PluginRuntime, Request};
-use batchbox::server::{self, App, ConnectionLimits, Loaded};
+use batchbox_model::{Model, QueueOptions};
+use batchbox_plugins::{PluginRuntime, Request};
+use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -38,9 +38,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut config = Config::load(&root.join("shared_config.yaml"))?;
-    config.models[0].device = batchbox::config::DeviceSpec::Cpu;
+    config.models[0].device = batchbox_model_tch::DeviceSpec::Cpu;
     config.server.bind = "127.0.0.1:0".parse()?;
-    let mut hostile: batchbox::config::TenantConfig = serde_yaml::from_str(&format!(
+    let mut hostile: batchbox_tenants::TenantConfig = serde_yaml::from_str(&format!(
         "{{name: hostile, wasm: {}, routes: [/hostile]}}",
         root.join("plugins/target/wasm32-wasip2/release/hostile.wasm").display()
     ))?;
@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         // And end to end over HTTP, against a server in this process.
         let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
         let url = format!("http://{}{PREDICT}", listener.local_addr()?);
-        let app = Arc::new(App::new(&config));
+        let app = Arc::new(App::new(&config.server, &config.tenants));
         app.set_loaded(Loaded { models: models.to_vec(), plugins });
         tokio::spawn(server::serve(listener, app, ConnectionLimits::from_config(&config.server), std::future::pending()));
         let rounds = args.rounds;

@@ -10,9 +10,9 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use batchbox::batcher::{BatchLimits, ChunkOrder};
-use batchbox::config::{CpuDtype, DeviceSpec};
-use batchbox::model::{Model, ModelOptions, RunStats};
+use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model::{Model, QueueOptions, RunStats};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -60,20 +60,23 @@ fn main() -> anyhow::Result<()> {
         let models = SETUPS
             .iter()
             .map(|setup| {
-                Model::load(&ModelOptions {
+                batchbox_model_tch::load(&ModelOptions {
                     path: path.clone(),
                     device: DeviceSpec::Cpu,
                     use_fp16: false,
                     cpu_dtype: setup.dtype,
-                    limits: BatchLimits {
                         max_sequences: NonZeroUsize::new(setup.max_sequences).unwrap(),
                         max_tokens: NonZeroUsize::new(8192).unwrap(),
                     },
-                    max_queue_delay: std::time::Duration::ZERO,
-        max_queued_tokens: 1 << 20,
-        queue_shares: Vec::new(),
-        max_batch_time: None,
-                    chunk_order: setup.order,
+                    queue: QueueOptions {
+                        limits: BatchLimits {
+                        max_queue_delay: std::time::Duration::ZERO,
+            max_queued_tokens: 1 << 20,
+            queue_shares: Vec::new(),
+            max_batch_time: None,
+                        chunk_order: setup.order,
+                
+                    },
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -1,19 +1,13 @@
-//! batchbox: serves a libtorch classifier with batched inference.
+//! batchbox: serves a libtorch classifier with batched inference, its request handling in
+//! sandboxed WebAssembly plugins. This crate is the `batchbox` command and its config file; each
+//! concern is a crate of its own (see README "Layout" and docs/architecture.md):
 //!
-//! - [`config`]: `shared_config.yaml`, validated into typed settings;
-//! - [`cache`]: a tenant's opt-in response cache of logits per sequence;
-//! - [`batcher`]: how sequences are grouped into forward passes, within one call and across
-//!   calls and tenants (pure logic);
-//! - [`model`]: the exported model on CPU/CUDA, its tokenizer and the thread that owns it;
-//! - [`plugins`]: the WebAssembly plugin runtime (wasmtime, component model);
-//! - [`tenants`]: routing a request to its tenant, API keys and per-tenant quotas;
-//! - [`server`]: HTTP, host-owned routes, the one place errors become statuses, and the
-//!   connections' limits and drain.
+//! - `batchbox-batcher`: what runs in each forward pass (pure scheduling);
+//! - `batchbox-model`: the model handle, its queue and thread, manifest, tokenizer, response cache;
+//! - `batchbox-model-tch`: the libtorch backend (the only crate that links libtorch);
+//! - `batchbox-tenants`: routes, keys and quotas;
+//! - `batchbox-plugins`: the WebAssembly plugin runtime;
+//! - `batchbox-server`: HTTP, host routes, connection limits, and errors mapped to statuses;
+//! - [`config`]: `shared_config.yaml`, composed from those crates' sections and checked whole.
 
-pub mod batcher;
-pub mod cache;
 pub mod config;
-pub mod model;
-pub mod plugins;
-pub mod server;
-pub mod tenants;

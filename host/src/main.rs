@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use batchbox::config::{Config, DeviceSpec};
-use batchbox::model::{Model, ModelOptions, Task};
-use batchbox::plugins::PluginRuntime;
-use batchbox::server::{self, App, ConnectionLimits, Loaded};
+use batchbox::config::Config;
+use batchbox_model::{Model, Task};
+use batchbox_model_tch::DeviceSpec;
+use batchbox_plugins::PluginRuntime;
+use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -83,7 +84,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("listening on http://{address}");
     tracing::info!(%address, "listening");
-    let app = Arc::new(App::new(&config));
+    let app = Arc::new(App::new(&config.server, &config.tenants));
     let limits = ConnectionLimits::from_config(&config.server);
     let server = tokio::spawn(server::serve(listener, app.clone(), limits, shutdown_signal()));
 
@@ -98,8 +99,8 @@ async fn load(config: &Config) -> anyhow::Result<(Vec<(String, Arc<Model>)>, Plu
     let started = Instant::now();
     let mut models = Vec::new();
     for model_config in &config.models {
-        let options = ModelOptions::from_config(config, model_config);
-        let model = tokio::task::spawn_blocking(move || Model::load(&options))
+        let options = config.model_options(model_config);
+        let model = tokio::task::spawn_blocking(move || batchbox_model_tch::load(&options))
             .await?
             .with_context(|| format!("model {}", model_config.name))?;
         let info = model.info();
@@ -165,7 +166,7 @@ fn predict(config: &Config, model: Option<String>, mut sentences: Vec<String>) -
         sentences = std::io::stdin().lock().lines().collect::<Result<_, _>>().context("reading stdin")?;
     }
     let started = Instant::now();
-    let model = Model::load(&ModelOptions::from_config(config, model_config))?;
+    let model = batchbox_model_tch::load(&config.model_options(model_config))?;
     let info = model.info();
     tracing::info!(
         model = %info.manifest.version, device = %info.device, precision = ?info.precision,

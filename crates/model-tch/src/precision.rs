@@ -15,27 +15,22 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::engine::Engine;
-use super::manifest::Manifest;
-use super::{Executor, ModelError, Output};
-use crate::config::CpuDtype;
+use batchbox_model::{Backend, Candidate, Manifest, ModelError, Output, Pad, Precision, PrecisionChoice, warm_up};
 
-/// Numeric precision of the loaded weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    Fp32,
-    Fp16,
-    Bf16,
-    /// Dynamic int8 quantization of the linear layers; the rest in fp32. CPU only.
-    Int8,
+use crate::CpuDtype;
+use crate::engine::Engine;
+
+/// The manifest's variant names and the config's choice, on a torch device.
+pub(crate) trait OnDevice: Sized {
+    fn variant(self, device: tch::Device) -> String;
+    fn configured(device: tch::Device, use_fp16: bool, cpu_dtype: CpuDtype) -> Option<Self>;
 }
 
-impl Precision {
+impl OnDevice for Precision {
     /// The manifest's name for the traced file that runs at this precision on `device`.
-    pub(super) fn variant(self, device: tch::Device) -> String {
+    fn variant(self, device: tch::Device) -> String {
         let device = if device.is_cuda() { "cuda" } else { "cpu" };
         let dtype = match self {
             Self::Fp32 => "float32",
@@ -58,34 +53,6 @@ impl Precision {
     }
 }
 
-/// What `auto` measured for one candidate.
-#[derive(Debug, Clone, Serialize)]
-pub struct Candidate {
-    pub precision: Precision,
-    /// Median time of the warm-up batch.
-    pub median_ms: f64,
-    /// Golden texts whose top labels all agree with fp32's, out of how many.
-    pub agreeing_texts: usize,
-    pub golden_texts: usize,
-}
-
-impl Candidate {
-    pub fn agrees(&self) -> bool {
-        self.agreeing_texts == self.golden_texts
-    }
-}
-
-/// Why a model runs at the precision it does.
-#[derive(Debug, Clone, Serialize)]
-pub struct PrecisionChoice {
-    /// `configured` (set by hand, or on CUDA) or `auto`.
-    pub mode: &'static str,
-    /// What `auto` measured, in the order tried; empty when configured.
-    pub candidates: Vec<Candidate>,
-    /// The warm-up batch `auto` timed: rows x padded length.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch: Option<(usize, usize)>,
-}
 
 /// Rows and longest row of the batch `auto` times: short sentences, as a classifier mostly sees.
 const TIMING_ROWS: usize = 32;
@@ -95,7 +62,7 @@ const TIMING_ROUNDS: usize = 3;
 
 /// Loads the engine at the configured precision, or measures the candidates for `auto`.
 /// Every engine returned is warmed up.
-pub(super) fn choose(
+pub(crate) fn choose(
     dir: &Path,
     manifest: &Manifest,
     device: tch::Device,
@@ -104,7 +71,7 @@ pub(super) fn choose(
 ) -> Result<(Engine, Precision, PrecisionChoice), ModelError> {
     if let Some(precision) = Precision::configured(device, use_fp16, cpu_dtype) {
         let mut engine = Engine::load(dir, manifest, device, precision)?;
-        super::warm_up(&mut engine, manifest)?;
+        warm_up(&mut engine, manifest)?;
         return Ok((engine, precision, PrecisionChoice { mode: "configured", candidates: Vec::new(), batch: None }));
     }
 
@@ -116,7 +83,7 @@ pub(super) fn choose(
         }
     }
     for (_, engine) in &mut engines {
-        super::warm_up(engine, manifest)?;
+        warm_up(engine, manifest)?;
     }
 
     // Every candidate pads alike (same pad id, same device).
@@ -157,7 +124,7 @@ pub(super) fn choose(
     }
     let (precision, engine) = engines.swap_remove(best);
     tracing::info!(?precision, "cpu_dtype auto: chose the fastest precision that agrees with fp32");
-    let batch = Some((timing_batch.lens.len(), timing_batch.padded_len));
+    let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
     Ok((engine, precision, PrecisionChoice { mode: "auto", candidates, batch }))
 }
 

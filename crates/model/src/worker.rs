@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::engine::Padder;
+use batchbox_batcher::scheduler::{Next, RequestId, Row, Scheduler};
+
 use crate::cache::CacheStats;
-use super::{Executor, Inference, ModelError, Output, Padded, RunStats};
-use crate::batcher::scheduler::{Next, RequestId, Row, Scheduler};
+use crate::{Backend, Inference, ModelError, Output, Pad, RunStats};
 
 /// One caller's request while it is in the queue or being computed.
 pub(super) struct Job {
@@ -85,26 +85,30 @@ impl Shared {
 }
 
 /// A batch taken from the scheduler, with its inputs ready for the model.
-struct Prepared {
+struct Prepared<Batch> {
     id: u64,
     rows: Vec<Row>,
     inputs: Vec<Vec<u32>>,
-    padded: Padded,
+    padded: Batch,
 }
+
+/// The batch type of backend `B`.
+type BatchOf<B> = <<B as Backend>::Padder as Pad>::Batch;
 
 /// The model thread's loop: until every `Model` handle is gone.
 ///
-/// With `prepare_ahead` (CUDA, where a pass takes milliseconds and pinned copies are worth
-/// overlapping) a second thread chooses and pads the next batch while the current one runs.
-/// Without it (CPU, where a pass takes far longer than padding) each batch is chosen only when
-/// the model is free, so a request that arrives mid-pass waits for that pass alone.
-pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Shared>, prepare_ahead: bool) {
+/// When the backend wants batches prepared ahead ([`Backend::prepare_ahead`]: CUDA, where a pass
+/// takes milliseconds and pinned copies are worth overlapping) a second thread chooses and pads
+/// the next batch while the current one runs. Otherwise each batch is chosen only when the model
+/// is free, so a request that arrives mid-pass waits for that pass alone.
+pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
+    let (padder, prepare_ahead) = (backend.padder(), backend.prepare_ahead());
     let prepare = move |(id, rows, inputs): (u64, Vec<Row>, Vec<Vec<u32>>)| {
         let padded = padder.pad(&inputs.iter().map(Vec::as_slice).collect::<Vec<_>>());
         Prepared { id, rows, inputs, padded }
     };
     // A rendezvous channel: the preparer holds at most one batch, handed over when the model is free.
-    let (ready, prepared) = std::sync::mpsc::sync_channel::<Prepared>(0);
+    let (ready, prepared) = std::sync::mpsc::sync_channel::<Prepared<BatchOf<B>>>(0);
     let preparer = prepare_ahead.then(|| {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -118,7 +122,7 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
             })
             .expect("spawning the batch-preparing thread")
     });
-    let batches: Box<dyn Iterator<Item = Prepared>> = if prepare_ahead {
+    let batches: Box<dyn Iterator<Item = Prepared<BatchOf<B>>>> = if prepare_ahead {
         Box::new(prepared.into_iter())
     } else {
         Box::new(std::iter::from_fn(|| next_batch(&shared).map(prepare)))
@@ -127,9 +131,9 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
         let started = Instant::now();
         let splits_before = shared.counters.oom_splits.load(Ordering::Relaxed);
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let results = run_split(&mut executor, padder, &refs, Some(&padded), &shared.counters);
+        let results = run_split(&mut backend, padder, &refs, Some(&padded), &shared.counters);
         let elapsed = started.elapsed();
-        let padded_len = padded.padded_len;
+        let padded_len = refs.iter().map(|row| row.len()).max().unwrap_or(0);
         // Only a pass that ran whole says what a pass of its shape costs: one split after running
         // out of memory was several passes, and a failed one may have stopped early.
         let whole = shared.counters.oom_splits.load(Ordering::Relaxed) == splits_before && results.iter().all(Result::is_ok);
@@ -180,7 +184,7 @@ pub(super) fn serve(mut executor: impl Executor, padder: Padder, shared: Arc<Sha
     }
     // The module goes before this thread lets go of `shared`, so a handle that sees `shared` gone
     // knows the module was freed (`Model`'s `Drop` relies on the thread ending after this).
-    drop(executor);
+    drop(backend);
     drop(shared);
 }
 
@@ -231,17 +235,17 @@ fn answer(job: Job) {
 
 /// Runs rows in one pass (`padded`, if they were prepared already); if that runs out of memory,
 /// runs each half on its own, down to single rows. Every row gets its own result. A panic inside
-/// the executor fails these rows only.
-pub(super) fn run_split(
-    executor: &mut impl Executor,
-    padder: Padder,
+/// the backend fails these rows only.
+fn run_split<B: Backend>(
+    backend: &mut B,
+    padder: B::Padder,
     rows: &[&[u32]],
-    padded: Option<&Padded>,
+    padded: Option<&BatchOf<B>>,
     counters: &Counters,
 ) -> Vec<Result<Output, ModelError>> {
     let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| match padded {
-        Some(batch) => executor.forward(batch),
-        None => executor.forward(&padder.pad(rows)),
+        Some(batch) => backend.forward(batch),
+        None => backend.forward(&padder.pad(rows)),
     }))
     .unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
     match attempt {
@@ -250,8 +254,8 @@ pub(super) fn run_split(
             tracing::warn!(rows = rows.len(), "out of memory: splitting the batch");
             Counters::add(&counters.oom_splits, 1);
             let (left, right) = rows.split_at(rows.len() / 2);
-            let mut results = run_split(executor, padder, left, None, counters);
-            results.extend(run_split(executor, padder, right, None, counters));
+            let mut results = run_split(backend, padder, left, None, counters);
+            results.extend(run_split(backend, padder, right, None, counters));
             results
         }
         // Every row gets the same failure; an out-of-memory keeps its own message (re-wrapping
@@ -275,8 +279,9 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::tests::Rows;
 
-    /// Fault injection through the executor interface: out of memory above `max_rows` rows, and
+    /// Fault injection through the backend interface: out of memory above `max_rows` rows, and
     /// a failure of its own for any row starting with `poison`.
     struct Faulty {
         max_rows: usize,
@@ -284,44 +289,46 @@ mod tests {
         calls: Vec<usize>,
     }
 
-    impl Executor for Faulty {
-        fn forward(&mut self, batch: &Padded) -> Result<Vec<Output>, ModelError> {
-            let rows = batch.lens.len();
-            self.calls.push(rows);
-            if rows > self.max_rows {
+    impl Backend for Faulty {
+        type Padder = Rows;
+        fn padder(&self) -> Rows {
+            Rows
+        }
+        fn forward(&mut self, batch: &Vec<Vec<u32>>) -> Result<Vec<Output>, ModelError> {
+            self.calls.push(batch.len());
+            if batch.len() > self.max_rows {
                 return Err(ModelError::OutOfMemory("CUDA out of memory (injected)".into()));
             }
-            let first_ids: Vec<i64> = Vec::try_from(batch.ids.select(1, 0)).unwrap();
-            if first_ids.contains(&i64::from(self.poison)) {
+            if batch.iter().any(|row| row[0] == self.poison) {
                 return Err(ModelError::OutOfMemory("out of memory even alone (injected)".into()));
             }
-            Ok(first_ids.iter().map(|&id| Output { data: vec![id as f32], shape: vec![1] }).collect())
+            Ok(batch.iter().map(|row| Output { data: vec![row[0] as f32], shape: vec![1] }).collect())
         }
     }
 
-    fn padder() -> Padder {
-        Padder::new(0, tch::Device::Cpu)
+    fn padder() -> Rows {
+        Rows
     }
 
     #[test]
     fn out_of_memory_splits_until_every_row_has_its_result() {
         let rows: Vec<Vec<u32>> = (0..13).map(|i| vec![i, 1, 2]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-        let mut executor = Faulty { max_rows: 3, poison: 999, calls: Vec::new() };
+        let mut backend = Faulty { max_rows: 3, poison: 999, calls: Vec::new() };
         let counters = Counters::default();
-        let results = run_split(&mut executor, padder(), &refs, None, &counters);
+        let results = run_split(&mut backend, padder(), &refs, None, &counters);
         assert!(counters.oom_splits.load(Ordering::Relaxed) >= 3, "13 rows down to 3 or fewer");
         let got: Vec<f32> = results.into_iter().map(|r| r.unwrap().data[0]).collect();
         assert_eq!(got, (0..13).map(|i| i as f32).collect::<Vec<_>>(), "in input order");
-        assert!(executor.calls.iter().skip(1).all(|&n| n < 13));
+        assert!(backend.calls.iter().skip(1).all(|&n| n < 13));
     }
 
     #[test]
     fn a_row_that_fails_alone_fails_only_itself() {
         let rows: Vec<Vec<u32>> = (0..8).map(|i| vec![i]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-        let mut executor = Faulty { max_rows: 8, poison: 5, calls: Vec::new() };
-        let results = run_split(&mut executor, padder(), &refs, None, &Counters::default());
+        let mut backend = Faulty { max_rows: 8, poison: 5, calls: Vec::new() };
+        let results = run_split(&mut backend, padder(), &refs, None, &Counters::default());
         for (i, result) in results.iter().enumerate() {
             match (i, result) {
                 (5, Err(ModelError::OutOfMemory(m))) => assert_eq!(m, "out of memory even alone (injected)"),
@@ -335,8 +342,12 @@ mod tests {
     #[test]
     fn a_panicking_executor_fails_the_rows_not_the_thread() {
         struct Panics;
-        impl Executor for Panics {
-            fn forward(&mut self, _: &Padded) -> Result<Vec<Output>, ModelError> {
+        impl Backend for Panics {
+            type Padder = Rows;
+            fn padder(&self) -> Rows {
+                Rows
+            }
+            fn forward(&mut self, _: &Vec<Vec<u32>>) -> Result<Vec<Output>, ModelError> {
                 panic!("boom")
             }
         }

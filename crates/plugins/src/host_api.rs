@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use super::RequestState;
 use super::bindings::batchbox::plugin::{host, types};
-use crate::config::TenantLimits;
-use crate::batcher::scheduler::Rejected;
-use crate::model::{ModelError, Task};
+use batchbox_batcher::scheduler::Rejected;
+use batchbox_model::{ModelError, Task};
+use batchbox_tenants::TenantLimits;
 
 /// What one request's host calls have asked for so far.
 #[derive(Debug, Default)]

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use lru::LruCache;
 
-use crate::model::{Inference, Model, ModelError, Output};
+use crate::{Inference, Model, ModelError, Output};
 
 /// What an entry costs beyond its ids and logits: the map's node, the LRU links, two `Vec`
 /// headers and the shape. An estimate; it keeps many tiny entries from slipping past the budget.

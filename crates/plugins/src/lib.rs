@@ -29,16 +29,16 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Reso
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::cache::CachedModel;
-use crate::config::{TenantConfig, TenantLimits};
-use crate::model::Model;
+use batchbox_model::Model;
+use batchbox_model::cache::CachedModel;
+use batchbox_tenants::{TenantConfig, TenantLimits};
 
 pub use bindings::exports::batchbox::plugin::handler::{Request, Response};
 
 mod bindings {
     wasmtime::component::bindgen!({
         world: "plugin",
-        path: "../wit",
+        path: "../../wit",
         imports: {
             "batchbox:plugin/host.tokenize": async | trappable,
             "batchbox:plugin/host.infer": async | trappable,
@@ -148,7 +148,7 @@ impl PluginRuntime {
             let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
             // No `config:` in the file means an empty object, so plugins can default every field.
             let config_json = match &tenant.config {
-                serde_yaml::Value::Null => "{}".to_owned(),
+                serde_json::Value::Null => "{}".to_owned(),
                 value => serde_json::to_string(value).map_err(|e| PluginError::Configure {
                     tenant: name(),
                     message: format!("config is not representable as JSON: {e}"),

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{KeyHash, Route, TenantConfig, TenantLimits};
+mod config;
+
+pub use config::{CacheConfig, HOST_ROUTES, KeyHash, KeySource, Route, TenantConfig, TenantLimits};
 
 /// One tenant, as the HTTP layer sees it.
 pub struct Tenant {
@@ -141,7 +143,7 @@ mod tests {
         TenantConfig {
             name: name.into(),
             wasm: "p.wasm".into(),
-            config: serde_yaml::Value::Null,
+            config: serde_json::Value::Null,
             routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
             model: "m".into(),
             keys: Vec::new(),

@@ -1,10 +1,11 @@
 //! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is [`connections`].
 //! Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered here, without keys; every
 //! other request goes to the tenant its route names, once its key and the tenant's quotas allow
-//! (see [`crate::tenants`]). Every error the host writes is a JSON body
+//! (see [`batchbox_tenants`]). Every error the host writes is a JSON body
 //! `{"error": {"code": ..., "message": ...}}` (hyper answers requests it cannot parse itself,
 //! before they reach us), and [`ApiError`] is the one place that maps errors to HTTP statuses.
 
+mod config;
 mod connections;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +19,10 @@ use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderNam
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-use crate::config::{Config, TenantLimits};
-use crate::model::Model;
-use crate::plugins::{self, PluginError, PluginRuntime};
-use crate::tenants::{AccessError, Tenant, Tenants};
+use batchbox_model::Model;
+use batchbox_plugins::{self as plugins, PluginError, PluginRuntime};
+use batchbox_tenants::{AccessError, Tenant, TenantConfig, TenantLimits, Tenants};
+pub use config::ServerConfig;
 pub use connections::{ConnectionLimits, serve};
 
 type Response = hyper::Response<Full<Bytes>>;
@@ -139,12 +140,13 @@ impl ApiError {
 }
 
 impl App {
-    pub fn new(config: &Config) -> Self {
+    /// Serves `tenants` under the `server` section's limits; nothing is loaded yet.
+    pub fn new(server: &ServerConfig, tenants: &[TenantConfig]) -> Self {
         Self {
             loaded: OnceLock::new(),
-            tenants: Tenants::new(&config.tenants),
-            max_body_bytes: config.server.max_body_bytes,
-            body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms.get()),
+            tenants: Tenants::new(tenants),
+            max_body_bytes: server.max_body_bytes,
+            body_read_timeout: Duration::from_millis(server.body_read_timeout_ms.get()),
             next_request_id: AtomicU64::new(1),
         }
     }

@@ -1,14 +1,16 @@
 //! The torch side: a loaded TorchScript module and one padded forward pass at a time.
-//! Only the model thread (see `worker.rs`) touches it: libtorch calls block.
+//! Only the model thread (see `batchbox_model`'s worker) touches it: libtorch calls block.
 
 use std::path::Path;
 
 use tch::{CModule, Device, Kind, Tensor};
 
-use super::manifest::{Manifest, Task};
-use super::{Executor, ModelError, Output, Padded, Precision};
+use batchbox_model::{Backend, Manifest, ModelError, Output, Pad, Precision, Task};
 
-pub(super) struct Engine {
+use crate::precision::OnDevice;
+use crate::torch_error;
+
+pub(crate) struct Engine {
     module: CModule,
     device: Device,
     pad_id: i64,
@@ -31,7 +33,7 @@ impl Engine {
         })?;
         let path = dir.join(file);
         let mut module =
-            CModule::load_on_device(&path, device).map_err(|source| ModelError::Load { path: path.clone(), source })?;
+            CModule::load_on_device(&path, device).map_err(|e| ModelError::Load { path: path.clone(), message: e.to_string() })?;
         module.set_eval();
         Ok(Self {
             module,
@@ -43,11 +45,13 @@ impl Engine {
     }
 }
 
-impl Engine {
-    /// How this engine's inputs are padded (and pinned), for the thread that prepares batches.
-    pub fn padder(&self) -> Padder {
-        Padder::new(self.pad_id, self.device)
-    }
+/// A forward pass's inputs: token ids and attention mask, `[rows, padded_len]`.
+pub(crate) struct Padded {
+    ids: Tensor,
+    mask: Tensor,
+    /// Each row's own length.
+    lens: Vec<usize>,
+    padded_len: usize,
 }
 
 /// Builds a forward pass's input tensors; `Copy`, so the preparing thread has its own.
@@ -57,12 +61,10 @@ pub(crate) struct Padder {
     device: Device,
 }
 
-impl Padder {
-    pub fn new(pad_id: i64, device: Device) -> Self {
-        Self { pad_id, device }
-    }
+impl Pad for Padder {
+    type Batch = Padded;
 
-    pub fn pad(&self, rows: &[&[u32]]) -> Padded {
+    fn pad(&self, rows: &[&[u32]]) -> Padded {
         let padded_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut ids = vec![self.pad_id; rows.len() * padded_len];
         let mut mask = vec![0i64; rows.len() * padded_len];
@@ -83,14 +85,24 @@ impl Padder {
     }
 }
 
-impl Executor for Engine {
+impl Backend for Engine {
+    type Padder = Padder;
+
+    fn padder(&self) -> Padder {
+        Padder { pad_id: self.pad_id, device: self.device }
+    }
+
+    fn prepare_ahead(&self) -> bool {
+        self.device.is_cuda()
+    }
+
     fn forward(&mut self, batch: &Padded) -> Result<Vec<Output>, ModelError> {
         let _no_grad = tch::no_grad_guard();
         let (rows, padded_len) = (&batch.lens, batch.padded_len);
         let shape = [rows.len() as i64, padded_len as i64];
         let ids = batch.ids.to_device_(self.device, Kind::Int64, true, false);
         let mask = batch.mask.to_device_(self.device, Kind::Int64, true, false);
-        let logits = self.module.forward_ts(&[ids, mask]).map_err(ModelError::from_torch)?;
+        let logits = self.module.forward_ts(&[ids, mask]).map_err(torch_error)?;
 
         let expected: Vec<i64> = match self.task {
             Task::SequenceClassification => vec![shape[0], self.num_labels as i64],
@@ -99,7 +111,7 @@ impl Executor for Engine {
         if logits.size() != expected {
             return Err(ModelError::OutputShape { expected, got: logits.size() });
         }
-        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1)).map_err(ModelError::from_torch)?;
+        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1)).map_err(torch_error)?;
         let labels = self.num_labels;
         Ok(match self.task {
             Task::SequenceClassification => flat

@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use super::App;
-use crate::config::ServerConfig;
+use crate::ServerConfig;
 
 /// The connection limits, from `server:` in the config.
 #[derive(Debug, Clone, Copy)]

@@ -1,31 +1,34 @@
-//! The model runtime: an exported model directory loaded on CPU or CUDA, with a Rust tokenizer
-//! and a dedicated thread that owns the torch module.
+//! The model handle: an exported model directory's manifest and tokenizer, the queue in front
+//! of the model, and a dedicated thread that owns the [`Backend`] running the forward passes.
 //!
 //! Callers tokenize on their own threads ([`Model::tokenize`]) and submit token ids
-//! ([`Model::infer_for`]) to the model's scheduler (see [`crate::batcher::scheduler`]), which
+//! ([`Model::infer_for`]) to the model's scheduler (see [`batchbox_batcher::scheduler`]), which
 //! forms batches across all waiting calls; the model thread runs them (see `worker.rs`) and each
 //! caller gets one output per sequence, in its own order.
+//!
+//! Nothing here links libtorch: a backend speaks token ids in and outputs out
+//! (`batchbox-model-tch` is the torch one; tests bring their own).
 
-mod device;
-mod engine;
+mod backend;
+pub mod cache;
 pub mod manifest;
 mod precision;
 pub mod tokenize;
 mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+pub use backend::{Backend, LoadedBackend, Pad, warm_up};
 pub use manifest::{Manifest, Task};
 pub use precision::{Candidate, Precision, PrecisionChoice};
 pub use tokenize::{Encoding, TextTokenizer};
 
-use crate::batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
-use crate::batcher::{BatchLimits, ChunkOrder};
-use crate::config::{Config, CpuDtype, DeviceSpec, ModelConfig};
+use batchbox_batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
+use batchbox_batcher::{BatchLimits, ChunkOrder};
 use worker::{Job, Queue, Shared};
 pub use worker::Counters;
 
@@ -37,8 +40,8 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, message: String },
     #[error("tokenization failed: {0}")]
     Tokenize(String),
-    #[error("cannot load TorchScript module {path}: {source}")]
-    Load { path: PathBuf, source: tch::TchError },
+    #[error("cannot load the model's module {path}: {message}")]
+    Load { path: PathBuf, message: String },
     #[error("CUDA was required (device: {requested}) but is not usable: {why}")]
     CudaUnavailable { requested: String, why: String },
     #[error(
@@ -77,36 +80,9 @@ fn with_variant(available: &[String], variant: &str) -> String {
 }
 
 impl ModelError {
-    /// libtorch reports allocation failures as plain errors; their text tells them apart.
-    fn from_torch(error: tch::TchError) -> Self {
-        let message = error.to_string();
-        let lower = message.to_lowercase();
-        if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("not enough memory") {
-            Self::OutOfMemory(message)
-        } else {
-            Self::Forward(message)
-        }
-    }
-
     fn is_out_of_memory(&self) -> bool {
         matches!(self, Self::OutOfMemory(_))
     }
-}
-
-/// Runs one padded forward pass. The engine implements it on torch; tests inject faults with
-/// their own.
-pub(crate) trait Executor {
-    fn forward(&mut self, batch: &Padded) -> Result<Vec<Output>, ModelError>;
-}
-
-/// A forward pass's inputs: token ids and attention mask, `[rows, padded_len]`, built by a
-/// `Padder` before the pass runs.
-pub(crate) struct Padded {
-    pub ids: tch::Tensor,
-    pub mask: tch::Tensor,
-    /// Each row's own length.
-    pub lens: Vec<usize>,
-    pub padded_len: usize,
 }
 
 /// One sequence's logits: `[labels]`, or `[tokens, labels]` for token classification.
@@ -116,43 +92,23 @@ pub struct Output {
     pub shape: Vec<usize>,
 }
 
-/// Everything needed to load a model; usually built from the config file.
+/// How the queue in front of a model batches and bounds its work; built from the config's `api`
+/// section (and the tenants' shares) by the binary.
 #[derive(Debug, Clone)]
-pub struct ModelOptions {
-    pub path: PathBuf,
-    pub device: DeviceSpec,
-    pub use_fp16: bool,
-    pub cpu_dtype: CpuDtype,
+pub struct QueueOptions {
+    /// Rows and padded tokens a forward pass may hold.
     pub limits: BatchLimits,
     /// How long a batch that is not full may wait for more work.
     pub max_queue_delay: Duration,
     /// Tokens that may wait for the model; more is refused at once (`Overloaded`).
     pub max_queued_tokens: usize,
-    /// Each tenant's share of `max_queued_tokens` (see [`crate::batcher::scheduler`]); a tenant
+    /// Each tenant's share of `max_queued_tokens` (see [`batchbox_batcher::scheduler`]); a tenant
     /// not named gets only room no share reserves.
     pub queue_shares: Vec<(String, usize)>,
     /// A target for one forward pass: batches predicted to take longer are shrunk. `None`: no target.
     pub max_batch_time: Option<Duration>,
     /// `InputOrder` reproduces the seed's batching; only benchmarks want it.
     pub chunk_order: ChunkOrder,
-}
-
-impl ModelOptions {
-    /// The options for one of the config's models; the batching settings are shared by all.
-    pub fn from_config(config: &Config, model: &ModelConfig) -> Self {
-        Self {
-            path: model.path.clone(),
-            device: model.device,
-            use_fp16: config.api.use_fp16,
-            cpu_dtype: model.cpu_dtype,
-            limits: config.batch_limits(),
-            max_queue_delay: Duration::from_millis(config.api.max_queue_delay_ms),
-            max_queued_tokens: config.api.max_queued_tokens.get(),
-            queue_shares: config.queue_shares(&model.name),
-            max_batch_time: Some(Duration::from_millis(config.api.max_batch_ms)),
-            chunk_order: config.api.batch_order.into(),
-        }
-    }
 }
 
 /// What a loaded model is, for logs and responses.
@@ -209,11 +165,16 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads the model on its own thread and warms it up; returns once it is ready to serve.
-    pub fn load(options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
-        let manifest = Manifest::load(&options.path)?;
-        let tokenizer = TextTokenizer::from_file(&options.path.join("tokenizer.json"), manifest.max_length)?;
-        let device = device::resolve(options.device)?;
+    /// Starts the model exported in `dir`: reads its manifest and tokenizer here, then runs
+    /// `load` on the model's own thread, which keeps the backend it returns and serves the queue
+    /// with it. Returns once the backend is loaded and warmed up, ready to serve.
+    pub fn start<B, F>(dir: &Path, options: &QueueOptions, load: F) -> Result<Arc<Model>, ModelError>
+    where
+        B: Backend,
+        F: FnOnce(&Path, &Manifest) -> Result<LoadedBackend<B>, ModelError> + Send + 'static,
+    {
+        let manifest = Manifest::load(dir)?;
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), manifest.max_length)?;
         let scheduler = Scheduler::with_shares(
             SchedulerConfig {
                 limits: options.limits,
@@ -234,23 +195,21 @@ impl Model {
             counters: Counters::default(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (path, thread_manifest, thread_shared) = (options.path.clone(), manifest.clone(), shared.clone());
-        let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
+        let (path, thread_manifest, thread_shared) = (dir.to_owned(), manifest.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("model".into())
-            .spawn(move || match precision::choose(&path, &thread_manifest, device, use_fp16, cpu_dtype) {
-                Ok((engine, precision, choice)) => {
-                    let _ = ready_tx.send(Ok((precision, choice)));
-                    let padder = engine.padder();
-                    worker::serve(engine, padder, thread_shared, device.is_cuda());
+            .spawn(move || match load(&path, &thread_manifest) {
+                Ok(LoadedBackend { backend, device, precision, precision_choice }) => {
+                    let _ = ready_tx.send(Ok((device, precision, precision_choice)));
+                    worker::serve(backend, thread_shared);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                 }
             })
             .expect("spawning the model thread");
-        let (precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
-        let info = ModelInfo { manifest, device: format!("{device:?}").to_lowercase(), precision, precision_choice };
+        let (device, precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
+        let info = ModelInfo { manifest, device, precision, precision_choice };
         Ok(Arc::new(Model { info, tokenizer, shared, thread: Some(thread) }))
     }
 
@@ -369,50 +328,49 @@ fn validate(sequences: &[Vec<u32>], manifest: &Manifest) -> Result<(), ModelErro
     Ok(())
 }
 
-/// A first pass pays for lazy initialisation (kernels, allocator, JIT profiling), so the first
-/// request does not. Short sequences twice (the JIT optimises after profiling), the longest, then
-/// a batch shaped like traffic (32 short rows) a few times, so the first requests do not pay for
-/// profiling a served shape either; `cpu_dtype: auto` times its candidates after this.
-fn warm_up(engine: &mut engine::Engine, manifest: &Manifest) -> Result<(), ModelError> {
-    let id = (manifest.vocab_size / 2) as u32;
-    let short = vec![id; 16.min(manifest.max_length)];
-    let padder = engine.padder();
-    for _ in 0..2 {
-        engine.forward(&padder.pad(&[&short, &short]))?;
-    }
-    let long = vec![id; manifest.max_length];
-    engine.forward(&padder.pad(&[&long]))?;
-    let typical = vec![id; 48.min(manifest.max_length)];
-    let batch = padder.pad(&vec![typical.as_slice(); 32]);
-    for _ in 0..3 {
-        engine.forward(&batch)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
 
+    /// A backend that answers one zero per row and records when it is dropped.
+    struct Recorded(Arc<AtomicBool>);
+
+    impl Drop for Recorded {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Backend for Recorded {
+        type Padder = backend::tests::Rows;
+        fn padder(&self) -> Self::Padder {
+            backend::tests::Rows
+        }
+        fn forward(&mut self, batch: &Vec<Vec<u32>>) -> Result<Vec<Output>, ModelError> {
+            Ok(batch.iter().map(|_| Output { data: vec![0.0], shape: vec![1] }).collect())
+        }
+    }
+
     #[test]
-    fn dropping_the_last_handle_returns_only_after_the_model_thread_has_freed_the_module() {
-        let model = Model::load(&ModelOptions {
-            path: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/minilm-topics"),
-            device: DeviceSpec::Cpu,
-            use_fp16: false,
-            cpu_dtype: CpuDtype::Fp32,
+    fn dropping_the_last_handle_returns_only_after_the_model_thread_has_dropped_the_backend() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/minilm-topics");
+        let options = QueueOptions {
             limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
             max_queue_delay: Duration::ZERO,
             max_queued_tokens: 1 << 20,
             queue_shares: Vec::new(),
             max_batch_time: None,
             chunk_order: ChunkOrder::LengthSorted,
-        })
-        .unwrap();
+        };
+        let dropped = Arc::new(AtomicBool::new(false));
+        let backend = Recorded(dropped.clone());
+        let model = Model::start(&dir, &options, move |_, _| Ok(LoadedBackend::configured(backend, "test", Precision::Fp32))).unwrap();
         model.infer_blocking(vec![vec![101, 2023, 102]]).unwrap();
-        // The model thread holds `shared` until it has dropped the module (see `worker::serve`).
-        let shared = Arc::downgrade(&model.shared);
         drop(model);
-        assert!(shared.upgrade().is_none(), "drop returned while the model thread still held the module");
+        // A thread left running would free a torch module while the process exits, after
+        // libtorch's CUDA allocator is gone: the GPU check saw that abort the process.
+        assert!(dropped.load(Ordering::SeqCst), "drop returned before the model thread dropped the backend");
     }
 }

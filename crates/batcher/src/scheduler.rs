@@ -30,6 +30,7 @@
 //! Pure: time comes in as arguments, so tests drive it step by step.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::cost::CostModel;
@@ -56,33 +57,59 @@ pub struct SchedulerConfig {
     pub order: ChunkOrder,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why the scheduler refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejected {
-    #[error("the model's queue is full: {queued} tokens are waiting and {requested} more would pass the limit of {limit}")]
+    /// The whole queue is full; retrying later can help.
     Overloaded { queued: usize, requested: usize, limit: usize },
-    #[error(
-        "tenant {tenant}'s share of the model's queue is full: it has {queued} tokens waiting and {requested} more \
-         would pass its share of {share} (limits.max_queued_tokens)"
-    )]
+    /// The tenant's own share of the queue is full; retrying later can help.
     OverShare { tenant: String, queued: usize, requested: usize, share: usize },
     /// Refused for good: even with the queue empty, the other tenants' shares leave less room
     /// than the request needs. Retrying cannot help; smaller requests can.
-    #[error(
-        "the request's {requested} tokens can never wait in the model's queue: the other tenants' shares leave \
-         tenant {tenant} at most {room} (limits.max_queued_tokens); send fewer or shorter sequences per request"
-    )]
     NeverFits { tenant: String, requested: usize, room: usize },
-    #[error("request {0} is already queued")]
+    /// The request id is queued already (a caller's bug).
     Duplicate(RequestId),
 }
 
+// By hand rather than with thiserror: this crate depends on nothing beyond std.
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Overloaded { queued, requested, limit } => write!(
+                f,
+                "the model's queue is full: {queued} tokens are waiting and {requested} more would pass the limit of {limit}"
+            ),
+            Self::OverShare { tenant, queued, requested, share } => write!(
+                f,
+                "tenant {tenant}'s share of the model's queue is full: it has {queued} tokens waiting and {requested} more \
+                 would pass its share of {share} (limits.max_queued_tokens)"
+            ),
+            Self::NeverFits { tenant, requested, room } => write!(
+                f,
+                "the request's {requested} tokens can never wait in the model's queue: the other tenants' shares leave \
+                 tenant {tenant} at most {room} (limits.max_queued_tokens); send fewer or shorter sequences per request"
+            ),
+            Self::Duplicate(id) => write!(f, "request {id} is already queued"),
+        }
+    }
+}
+
+impl std::error::Error for Rejected {}
+
 /// Tenants' shares of the queue that add up to more than the queue holds.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the tenants' shares of the queue add up to {total} tokens, more than the {limit} it holds")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharesTooLarge {
     pub total: usize,
     pub limit: usize,
 }
+
+impl fmt::Display for SharesTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the tenants' shares of the queue add up to {} tokens, more than the {} it holds", self.total, self.limit)
+    }
+}
+
+impl std::error::Error for SharesTooLarge {}
 
 /// One row of a batch: sequence `index` of request `request`, `len` tokens long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 use tch::Device;
 
-use super::ModelError;
-use crate::config::DeviceSpec;
+use batchbox_model::ModelError;
+
+use crate::DeviceSpec;
 
 /// Where the build found libtorch (see build.rs); also the binary's RUNPATH.
 const LIBTORCH_LIB: &str = env!("BATCHBOX_LIBTORCH_LIB");

@@ -1,0 +1,126 @@
+//! The libtorch backend for [`batchbox_model`]: TorchScript modules exported by
+//! `tools/export_model.py`, on CPU or CUDA. The only crate that links libtorch.
+//!
+//! - `engine`: a loaded module, padding (page-locked on CUDA) and one forward pass;
+//! - `device`: `auto`/`cpu`/`cuda:N` resolved, with libtorch_cuda loaded at run time;
+//! - `precision`: which exported variant runs, and `cpu_dtype: auto`'s measurement.
+
+mod device;
+mod engine;
+mod precision;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use batchbox_model::{LoadedBackend, Model, ModelError, QueueOptions};
+use serde::Deserialize;
+
+/// Everything needed to load a model on libtorch; usually built from the config file.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// The exported model directory.
+    pub path: PathBuf,
+    /// Where it runs.
+    pub device: DeviceSpec,
+    /// On CUDA: fp16 rather than fp32.
+    pub use_fp16: bool,
+    /// On CPU: which precision, or `auto` to measure.
+    pub cpu_dtype: CpuDtype,
+    /// How the queue in front of it batches.
+    pub queue: QueueOptions,
+}
+
+/// Loads the model on its own thread and warms it up; returns once it is ready to serve.
+pub fn load(options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
+    let device = device::resolve(options.device)?;
+    let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
+    Model::start(&options.path, &options.queue, move |dir, manifest| {
+        let (backend, precision, precision_choice) = precision::choose(dir, manifest, device, use_fp16, cpu_dtype)?;
+        Ok(LoadedBackend { backend, device: format!("{device:?}").to_lowercase(), precision, precision_choice })
+    })
+}
+
+/// libtorch reports allocation failures as plain errors; their text tells them apart.
+fn torch_error(error: tch::TchError) -> ModelError {
+    let message = error.to_string();
+    let lower = message.to_lowercase();
+    if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("not enough memory") {
+        ModelError::OutOfMemory(message)
+    } else {
+        ModelError::Forward(message)
+    }
+}
+
+/// Where the model runs. `auto` picks CUDA when a GPU is usable and falls back to CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}, expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Precision on CPU. No one precision is fastest everywhere (bf16 ran DeBERTa-v3 2x faster than
+/// fp32 on one CPU and 0.83x on another), so `auto` measures at load (see `precision.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuDtype {
+    /// The fastest of the exported fp32, bf16 and int8 variants whose top labels agree with fp32.
+    #[default]
+    Auto,
+    Fp32,
+    Bf16,
+    /// Dynamic int8 quantization of the linear layers (the `cpu-int8` variant).
+    Int8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings_round_trip() {
+        for s in ["auto", "cpu", "cuda:0", "cuda:3"] {
+            assert_eq!(s.parse::<DeviceSpec>().unwrap().to_string(), s);
+        }
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+}
