@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchbox::config::Config;
-use batchbox_model::{Model, QueueOptions};
+use batchbox_model::Model;
 use batchbox_plugins::{PluginRuntime, Request};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use clap::Parser;
@@ -51,8 +51,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let model = {
-            let options = ModelOptions::from_config(&config, &config.models[0]);
-            tokio::task::spawn_blocking(move || Model::load(&options)).await??
+            let options = config.model_options(&config.models[0]);
+            tokio::task::spawn_blocking(move || batchbox_model_tch::load(&options)).await??
         };
         let models = [(config.models[0].name.clone(), model.clone())];
         let plugins = PluginRuntime::load(&config.tenants, &models.iter().cloned().collect(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
