@@ -40,7 +40,8 @@ models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtur
 
 test-models: $(TEST_MODELS)
 
-# The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target).
+# The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target), and
+# examples/plugin-echo, a member of their workspace.
 plugins: wasm-target
 	cd plugins && cargo build --release
 
