@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = Config::load(&root.join("shared_config.yaml"))?;
     config.models[0].device = batchbox::config::DeviceSpec::Cpu;
     config.server.bind = "127.0.0.1:0".parse()?;
-    let mut hostile: batchbox::config::TenantConfig = serde_yaml::from_str(&format!(
+    let mut hostile: batchbox::config::TenantConfig = yaml_serde::from_str(&format!(
         "{{name: hostile, wasm: {}, routes: [/hostile]}}",
         root.join("plugins/target/wasm32-wasip2/release/hostile.wasm").display()
     ))?;

@@ -18,7 +18,7 @@ pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse { path: PathBuf, source: yaml_serde::Error },
     #[error("invalid config {path}: {key}: {message}")]
     Invalid { path: PathBuf, key: &'static str, message: String },
 }
@@ -103,7 +103,7 @@ pub struct TenantConfig {
     pub wasm: PathBuf,
     /// The plugin's own settings, handed to its `configure` as JSON.
     #[serde(default)]
-    pub config: serde_yaml::Value,
+    pub config: yaml_serde::Value,
     /// What it serves: `/path/prefix`, `host.name/path/prefix` or `host.name`.
     pub routes: Vec<Route>,
     /// The name of one of `models`; the first one if left out.
@@ -414,7 +414,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config: Config = serde_yaml::from_str(&text)
+        let mut config: Config = yaml_serde::from_str(&text)
             .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for model in &mut config.models {
@@ -652,8 +652,8 @@ pub enum CpuDtype {
 mod tests {
     use super::*;
 
-    fn parse(yaml: &str) -> Result<Config, serde_yaml::Error> {
-        serde_yaml::from_str(yaml)
+    fn parse(yaml: &str) -> Result<Config, yaml_serde::Error> {
+        yaml_serde::from_str(yaml)
     }
 
     const GOOD: &str = "
@@ -682,10 +682,11 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
 
     #[test]
     fn errors_name_the_offending_key() {
+        // GOOD's `api` is on line 3: errors name the key's path and the line.
         let unknown = parse(&GOOD.replace("use_fp16", "use_fp61")).unwrap_err().to_string();
-        assert!(unknown.contains("use_fp61"), "{unknown}");
+        assert!(unknown.contains("api: unknown field `use_fp61`") && unknown.contains("at line 3 column"), "{unknown}");
         let zero = parse(&GOOD.replace("32", "0")).unwrap_err().to_string();
-        assert!(zero.contains("inference_batch_size"), "{zero}");
+        assert!(zero.contains("api.inference_batch_size:") && zero.contains("at line 3 column"), "{zero}");
         let device = parse(&GOOD.replace("cuda:1", "tpu")).unwrap_err().to_string();
         assert!(device.contains("models") && device.contains("unknown device \"tpu\""), "{device}");
         let dtype = parse(&GOOD.replace("bf16", "fp8")).unwrap_err().to_string();

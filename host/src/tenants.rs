@@ -141,7 +141,7 @@ mod tests {
         TenantConfig {
             name: name.into(),
             wasm: "p.wasm".into(),
-            config: serde_yaml::Value::Null,
+            config: yaml_serde::Value::Null,
             routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
             model: "m".into(),
             keys: Vec::new(),

@@ -148,7 +148,7 @@ impl PluginRuntime {
             let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
             // No `config:` in the file means an empty object, so plugins can default every field.
             let config_json = match &tenant.config {
-                serde_yaml::Value::Null => "{}".to_owned(),
+                yaml_serde::Value::Null => "{}".to_owned(),
                 value => serde_json::to_string(value).map_err(|e| PluginError::Configure {
                     tenant: name(),
                     message: format!("config is not representable as JSON: {e}"),
