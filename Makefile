@@ -11,7 +11,7 @@ TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-n
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 
-.PHONY: setup serve test test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check clean
+.PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check clean
 
 setup: $(VENV_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
 
@@ -40,19 +40,38 @@ models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtur
 
 test-models: $(TEST_MODELS)
 
-# The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target).
+# The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target), and
+# examples/plugin-echo, a member of their workspace.
 plugins: wasm-target
 	cd plugins && cargo build --release
 
 # Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
 # compile faster with an optimised Cranelift.
-test: setup test-models plugins
+test: setup test-models plugins build
 	$(PY) -m pytest -q -p no:warnings tools/tests
 	cargo test --release --workspace
 
-serve: setup plugins
-	cargo build --release -p batchbox-host
+serve: setup plugins build
 	./target/release/batchbox --config shared_config.yaml serve
+
+# The fast tier: the crates that link neither libtorch nor wasmtime (scheduling, the model's
+# queue and thread with fake backends, tenants), in seconds once built.
+test-unit:
+	cargo test --release -p batchbox-batcher -p batchbox-model -p batchbox-tenants
+
+# The gates CI runs before the tests: formatting (rustfmt.toml) and clippy with every warning an
+# error, for the host workspace and for the plugins' (guests and examples/plugin-echo).
+lint: setup
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+	cd plugins && cargo fmt --all --check && cargo clippy --release --workspace --all-targets -- -D warnings
+
+# One build for `make test` and `make serve`: every package and target, so the two select the
+# same features (cargo unifies them over what it builds) and neither recompiles the other's
+# dependencies. It also builds `loadgen`, which tests/drain.rs runs.
+.PHONY: build
+build:
+	cargo build --release --workspace --all-targets
 
 $(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
 	$(PY) $(EXPORT) synthetic --size base --out $(BENCH_MODEL)
@@ -71,20 +90,18 @@ bench-cpu: setup plugins models/deberta-v3-base/manifest.json
 	bash tools/bench_cpu.sh
 
 bench: setup plugins $(BENCH_MODEL)/manifest.json
-	cargo bench -p batchbox-host --bench runtime
-	cargo bench -p batchbox-host --bench plugins
+	cargo bench -p batchbox --bench runtime
+	cargo bench -p batchbox --bench plugins
 
 # The server's memory under 50,000 one-sentence requests at 64 clients (REQUESTS, CLIENTS, DTYPE:
 # see tools/soak.sh), sampled every 1,000, plotted to target/soak/soak-rss.png. About half an
 # hour on 2 cores. docs/soak-rss.png is the before/after figure in BENCHMARKS.md ("Soak").
-soak: setup plugins
-	cargo build --release -p batchbox-host --bins
+soak: setup plugins build
 	rm -f target/soak/*.csv
 	bash tools/soak.sh as-shipped
 
 # SIGTERM under 64 clients: requests in flight, answered, dropped, exit code and drain time.
-drain: setup plugins
-	cargo build --release -p batchbox-host --bins
+drain: setup plugins build
 	bash tools/drain.sh 64
 
 # The CUDA path on a GPU machine without a compiler: `make gpu-bundle` here, then on the device

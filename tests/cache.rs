@@ -58,7 +58,8 @@ fn a_repeated_request_is_answered_from_the_cache_bit_for_bit() {
     assert_eq!((stats["misses"].as_u64(), stats["hits"].as_u64()), (Some(120), Some(120)), "{stats}");
 
     // Half old, half new: only the new half reaches the model, and the old half is unchanged.
-    let mixed: Vec<String> = sentences[..60].iter().cloned().chain(sentences[..60].iter().map(|s| format!("{s} Again."))).collect();
+    let mixed: Vec<String> =
+        sentences[..60].iter().cloned().chain(sentences[..60].iter().map(|s| format!("{s} Again."))).collect();
     let partly = predict(&server, &route, &mixed);
     assert!(forward_passes(&partly) > 0);
     assert_eq!(partly["probabilities"].as_array().unwrap()[..60], computed["probabilities"].as_array().unwrap()[..60]);
@@ -70,7 +71,11 @@ fn one_tenants_cache_never_answers_another_tenant() {
     let server = server("cache-tenants", 1 << 20);
     let sentences: Vec<String> = fixture_sentences()[..20].to_vec();
     predict(&server, &format!("/alpha{PREDICT}"), &sentences);
-    assert_eq!(forward_passes(&predict(&server, &format!("/alpha{PREDICT}"), &sentences)), 0, "alpha's repeat is a hit");
+    assert_eq!(
+        forward_passes(&predict(&server, &format!("/alpha{PREDICT}"), &sentences)),
+        0,
+        "alpha's repeat is a hit"
+    );
     // beta sends what alpha sent: computed for beta, not served from alpha's entries.
     let beta = predict(&server, &format!("/beta{PREDICT}"), &sentences);
     assert!(forward_passes(&beta) > 0, "beta must not be answered from alpha's cache");
@@ -105,13 +110,21 @@ fn the_cache_never_holds_more_than_max_bytes() {
 #[test]
 fn a_sentence_repeated_within_one_request_is_computed_once() {
     let server = server("cache-duplicates", 1 << 20);
-    let model_sequences = |server: &Server| server.get("/v1/models").1["models"][0]["stats"]["sequences"].as_u64().unwrap();
+    let model_sequences =
+        |server: &Server| server.get("/v1/models").1["models"][0]["stats"]["sequences"].as_u64().unwrap();
     let before = model_sequences(&server);
-    let sentences: Vec<String> = ["The striker scored twice.", "Parliament passed the budget.", "The striker scored twice."].map(String::from).to_vec();
+    let sentences: Vec<String> =
+        ["The striker scored twice.", "Parliament passed the budget.", "The striker scored twice."]
+            .map(String::from)
+            .to_vec();
     let body = predict(&server, &format!("/alpha{PREDICT}"), &sentences);
     assert_eq!(model_sequences(&server) - before, 2, "two distinct sentences reach the model");
     let rows = body["probabilities"].as_array().unwrap();
     assert_eq!(rows[0], rows[2], "both copies get the one computed answer");
     let stats = cache_stats(&server);
-    assert_eq!((stats["misses"].as_u64(), stats["hits"].as_u64(), stats["entries"].as_u64()), (Some(3), Some(0), Some(2)), "{stats}");
+    assert_eq!(
+        (stats["misses"].as_u64(), stats["hits"].as_u64(), stats["entries"].as_u64()),
+        (Some(3), Some(0), Some(2)),
+        "{stats}"
+    );
 }

@@ -13,12 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use batchbox_batcher::{BatchLimits, ChunkOrder};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use batchbox_model::{Model, Output, Precision, QueueOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use serde::Deserialize;
 
 fn model_dir() -> PathBuf {
-    PathBuf::from(std::env::var("BATCHBOX_CUDA_MODEL").expect("BATCHBOX_CUDA_MODEL names a model exported with cuda variants"))
+    PathBuf::from(
+        std::env::var("BATCHBOX_CUDA_MODEL").expect("BATCHBOX_CUDA_MODEL names a model exported with cuda variants"),
+    )
 }
 
 fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
@@ -28,13 +30,15 @@ fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
         use_fp16,
         cpu_dtype: CpuDtype::Fp32,
         queue: QueueOptions {
-            limits: BatchLimits { max_sequences: max_sequences.try_into().unwrap(), max_tokens: max_tokens.try_into().unwrap() },
+            limits: BatchLimits {
+                max_sequences: max_sequences.try_into().unwrap(),
+                max_tokens: max_tokens.try_into().unwrap(),
+            },
             max_queue_delay: std::time::Duration::ZERO,
             max_queued_tokens: 1 << 24,
             queue_shares: Vec::new(),
             max_batch_time: None,
             chunk_order: ChunkOrder::LengthSorted,
-    
         },
     })
     .unwrap_or_else(|e| panic!("loading {} on cuda:0: {e}", model_dir().display()));
@@ -56,15 +60,25 @@ struct Golden {
 #[test]
 #[ignore = "needs a CUDA GPU: run by `make gpu-check` (tools/gpu_check.sh)"]
 fn cuda_variants_match_eager_pytorch_on_the_gpu() {
-    let golden: Golden = serde_json::from_str(&std::fs::read_to_string(model_dir().join("golden.json")).unwrap()).unwrap();
+    let golden: Golden =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("golden.json")).unwrap()).unwrap();
     // fp32 may differ from eager only by kernel choice; fp16 relative to the logits' size.
-    for (use_fp16, precision, variant, tolerance) in [(false, Precision::Fp32, "cuda-float32", 1e-3f32), (true, Precision::Fp16, "cuda-float16", 1e-2)] {
+    for (use_fp16, precision, variant, tolerance) in
+        [(false, Precision::Fp32, "cuda-float32", 1e-3f32), (true, Precision::Fp16, "cuda-float16", 1e-2)]
+    {
         let model = load(use_fp16, 32, 8192);
         assert_eq!(model.info().precision, precision);
-        let expected = golden.variants.get(variant).unwrap_or_else(|| panic!("golden.json has no {variant} outputs: export on the GPU"));
+        let expected = golden
+            .variants
+            .get(variant)
+            .unwrap_or_else(|| panic!("golden.json has no {variant} outputs: export on the GPU"));
         let got = model.infer_blocking(golden.input_ids.clone()).unwrap().outputs;
         let scale = expected.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
-        let diff = got.iter().zip(expected).flat_map(|(g, e)| g.data.iter().zip(e).map(|(a, b)| (a - b).abs())).fold(0f32, f32::max);
+        let diff = got
+            .iter()
+            .zip(expected)
+            .flat_map(|(g, e)| g.data.iter().zip(e).map(|(a, b)| (a - b).abs()))
+            .fold(0f32, f32::max);
         println!("{variant}: max |batchbox - eager PyTorch| = {diff:.3e} (logit scale {scale:.3})");
         assert!(diff <= tolerance * scale, "{variant}: {diff} > {tolerance} x {scale}");
     }
@@ -97,11 +111,16 @@ fn a_real_cuda_out_of_memory_splits_the_batch_and_every_row_is_answered() {
     let model = load(true, ROWS, ROWS * 512);
     let max_length = model.info().manifest.max_length;
     let vocab = model.info().manifest.vocab_size as u32;
-    let rows: Vec<Vec<u32>> = (0..ROWS as u32).map(|r| (0..max_length as u32).map(|j| 1000 + (r * 7919 + j * 104_729) % (vocab - 1000)).collect()).collect();
+    let rows: Vec<Vec<u32>> = (0..ROWS as u32)
+        .map(|r| (0..max_length as u32).map(|j| 1000 + (r * 7919 + j * 104_729) % (vocab - 1000)).collect())
+        .collect();
     let inference = model.infer_blocking(rows.clone()).expect("every row answered after splitting");
     let counters = model.counters();
     let splits = counters.oom_splits.load(Ordering::Relaxed);
-    println!("{ROWS} x {max_length} tokens: {splits} out-of-memory splits, {} forward passes", inference.stats.forward_passes);
+    println!(
+        "{ROWS} x {max_length} tokens: {splits} out-of-memory splits, {} forward passes",
+        inference.stats.forward_passes
+    );
     assert!(splits >= 1, "the batch was meant to run out of GPU memory");
     assert_eq!(counters.failed_sequences.load(Ordering::Relaxed), 0);
     assert_eq!(inference.outputs.len(), ROWS);

@@ -75,11 +75,19 @@ fn count(outcomes: &Value, outcome: &str) -> u64 {
     outcomes[outcome].as_u64().unwrap_or(0)
 }
 
+/// The `loadgen` binary, a package of its own: built beside `batchbox` by the workspace build
+/// that `make test` runs first (cargo gives a test the paths of its own package's binaries only).
+fn loadgen() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_batchbox")).with_file_name("loadgen");
+    assert!(path.exists(), "{} is missing: `cargo build --release --workspace` builds it", path.display());
+    path
+}
+
 #[test]
 fn sigterm_under_64_clients_answers_every_accepted_request_refuses_new_connections_and_exits_0_within_the_grace() {
     let mut server = Server::launch(&config());
     // Enough requests that the clients are still sending when the server has gone.
-    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let output = Command::new(loadgen())
         .current_dir(workspace())
         .args(["--server", &server.base, "--requests-file", requests_file().to_str().unwrap()])
         .args(["--concurrency", &CLIENTS.to_string(), "--requests", "100000", "--duration", "600", "--json"])
@@ -104,7 +112,8 @@ fn sigterm_under_64_clients_answers_every_accepted_request_refuses_new_connectio
     // New connections were refused while the server was still finishing its requests.
     assert!(drain["refused_while_running"].as_u64().unwrap() >= 1, "no connection was refused while draining: {drain}");
 
-    let exit = wait_for_exit(&mut server, Duration::from_millis(GRACE_MS)).expect("the server did not exit within the grace period");
+    let exit = wait_for_exit(&mut server, Duration::from_millis(GRACE_MS))
+        .expect("the server did not exit within the grace period");
     assert!(exit.success(), "the server exited with {exit:?}");
     let drained = drain["exited_after_s"].as_f64().expect("loadgen saw the server exit");
     assert!(drained * 1e3 < GRACE_MS as f64, "exited {drained:.1} s after the signal, past the {GRACE_MS} ms grace");

@@ -69,17 +69,25 @@ fn read_until_closed(stream: &mut TcpStream) -> (String, Duration) {
 fn assert_within(elapsed: Duration, limit_ms: u64, what: &str) {
     let limit = Duration::from_millis(limit_ms);
     // Not before the limit (it is the timeout that closed it), and not long after (it did close).
-    assert!(elapsed >= limit.mul_f64(0.9) && elapsed <= limit + Duration::from_secs(2), "{what}: closed after {elapsed:?}, limit {limit:?}");
+    assert!(
+        elapsed >= limit.mul_f64(0.9) && elapsed <= limit + Duration::from_secs(2),
+        "{what}: closed after {elapsed:?}, limit {limit:?}"
+    );
 }
 
 #[test]
 fn slow_headers_stalled_bodies_and_idle_connections_are_closed_within_their_timeouts() {
-    let server = Server::launch(&config("edge-timeouts", "header_read_timeout_ms: 1500, keep_alive_idle_ms: 700, body_read_timeout_ms: 1000"));
+    let server = Server::launch(&config(
+        "edge-timeouts",
+        "header_read_timeout_ms: 1500, keep_alive_idle_ms: 700, body_read_timeout_ms: 1000",
+    ));
     let host = format!("host: {}\r\n", server.address());
 
     // Headers that never finish: closed at the header-read timeout, without a response.
     let mut stream = connect(&server);
-    stream.write_all(format!("POST {PREDICT} HTTP/1.1\r\n{host}content-type: application/json\r\n").as_bytes()).unwrap();
+    stream
+        .write_all(format!("POST {PREDICT} HTTP/1.1\r\n{host}content-type: application/json\r\n").as_bytes())
+        .unwrap();
     let (answer, elapsed) = read_until_closed(&mut stream);
     assert_within(elapsed, 1500, "slow headers");
     assert!(answer.is_empty(), "{answer:?}");
@@ -89,18 +97,27 @@ fn slow_headers_stalled_bodies_and_idle_connections_are_closed_within_their_time
     // slot is free again at once.
     for trickle in [false, true] {
         let mut stream = connect(&server);
-        stream.write_all(format!("POST {PREDICT} HTTP/1.1\r\n{host}content-length: 1000\r\n\r\n{{\"sentences\"").as_bytes()).unwrap();
+        stream
+            .write_all(
+                format!("POST {PREDICT} HTTP/1.1\r\n{host}content-length: 1000\r\n\r\n{{\"sentences\"").as_bytes(),
+            )
+            .unwrap();
         let started = Instant::now();
         if trickle {
             let mut writer = stream.try_clone().unwrap();
-            std::thread::spawn(move || while writer.write_all(b" ").is_ok() && started.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(100));
+            std::thread::spawn(move || {
+                while writer.write_all(b" ").is_ok() && started.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             });
         }
         let (answer, _) = read_until_closed(&mut stream);
         assert_within(started.elapsed(), 1000, "slow body");
         let (head, json) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response: {answer:?}"));
-        assert!(head.starts_with("HTTP/1.1 408") && head.contains("x-request-id") && head.contains("connection: close"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 408") && head.contains("x-request-id") && head.contains("connection: close"),
+            "{head}"
+        );
         let json: Value = serde_json::from_str(json).unwrap();
         assert_json_error(408, &json, 408, "body_timeout", "slow body");
         assert_served(&server, "slow body");
@@ -137,7 +154,8 @@ fn running_out_of_descriptors_is_survived_with_a_short_log() {
     let log = common::workspace().join("target/http-tests/edge-descriptors.log");
     // The held sockets stay open for 3 s: long enough that the server runs out however slowly
     // the test opens them, short enough that it comes back soon.
-    let config = config("edge-descriptors", "header_read_timeout_ms: 3000, keep_alive_idle_ms: 3000, max_connections: 1000");
+    let config =
+        config("edge-descriptors", "header_read_timeout_ms: 3000, keep_alive_idle_ms: 3000, max_connections: 1000");
     let stderr = std::fs::File::create(&log).unwrap();
     let server = Server::launch_with(&config, |command| {
         command.env("RUST_LOG", "warn").stderr(Stdio::from(stderr));
@@ -145,7 +163,11 @@ fn running_out_of_descriptors_is_survived_with_a_short_log() {
         unsafe {
             command.pre_exec(|| {
                 let limit = libc::rlimit { rlim_cur: 256, rlim_max: 256 };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
             });
         }
     });
@@ -164,12 +186,19 @@ fn running_out_of_descriptors_is_survived_with_a_short_log() {
     let log = std::fs::read_to_string(&log).unwrap();
     let failures = log.matches("accept failed").count();
     assert!(failures >= 1, "the server never ran out of descriptors; the test proves nothing:\n{log}");
-    assert!(log.len() < 16 << 10 && failures <= 10, "{failures} accept warnings, {} bytes of log (served after {waited:?})", log.len());
+    assert!(
+        log.len() < 16 << 10 && failures <= 10,
+        "{failures} accept warnings, {} bytes of log (served after {waited:?})",
+        log.len()
+    );
 }
 
 #[test]
 fn http2_with_prior_knowledge_is_served_under_the_same_limits() {
-    let server = Server::launch(&config("edge-http2", "keep_alive_idle_ms: 1000, max_header_bytes: 16384, http2_max_concurrent_streams: 7"));
+    let server = Server::launch(&config(
+        "edge-http2",
+        "keep_alive_idle_ms: 1000, max_header_bytes: 16384, http2_max_concurrent_streams: 7",
+    ));
     let address = server.address().to_owned();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
         let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -178,7 +207,8 @@ fn http2_with_prior_knowledge_is_served_under_the_same_limits() {
         let mut client = client.ready().await.unwrap();
 
         let send = |client: &mut h2::client::SendRequest<bytes::Bytes>, extra: Option<(&str, String)>| {
-            let mut request = http::Request::post(format!("http://{address}{PREDICT}")).header("content-type", "application/json");
+            let mut request =
+                http::Request::post(format!("http://{address}{PREDICT}")).header("content-type", "application/json");
             if let Some((name, value)) = extra {
                 request = request.header(name, value);
             }
@@ -205,7 +235,11 @@ fn http2_with_prior_knowledge_is_served_under_the_same_limits() {
 
         // With nothing in flight, the connection is closed at the idle timeout.
         let started = Instant::now();
-        tokio::time::timeout(Duration::from_secs(10), connection).await.expect("the idle HTTP/2 connection was closed").unwrap().ok();
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("the idle HTTP/2 connection was closed")
+            .unwrap()
+            .ok();
         assert_within(started.elapsed(), 1000, "idle HTTP/2");
     });
     assert_served(&server, "HTTP/2");

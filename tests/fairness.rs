@@ -45,7 +45,12 @@ tenants:
                     let mut answered = 0;
                     while !stop.load(Ordering::Relaxed) {
                         // Fails once the server is stopped under the request, at the end.
-                        if server.agent.post(format!("{}/a", server.base)).send(body.as_bytes()).is_ok_and(|r| r.status() == 200) {
+                        if server
+                            .agent
+                            .post(format!("{}/a", server.base))
+                            .send(body.as_bytes())
+                            .is_ok_and(|r| r.status() == 200)
+                        {
                             answered += 1;
                         }
                     }
@@ -66,6 +71,9 @@ tenants:
         (loaded, answered)
     });
     eprintln!("A's flood got {flood_answered} answers while B was measured");
-    eprintln!("B's median latency: unloaded {unloaded:?}, with A flooding {loaded:?} ({:.2}x)", loaded.as_secs_f64() / unloaded.as_secs_f64());
+    eprintln!(
+        "B's median latency: unloaded {unloaded:?}, with A flooding {loaded:?} ({:.2}x)",
+        loaded.as_secs_f64() / unloaded.as_secs_f64()
+    );
     assert!(loaded <= unloaded * 2, "B's median went from {unloaded:?} to {loaded:?} under A's flood");
 }

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_model::QueueOptions;
 use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
-use batchbox_model::{Model, QueueOptions};
 use common::{PREDICT, Server, assert_json_error, fixture_sentences, read, workspace, write_config};
 use serde_json::{Value, json};
 
@@ -65,7 +65,6 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
             queue_shares: Vec::new(),
             max_batch_time: None,
             chunk_order: ChunkOrder::LengthSorted,
-    
         },
     })
     .unwrap();
@@ -98,7 +97,8 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
     assert_eq!(meta["truncated"], json!([]));
     assert!(meta["forward_passes"].as_u64().unwrap() >= 4);
     let total = meta["processing_time_ms"].as_f64().unwrap();
-    let parts: f64 = ["tokenize", "queue", "inference", "plugin"].iter().map(|k| meta["breakdown_ms"][k].as_f64().unwrap()).sum();
+    let parts: f64 =
+        ["tokenize", "queue", "inference", "plugin"].iter().map(|k| meta["breakdown_ms"][k].as_f64().unwrap()).sum();
     assert!(total > 0.0 && meta["breakdown_ms"]["inference"].as_f64().unwrap() > 0.0, "{meta}");
     assert!((parts - total).abs() < 0.5, "breakdown {parts} ms vs total {total} ms");
 }
@@ -108,7 +108,10 @@ fn order_shape_and_both_body_forms() {
     let server = start();
     let sentences = ["The striker scored twice.", "Parliament passed the budget.", "Shares fell 4% today."];
     let forward = server.predict(&sentences);
-    let (status, bare) = server.post(PREDICT, json!(["Shares fell 4% today.", "Parliament passed the budget.", "The striker scored twice."]).to_string());
+    let (status, bare) = server.post(
+        PREDICT,
+        json!(["Shares fell 4% today.", "Parliament passed the budget.", "The striker scored twice."]).to_string(),
+    );
     assert_eq!(status, 200, "{bare}");
     let mut reversed = bare["probabilities"].as_array().unwrap().clone();
     reversed.reverse();
@@ -166,14 +169,22 @@ fn bad_requests_get_documented_errors_and_the_server_keeps_serving() {
     assert_json_error(status, &error, 405, "method_not_allowed", "POST on /health");
 
     // Over the body limit: refused from the Content-Length alone, before reading the body.
-    let (status, error) = raw_request(&server, &format!("POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\nConnection: close\r\n\r\n"));
+    let (status, error) = raw_request(
+        &server,
+        &format!("POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\nConnection: close\r\n\r\n"),
+    );
     assert_json_error(status, &error, 413, "body_too_large", "oversize body");
     // And a chunked body that grows past it.
     let chunk = vec![b'a'; 1 << 20];
     let mut stream = TcpStream::connect(server.address()).unwrap();
-    write!(stream, "POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    write!(stream, "POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .unwrap();
     for _ in 0..3 {
-        if write!(stream, "{:x}\r\n", chunk.len()).and_then(|()| stream.write_all(&chunk)).and_then(|()| stream.write_all(b"\r\n")).is_err() {
+        if write!(stream, "{:x}\r\n", chunk.len())
+            .and_then(|()| stream.write_all(&chunk))
+            .and_then(|()| stream.write_all(b"\r\n"))
+            .is_err()
+        {
             break; // the server may answer and close before the rest is sent
         }
     }
@@ -182,7 +193,12 @@ fn bad_requests_get_documented_errors_and_the_server_keeps_serving() {
     assert_json_error(status, &error, 413, "body_too_large", "chunked oversize body");
 
     // Unusual but valid text is served.
-    let odd = server.predict(&["Great game 🎉⚽", "今日は良い天気です。", "مرحبا بالعالم", "tab\there\u{0007}bell\u{0000}nul"]);
+    let odd = server.predict(&[
+        "Great game 🎉⚽",
+        "今日は良い天気です。",
+        "مرحبا بالعالم",
+        "tab\there\u{0007}bell\u{0000}nul",
+    ]);
     assert_eq!(odd["predictions"].as_array().unwrap().len(), 4);
     assert_eq!(server.predict(&["Still here."])["predictions"].as_array().unwrap().len(), 1);
 }
@@ -247,7 +263,11 @@ fn a_plugin_that_rejects_its_config_stops_startup() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("tenant sentence-classifier: the plugin rejected its config") && stderr.contains("max_sentences"), "{stderr}");
+    assert!(
+        stderr.contains("tenant sentence-classifier: the plugin rejected its config")
+            && stderr.contains("max_sentences"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -255,7 +275,10 @@ fn a_bad_config_stops_startup_naming_the_key() {
     let good = std::fs::read_to_string(config("for-bad-key", "{}")).unwrap();
     let path = workspace().join("target/http-tests/bad-key.yaml");
     std::fs::write(&path, good.replace("inference_batch_size", "inference_batch_sise")).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_batchbox")).args(["--config", path.to_str().unwrap(), "serve"]).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+        .args(["--config", path.to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown field `inference_batch_sise`"), "{stderr}");
@@ -282,14 +305,22 @@ fn compiled_plugins_are_cached_on_disk_across_restarts() {
     };
     drop(Server::launch(&config));
     let first = cached();
-    assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("sentence-classifier-")), "{first:?}");
+    assert!(
+        first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("sentence-classifier-")),
+        "{first:?}"
+    );
     assert!(first.iter().any(|(p, _)| p.file_name().unwrap().to_str().unwrap().starts_with("hostile-")), "{first:?}");
     drop(Server::launch(&config));
     assert_eq!(cached(), first, "a restart reuses the compiled code instead of writing it again");
 }
 
 fn probabilities(body: &Value) -> Vec<Vec<f64>> {
-    body["probabilities"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect()).collect()
+    body["probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row.as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect())
+        .collect()
 }
 
 #[test]
@@ -329,7 +360,11 @@ fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     let text = std::fs::read_to_string(config("tiny-queue-base", "{}")).unwrap();
     let config = workspace().join("target/http-tests/tiny-queue.yaml");
     // Each of the two tenants' shares (4,000 tokens) holds one fixture request (3,645), not two.
-    std::fs::write(&config, text.replace("max_batch_tokens: 8192 }", "max_batch_tokens: 8192, max_queued_tokens: 8000 }")).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("max_batch_tokens: 8192 }", "max_batch_tokens: 8192, max_queued_tokens: 8000 }"),
+    )
+    .unwrap();
     let server = Server::launch(&config);
     let body = json!({ "sentences": fixture_sentences() }).to_string();
     let url = format!("{}{PREDICT}", server.base);

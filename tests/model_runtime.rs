@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use batchbox_batcher::{BatchLimits, ChunkOrder};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use batchbox_model::{Model, ModelError, Output, Precision, QueueOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -25,10 +25,7 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 fn limits(sequences: usize, tokens: usize) -> BatchLimits {
-    BatchLimits {
-        max_sequences: NonZeroUsize::new(sequences).unwrap(),
-        max_tokens: NonZeroUsize::new(tokens).unwrap(),
-    }
+    BatchLimits { max_sequences: NonZeroUsize::new(sequences).unwrap(), max_tokens: NonZeroUsize::new(tokens).unwrap() }
 }
 
 fn options(name: &str) -> ModelOptions {
@@ -105,12 +102,8 @@ fn check_against_golden(name: &str) {
     }
     assert!(golden.truncated.contains(&true), "the golden texts include a truncated one");
     let outputs = model.infer_blocking(encodings.into_iter().map(|e| e.ids).collect()).unwrap().outputs;
-    let expected: Vec<Output> = golden
-        .outputs
-        .into_iter()
-        .zip(golden.shapes)
-        .map(|(data, shape)| Output { data, shape })
-        .collect();
+    let expected: Vec<Output> =
+        golden.outputs.into_iter().zip(golden.shapes).map(|(data, shape)| Output { data, shape }).collect();
     let diff = max_abs_diff(&outputs, &expected);
     assert!(diff <= TOLERANCE, "{name}: max |rust - pytorch eager| = {diff}");
 }
@@ -144,7 +137,11 @@ fn batched_equals_one_by_one() {
 fn small_chunks_keep_results_and_input_order() {
     let texts = sentences();
     let expected = infer_texts(&default_model(), &texts);
-    let small = batchbox_model_tch::load(&ModelOptions { queue: QueueOptions { limits: limits(3, 40), ..options("minilm-topics").queue }, ..options("minilm-topics") }).unwrap();
+    let small = batchbox_model_tch::load(&ModelOptions {
+        queue: QueueOptions { limits: limits(3, 40), ..options("minilm-topics").queue },
+        ..options("minilm-topics")
+    })
+    .unwrap();
     let ids: Vec<Vec<u32>> = small.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
     let longest = ids.iter().map(Vec::len).max().unwrap();
     assert!(longest > 40, "one sentence is longer than the token budget, so it must run alone");
@@ -161,7 +158,11 @@ fn small_chunks_keep_results_and_input_order() {
 #[test]
 fn length_sorting_pads_less_than_input_order() {
     let texts = sentences();
-    let unsorted = batchbox_model_tch::load(&ModelOptions { queue: QueueOptions { chunk_order: ChunkOrder::InputOrder, ..options("minilm-topics").queue }, ..options("minilm-topics") }).unwrap();
+    let unsorted = batchbox_model_tch::load(&ModelOptions {
+        queue: QueueOptions { chunk_order: ChunkOrder::InputOrder, ..options("minilm-topics").queue },
+        ..options("minilm-topics")
+    })
+    .unwrap();
     let ids: Vec<Vec<u32>> = unsorted.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
     let in_order = unsorted.infer_blocking(ids.clone()).unwrap();
     // A model of its own: on the shared one, other tests' concurrent calls share its batches.
@@ -269,7 +270,10 @@ fn bf16_and_int8_on_cpu_agree_with_fp32_on_99_percent_of_the_fixture() {
         let reduced = infer_texts(&model, &texts);
         let agree = fp32.iter().zip(&reduced).filter(|(a, b)| top_label(&model, a) == top_label(&model, b)).count();
         let diff = max_abs_diff(&fp32, &reduced);
-        println!("{dtype:?}: top label agrees with fp32 on {agree}/{} fixture sentences; max |diff| {diff:.3}", texts.len());
+        println!(
+            "{dtype:?}: top label agrees with fp32 on {agree}/{} fixture sentences; max |diff| {diff:.3}",
+            texts.len()
+        );
         assert!(agree * 100 >= texts.len() * 99, "{dtype:?} agrees with fp32 on {agree} of {} top labels", texts.len());
         assert!(diff < max_diff, "{dtype:?} vs fp32: {diff}");
     }
@@ -283,21 +287,29 @@ fn golden_variant(name: &str, variant: &str) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
         input_ids: Vec<Vec<u32>>,
         variants: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
     }
-    let golden: Variants = serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("golden.json")).unwrap()).unwrap();
-    let outputs = golden.variants.get(variant).unwrap_or_else(|| panic!("{name}: golden.json has no {variant}")).clone();
+    let golden: Variants =
+        serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("golden.json")).unwrap()).unwrap();
+    let outputs =
+        golden.variants.get(variant).unwrap_or_else(|| panic!("{name}: golden.json has no {variant}")).clone();
     (golden.input_ids, outputs)
 }
 
 #[test]
 fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
     for name in ["minilm-topics", "test/tiny-deberta"] {
-        for (dtype, variant) in [(CpuDtype::Fp32, "cpu-float32"), (CpuDtype::Bf16, "cpu-bfloat16"), (CpuDtype::Int8, "cpu-int8")] {
+        for (dtype, variant) in
+            [(CpuDtype::Fp32, "cpu-float32"), (CpuDtype::Bf16, "cpu-bfloat16"), (CpuDtype::Int8, "cpu-int8")]
+        {
             let (ids, expected) = golden_variant(name, variant);
             let model = batchbox_model_tch::load(&ModelOptions { cpu_dtype: dtype, ..options(name) }).unwrap();
             // One batch, as the export ran it: int8's activation scales depend on the batch.
             let got = model.infer_blocking(ids).unwrap().outputs;
             let scale = expected.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
-            let diff = got.iter().zip(&expected).flat_map(|(g, e)| g.data.iter().zip(e).map(|(a, b)| (a - b).abs())).fold(0f32, f32::max);
+            let diff = got
+                .iter()
+                .zip(&expected)
+                .flat_map(|(g, e)| g.data.iter().zip(e).map(|(a, b)| (a - b).abs()))
+                .fold(0f32, f32::max);
             let tolerance = if dtype == CpuDtype::Fp32 { TOLERANCE } else { 1e-2 * scale };
             assert!(diff <= tolerance, "{name} {variant}: max |rust - pytorch eager| = {diff} > {tolerance}");
         }
@@ -306,7 +318,8 @@ fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
 
 #[test]
 fn auto_runs_the_fastest_precision_whose_top_labels_agree_with_fp32() {
-    let model = batchbox_model_tch::load(&ModelOptions { cpu_dtype: CpuDtype::Auto, ..options("minilm-topics") }).unwrap();
+    let model =
+        batchbox_model_tch::load(&ModelOptions { cpu_dtype: CpuDtype::Auto, ..options("minilm-topics") }).unwrap();
     let choice = &model.info().precision_choice;
     assert_eq!(choice.mode, "auto");
     let tried: Vec<Precision> = choice.candidates.iter().map(|c| c.precision).collect();
@@ -331,17 +344,22 @@ fn a_precision_the_export_lacks_stops_loading_with_the_command_that_adds_it() {
         let path = entry.unwrap().path();
         std::os::unix::fs::symlink(&path, dir.join(path.file_name().unwrap())).unwrap();
     }
-    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap()).unwrap();
     manifest["variants"].as_object_mut().unwrap().remove("cpu-int8");
     std::fs::remove_file(dir.join("manifest.json")).unwrap();
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
 
-    let load = |dtype| batchbox_model_tch::load(&ModelOptions { path: dir.clone(), cpu_dtype: dtype, ..options("minilm-topics") });
+    let load = |dtype| {
+        batchbox_model_tch::load(&ModelOptions { path: dir.clone(), cpu_dtype: dtype, ..options("minilm-topics") })
+    };
     let error = load(CpuDtype::Int8).err().expect("no int8 variant");
     let message = error.to_string();
     assert!(matches!(&error, ModelError::MissingVariant { variant, .. } if variant == "cpu-int8"), "{message}");
     assert!(
-        message.contains("tools/export_model.py") && message.contains("--variants cpu-bfloat16,cpu-float32,cpu-int8") && message.contains("minilm-without-int8"),
+        message.contains("tools/export_model.py")
+            && message.contains("--variants cpu-bfloat16,cpu-float32,cpu-int8")
+            && message.contains("minilm-without-int8"),
         "{message}"
     );
     // `auto` measures what there is instead.

@@ -67,11 +67,20 @@ tenants:
     let (idle_median, loaded_median) = (median(idle.clone()), median(loaded.clone()));
     eprintln!("light requests idle: {idle:?}");
     eprintln!("light requests with the flood: {loaded:?}");
-    eprintln!("median idle {idle_median:?}, with the flood {loaded_median:?}; the flood got {} answers", answered.load(Ordering::Relaxed));
-    assert!(queued >= 64, "the flood kept the model busy while the light tenant was measured: {queued} sequences queued");
+    eprintln!(
+        "median idle {idle_median:?}, with the flood {loaded_median:?}; the flood got {} answers",
+        answered.load(Ordering::Relaxed)
+    );
+    assert!(
+        queued >= 64,
+        "the flood kept the model busy while the light tenant was measured: {queued} sequences queued"
+    );
     // A request arriving at a random point of a pass waits for its rest: half a pass in the
     // median. Without the target a pass here is a full 32 × 256 batch, seconds on this CPU; with
     // it, about the target. The margin is for a shared 2-core machine, where other processes
     // stall passes by hundreds of milliseconds now and then.
-    assert!(loaded_median <= idle_median + 4 * target, "median {loaded_median:?} with the flood, {idle_median:?} idle, target {target:?}");
+    assert!(
+        loaded_median <= idle_median + 4 * target,
+        "median {loaded_median:?} with the flood, {idle_median:?} idle, target {target:?}"
+    );
 }

@@ -43,10 +43,15 @@ tenants:
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
                     // Fails once the server is stopped under the request, at the end.
-                    let Ok(response) = server.agent.post(format!("{}/a/flood?n=8", server.base)).send(b"") else { continue };
+                    let Ok(response) = server.agent.post(format!("{}/a/flood?n=8", server.base)).send(b"") else {
+                        continue;
+                    };
                     let (status, answer) = read(response);
                     if status == 503 {
-                        refusals.lock().unwrap().push(answer["error"]["message"].as_str().unwrap_or_default().to_owned());
+                        refusals
+                            .lock()
+                            .unwrap()
+                            .push(answer["error"]["message"].as_str().unwrap_or_default().to_owned());
                         // As a client honouring Retry-After would, more or less.
                         std::thread::sleep(Duration::from_millis(20));
                     }

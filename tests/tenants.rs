@@ -75,7 +75,10 @@ tenants:
 }
 
 fn start() -> Server {
-    Server::launch_with_env(&config("tenants"), &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY), ("BATCHBOX_SECRET", "do-not-leak")])
+    Server::launch_with_env(
+        &config("tenants"),
+        &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY), ("BATCHBOX_SECRET", "do-not-leak")],
+    )
 }
 
 fn bearer(key: &str) -> String {
@@ -115,10 +118,12 @@ fn keys_open_their_own_tenant_only() {
     assert_alpha_served(&server, "auth checks");
 
     // Beta: its own model, reached by Host header; its key comes from an environment variable.
-    let (status, body) = server.post_with(PREDICT, predict_body(), &[("host", "beta.example"), ("authorization", &beta)]);
+    let (status, body) =
+        server.post_with(PREDICT, predict_body(), &[("host", "beta.example"), ("authorization", &beta)]);
     assert_eq!(status, 200, "{body}");
     assert!(body["metadata"]["model_version"].as_str().unwrap().starts_with("checkpoint-best-"), "{body}");
-    let (status, body) = server.post_with(PREDICT, predict_body(), &[("host", "beta.example:8080"), ("authorization", &alpha)]);
+    let (status, body) =
+        server.post_with(PREDICT, predict_body(), &[("host", "beta.example:8080"), ("authorization", &alpha)]);
     assert_json_error(status, &body, 403, "forbidden", "alpha's key on beta's host");
     // Hostile: its key comes from a file.
     assert_eq!(hostile(&server, "ok"), (200, json!("ok")));
@@ -241,7 +246,10 @@ fn wasi_grants_no_files_environment_network_or_fine_clock() {
     }
     assert_eq!(report["env_vars"], 0, "the server's environment (BATCHBOX_SECRET) is not visible");
     let headers = report["headers"].as_array().unwrap();
-    assert!(headers.contains(&json!("host")) && !headers.contains(&json!("authorization")), "the key stays with the host: {headers:?}");
+    assert!(
+        headers.contains(&json!("host")) && !headers.contains(&json!("authorization")),
+        "the key stays with the host: {headers:?}"
+    );
     let resolution = batchbox_plugins::CLOCK_RESOLUTION.as_nanos() as u64;
     assert_eq!(report["wall_clock_ns"].as_u64().unwrap() % resolution, 0, "{report}");
     let step = report["monotonic_step_ns"].as_u64().unwrap();
@@ -250,8 +258,16 @@ fn wasi_grants_no_files_environment_network_or_fine_clock() {
 }
 
 fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_batchbox")).args(args).env("RUST_LOG", "warn").envs(env.iter().copied()).output().unwrap();
-    (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
+    )
 }
 
 #[test]
@@ -272,7 +288,8 @@ fn broken_plugins_stop_startup_naming_the_tenant_and_what_is_missing() {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, base.replace(hostile.to_str().unwrap(), wasm.to_str().unwrap())).unwrap();
         for command in ["check-config", "serve"] {
-            let (ok, output) = batchbox(&["--config", path.to_str().unwrap(), command], &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)]);
+            let (ok, output) =
+                batchbox(&["--config", path.to_str().unwrap(), command], &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)]);
             assert!(!ok, "{name} {command}: {output}");
             assert!(output.contains("tenant hostile") && output.contains(expected), "{name} {command}: {output}");
         }
@@ -285,16 +302,33 @@ fn broken_plugins_stop_startup_naming_the_tenant_and_what_is_missing() {
 
 #[test]
 fn check_config_validates_without_serving_and_the_example_config_is_valid() {
-    let (ok, output) = batchbox(&["--config", config("check").to_str().unwrap(), "check-config"], &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)]);
+    let (ok, output) = batchbox(
+        &["--config", config("check").to_str().unwrap(), "check-config"],
+        &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)],
+    );
     assert!(ok, "{output}");
-    assert!(output.contains("tenant beta: routes [\"beta.example/api/v1/predict/sentences\"], model tiny-deberta, 1 key(s)"), "{output}");
-    assert!(output.contains("tenant sleepy") && output.contains("public (no keys)") && output.contains("config OK"), "{output}");
-    assert!(!output.contains(BETA_KEY) && !output.contains(&sha256(ALPHA_KEY)), "keys and hashes are never printed: {output}");
+    assert!(
+        output
+            .contains("tenant beta: routes [\"beta.example/api/v1/predict/sentences\"], model tiny-deberta, 1 key(s)"),
+        "{output}"
+    );
+    assert!(
+        output.contains("tenant sleepy") && output.contains("public (no keys)") && output.contains("config OK"),
+        "{output}"
+    );
+    assert!(
+        !output.contains(BETA_KEY) && !output.contains(&sha256(ALPHA_KEY)),
+        "keys and hashes are never printed: {output}"
+    );
 
     let example = workspace().join("examples/two_tenants.yaml");
-    let (ok, output) = batchbox(&["--config", example.to_str().unwrap(), "check-config"], &[("TEAM_B_API_KEY", "team-b-example-key")]);
+    let (ok, output) =
+        batchbox(&["--config", example.to_str().unwrap(), "check-config"], &[("TEAM_B_API_KEY", "team-b-example-key")]);
     assert!(ok, "{output}");
-    assert!(output.contains("tenant team-a") && output.contains("tenant team-b") && output.contains("config OK"), "{output}");
+    assert!(
+        output.contains("tenant team-a") && output.contains("tenant team-b") && output.contains("config OK"),
+        "{output}"
+    );
 }
 
 #[test]
@@ -338,16 +372,30 @@ fn the_target_names_the_host_and_ambiguous_requests_get_400() {
     let alpha = format!("authorization: {}", bearer(ALPHA_KEY));
     // The absolute-form target's authority wins over the Host header (RFC 9112 §3.2.2): this is
     // beta's route, so alpha's key is another tenant's key there...
-    let (status, body) = common::raw(&server, &format!("POST http://beta.example{PREDICT} HTTP/1.1\r\nhost: alpha.example\r\n{alpha}"), &predict_body());
+    let (status, body) = common::raw(
+        &server,
+        &format!("POST http://beta.example{PREDICT} HTTP/1.1\r\nhost: alpha.example\r\n{alpha}"),
+        &predict_body(),
+    );
     assert_json_error(status, &body, 403, "forbidden", "absolute-form target naming beta");
     // ...and the other way round, alpha's route serves alpha's key.
-    let (status, body) = common::raw(&server, &format!("POST http://alpha.example:80{PREDICT} HTTP/1.1\r\nhost: beta.example\r\n{alpha}"), &predict_body());
+    let (status, body) = common::raw(
+        &server,
+        &format!("POST http://alpha.example:80{PREDICT} HTTP/1.1\r\nhost: beta.example\r\n{alpha}"),
+        &predict_body(),
+    );
     assert_eq!(status, 200, "absolute-form target naming alpha: {body}");
 
     let ambiguous = [
-        (format!("POST {PREDICT} HTTP/1.1\r\nhost: alpha.example\r\nhost: beta.example\r\n{alpha}"), "several Host headers"),
+        (
+            format!("POST {PREDICT} HTTP/1.1\r\nhost: alpha.example\r\nhost: beta.example\r\n{alpha}"),
+            "several Host headers",
+        ),
         (format!("POST {PREDICT} HTTP/1.1\r\n{alpha}"), "need a Host header"),
-        (format!("POST {PREDICT} HTTP/1.1\r\nhost: alpha.example\r\n{alpha}\r\nauthorization: Bearer other"), "several Authorization headers"),
+        (
+            format!("POST {PREDICT} HTTP/1.1\r\nhost: alpha.example\r\n{alpha}\r\nauthorization: Bearer other"),
+            "several Authorization headers",
+        ),
         ("GET /health HTTP/1.1".to_owned(), "need a Host header"),
     ];
     for (head, says) in ambiguous {
@@ -375,7 +423,17 @@ fn credentials_cookies_and_hop_by_hop_headers_never_reach_a_plugin() {
     let (status, report) = common::raw(&server, &head, "");
     assert_eq!(status, 200, "{report}");
     let headers: Vec<&str> = report["headers"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
-    for withheld in ["authorization", "proxy-authorization", "cookie", "keep-alive", "te", "upgrade", "proxy-connection", "connection", "x-connection-only"] {
+    for withheld in [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-connection",
+        "connection",
+        "x-connection-only",
+    ] {
         assert!(!headers.contains(&withheld), "{withheld} reached the plugin: {headers:?}");
     }
     assert!(headers.contains(&"x-end-to-end") && headers.contains(&"host"), "{headers:?}");
@@ -392,7 +450,11 @@ fn a_plugin_response_that_would_break_framing_or_flood_headers_gets_500_naming_t
     };
     type Headers<'a> = &'a [(&'a str, &'a str)];
     let refused: [(&str, Headers, &str); 13] = [
-        ("n=101", &[("x-respond-upgrade", "websocket"), ("x-respond-connection", "upgrade")], "status 101 is outside 200-599"),
+        (
+            "n=101",
+            &[("x-respond-upgrade", "websocket"), ("x-respond-connection", "upgrade")],
+            "status 101 is outside 200-599",
+        ),
         ("n=199", &[], "status 199 is outside 200-599"),
         ("n=600", &[], "status 600 is outside 200-599"),
         ("", &[("x-respond-content-length", "1000")], "header content-length is set by the host"),
@@ -423,7 +485,11 @@ fn a_plugin_response_that_would_break_framing_or_flood_headers_gets_500_naming_t
     assert_alpha_served(&server, "200,000 headers");
 
     // What a plugin may set arrives as it was set, on a well-framed response.
-    let response = server.send("/hostile/respond?n=201&count=99", "", &[("authorization", &key), ("x-respond-cache-control", "no-store")]);
+    let response = server.send(
+        "/hostile/respond?n=201&count=99",
+        "",
+        &[("authorization", &key), ("x-respond-cache-control", "no-store")],
+    );
     assert_eq!(response.status(), 201);
     assert_eq!(response.headers().get("cache-control").unwrap(), "no-store");
     assert_eq!(response.headers().get("content-length").unwrap(), "5");

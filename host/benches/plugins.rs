@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchbox::config::Config;
-use batchbox_model::Model;
 use batchbox_plugins::{PluginRuntime, Request};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use clap::Parser;
@@ -40,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = Config::load(&root.join("shared_config.yaml"))?;
     config.models[0].device = batchbox_model_tch::DeviceSpec::Cpu;
     config.server.bind = "127.0.0.1:0".parse()?;
-    let mut hostile: batchbox_tenants::TenantConfig = serde_yaml::from_str(&format!(
+    let mut hostile: batchbox_tenants::TenantConfig = yaml_serde::from_str(&format!(
         "{{name: hostile, wasm: {}, routes: [/hostile]}}",
         root.join("plugins/target/wasm32-wasip2/release/hostile.wasm").display()
     ))?;
@@ -55,7 +54,13 @@ fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || batchbox_model_tch::load(&options)).await??
         };
         let models = [(config.models[0].name.clone(), model.clone())];
-        let plugins = PluginRuntime::load(&config.tenants, &models.iter().cloned().collect(), config.server.max_instances, &config.server.plugin_cache_dir).await?;
+        let plugins = PluginRuntime::load(
+            &config.tenants,
+            &models.iter().cloned().collect(),
+            config.server.max_instances,
+            &config.server.plugin_cache_dir,
+        )
+        .await?;
         let request = |path: &str, body: &[u8]| Request {
             method: "POST".into(),
             path: path.into(),
@@ -91,7 +96,12 @@ fn main() -> anyhow::Result<()> {
         let url = format!("http://{}{PREDICT}", listener.local_addr()?);
         let app = Arc::new(App::new(&config.server, &config.tenants));
         app.set_loaded(Loaded { models: models.to_vec(), plugins });
-        tokio::spawn(server::serve(listener, app, ConnectionLimits::from_config(&config.server), std::future::pending()));
+        tokio::spawn(server::serve(
+            listener,
+            app,
+            ConnectionLimits::from_config(&config.server),
+            std::future::pending(),
+        ));
         let rounds = args.rounds;
         let over_http = tokio::task::spawn_blocking(move || -> anyhow::Result<Samples> {
             let agent = ureq::Agent::new_with_defaults();
@@ -145,8 +155,16 @@ impl Samples {
     fn print(&self, what: &str) {
         let median = |v: &[f64]| quantile(v, 0.5);
         let share = 100.0 * median(&self.overhead_ms) / median(&self.total_ms);
-        println!("| {what}: end to end | {:.1} ms | {:.1} ms | |", median(&self.total_ms), quantile(&self.total_ms, 0.9));
-        println!("| {what}: tokenize + queue + inference | {:.1} ms | {:.1} ms | |", median(&self.model_ms), quantile(&self.model_ms, 0.9));
+        println!(
+            "| {what}: end to end | {:.1} ms | {:.1} ms | |",
+            median(&self.total_ms),
+            quantile(&self.total_ms, 0.9)
+        );
+        println!(
+            "| {what}: tokenize + queue + inference | {:.1} ms | {:.1} ms | |",
+            median(&self.model_ms),
+            quantile(&self.model_ms, 0.9)
+        );
         println!(
             "| {what}: overhead (the rest) | {:.3} ms | {:.3} ms | {share:.2}% |",
             median(&self.overhead_ms),

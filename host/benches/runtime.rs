@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_model::{QueueOptions, RunStats};
 use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
-use batchbox_model::{Model, QueueOptions, RunStats};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -37,11 +37,36 @@ struct Setup {
 }
 
 const SETUPS: [Setup; 5] = [
-    Setup { name: "one pass per sentence (seed's old way)", dtype: CpuDtype::Fp32, max_sequences: 1, order: ChunkOrder::InputOrder },
-    Setup { name: "batches of 32, input order (seed's fix)", dtype: CpuDtype::Fp32, max_sequences: 32, order: ChunkOrder::InputOrder },
-    Setup { name: "batches of 32, length-sorted", dtype: CpuDtype::Fp32, max_sequences: 32, order: ChunkOrder::LengthSorted },
-    Setup { name: "batches of 32, input order, bf16", dtype: CpuDtype::Bf16, max_sequences: 32, order: ChunkOrder::InputOrder },
-    Setup { name: "batches of 32, length-sorted, bf16", dtype: CpuDtype::Bf16, max_sequences: 32, order: ChunkOrder::LengthSorted },
+    Setup {
+        name: "one pass per sentence (seed's old way)",
+        dtype: CpuDtype::Fp32,
+        max_sequences: 1,
+        order: ChunkOrder::InputOrder,
+    },
+    Setup {
+        name: "batches of 32, input order (seed's fix)",
+        dtype: CpuDtype::Fp32,
+        max_sequences: 32,
+        order: ChunkOrder::InputOrder,
+    },
+    Setup {
+        name: "batches of 32, length-sorted",
+        dtype: CpuDtype::Fp32,
+        max_sequences: 32,
+        order: ChunkOrder::LengthSorted,
+    },
+    Setup {
+        name: "batches of 32, input order, bf16",
+        dtype: CpuDtype::Bf16,
+        max_sequences: 32,
+        order: ChunkOrder::InputOrder,
+    },
+    Setup {
+        name: "batches of 32, length-sorted, bf16",
+        dtype: CpuDtype::Bf16,
+        max_sequences: 32,
+        order: ChunkOrder::LengthSorted,
+    },
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -51,7 +76,8 @@ fn main() -> anyhow::Result<()> {
     struct Fixture {
         sentences: Vec<String>,
     }
-    let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/test_120_sentences.json"))?)?;
+    let fixture: Fixture =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/test_120_sentences.json"))?)?;
     let sentences = fixture.sentences;
     println!("{} sentences, {} rounds, torch threads: {}", sentences.len(), args.rounds, tch::get_num_threads());
 
@@ -65,17 +91,16 @@ fn main() -> anyhow::Result<()> {
                     device: DeviceSpec::Cpu,
                     use_fp16: false,
                     cpu_dtype: setup.dtype,
-                        max_sequences: NonZeroUsize::new(setup.max_sequences).unwrap(),
-                        max_tokens: NonZeroUsize::new(8192).unwrap(),
-                    },
                     queue: QueueOptions {
                         limits: BatchLimits {
+                            max_sequences: NonZeroUsize::new(setup.max_sequences).unwrap(),
+                            max_tokens: NonZeroUsize::new(8192).unwrap(),
+                        },
                         max_queue_delay: std::time::Duration::ZERO,
-            max_queued_tokens: 1 << 20,
-            queue_shares: Vec::new(),
-            max_batch_time: None,
+                        max_queued_tokens: 1 << 20,
+                        queue_shares: Vec::new(),
+                        max_batch_time: None,
                         chunk_order: setup.order,
-                
                     },
                 })
             })

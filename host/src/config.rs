@@ -22,7 +22,7 @@ pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse { path: PathBuf, source: yaml_serde::Error },
     #[error("invalid config {path}: {key}: {message}")]
     Invalid { path: PathBuf, key: &'static str, message: String },
 }
@@ -110,10 +110,10 @@ fn default_max_queued_tokens() -> NonZeroUsize {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config: Config = serde_yaml::from_str(&text)
-            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config: Config =
+            yaml_serde::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for model in &mut config.models {
             model.path = base.join(&model.path);
@@ -136,7 +136,9 @@ impl Config {
         for tenant in &mut config.tenants {
             let mut hashes = Vec::new();
             for source in &tenant.keys {
-                hashes.extend(source.resolve().map_err(|e| invalid(("tenants.keys", format!("tenant {}: {e}", tenant.name))))?);
+                hashes.extend(
+                    source.resolve().map_err(|e| invalid(("tenants.keys", format!("tenant {}: {e}", tenant.name))))?,
+                );
             }
             tenant.key_hashes = hashes;
         }
@@ -197,7 +199,10 @@ impl Config {
             return Err(("server.max_connections", format!("must be at most {}", ServerConfig::MAX_CONNECTIONS)));
         }
         if !(ServerConfig::MIN_HEADER_BYTES..=u32::MAX as usize).contains(&self.server.max_header_bytes) {
-            return Err(("server.max_header_bytes", format!("must be {} to {}", ServerConfig::MIN_HEADER_BYTES, u32::MAX)));
+            return Err((
+                "server.max_header_bytes",
+                format!("must be {} to {}", ServerConfig::MIN_HEADER_BYTES, u32::MAX),
+            ));
         }
         let mut names = std::collections::HashSet::new();
         let mut routes = std::collections::HashMap::new();
@@ -209,12 +214,18 @@ impl Config {
             if !tenant.wasm.is_file() {
                 return Err((
                     "tenants.wasm",
-                    format!("tenant {name}: {} does not exist; build the plugins (`make plugins`)", tenant.wasm.display()),
+                    format!(
+                        "tenant {name}: {} does not exist; build the plugins (`make plugins`)",
+                        tenant.wasm.display()
+                    ),
                 ));
             }
             if self.model(&tenant.model).is_none() {
                 let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
-                return Err(("tenants.model", format!("tenant {name}: no model named {:?} (models: {known:?})", tenant.model)));
+                return Err((
+                    "tenants.model",
+                    format!("tenant {name}: no model named {:?} (models: {known:?})", tenant.model),
+                ));
             }
             if tenant.routes.is_empty() {
                 return Err(("tenants.routes", format!("tenant {name} has no routes")));
@@ -249,7 +260,11 @@ impl Config {
             {
                 return Err((
                     "tenants.cache.max_bytes",
-                    format!("tenant {name}: {} is not between 1 and {} (1 TiB)", cache.max_bytes, CacheConfig::MAX_BYTES),
+                    format!(
+                        "tenant {name}: {} is not between 1 and {} (1 TiB)",
+                        cache.max_bytes,
+                        CacheConfig::MAX_BYTES
+                    ),
                 ));
             }
         }
@@ -265,7 +280,10 @@ impl Config {
             if explicit > limit {
                 return Err((
                     "tenants.limits.max_queued_tokens",
-                    format!("the shares of model {}'s tenants add up to {explicit} tokens, more than api.max_queued_tokens ({limit})", model.name),
+                    format!(
+                        "the shares of model {}'s tenants add up to {explicit} tokens, more than api.max_queued_tokens ({limit})",
+                        model.name
+                    ),
                 ));
             }
             if unset > 0 && (limit - explicit) / unset == 0 {
@@ -300,10 +318,7 @@ impl Config {
     }
 
     pub fn batch_limits(&self) -> BatchLimits {
-        BatchLimits {
-            max_sequences: self.api.inference_batch_size,
-            max_tokens: self.api.max_batch_tokens,
-        }
+        BatchLimits { max_sequences: self.api.inference_batch_size, max_tokens: self.api.max_batch_tokens }
     }
 }
 
@@ -311,8 +326,8 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn parse(yaml: &str) -> Result<Config, serde_yaml::Error> {
-        serde_yaml::from_str(yaml)
+    fn parse(yaml: &str) -> Result<Config, yaml_serde::Error> {
+        yaml_serde::from_str(yaml)
     }
 
     const GOOD: &str = "
@@ -332,7 +347,9 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
 
     #[test]
     fn defaults_are_auto_device_and_auto_cpu_dtype() {
-        let c = parse("models: [{name: m, path: p}]\napi: {inference_batch_size: 1, use_fp16: false, max_batch_tokens: 1}").unwrap();
+        let c =
+            parse("models: [{name: m, path: p}]\napi: {inference_batch_size: 1, use_fp16: false, max_batch_tokens: 1}")
+                .unwrap();
         assert_eq!(c.models[0].device, DeviceSpec::Auto);
         assert_eq!(c.models[0].cpu_dtype, CpuDtype::Auto);
         let int8 = parse(&GOOD.replace("bf16", "int8")).unwrap();
@@ -342,9 +359,10 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
     #[test]
     fn errors_name_the_offending_key() {
         let unknown = parse(&GOOD.replace("use_fp16", "use_fp61")).unwrap_err().to_string();
-        assert!(unknown.contains("use_fp61"), "{unknown}");
+        // GOOD's `api` is on line 3: errors name the key's path and the line.
+        assert!(unknown.contains("api: unknown field `use_fp61`") && unknown.contains("at line 3 column"), "{unknown}");
         let zero = parse(&GOOD.replace("32", "0")).unwrap_err().to_string();
-        assert!(zero.contains("inference_batch_size"), "{zero}");
+        assert!(zero.contains("api.inference_batch_size:") && zero.contains("at line 3 column"), "{zero}");
         let device = parse(&GOOD.replace("cuda:1", "tpu")).unwrap_err().to_string();
         assert!(device.contains("models") && device.contains("unknown device \"tpu\""), "{device}");
         let dtype = parse(&GOOD.replace("bf16", "fp8")).unwrap_err().to_string();
@@ -353,14 +371,17 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
 
     #[test]
     fn server_and_tenants_parse_with_defaults() {
-        let yaml = format!("{GOOD}server: {{bind: '0.0.0.0:9000'}}\ntenants:\n  - {{name: p, wasm: p.wasm, routes: [/x], config: {{max_sentences: 5}}}}\n");
+        let yaml = format!(
+            "{GOOD}server: {{bind: '0.0.0.0:9000'}}\ntenants:\n  - {{name: p, wasm: p.wasm, routes: [/x], config: {{max_sentences: 5}}}}\n"
+        );
         let c = parse(&yaml).unwrap();
         assert_eq!(c.server.bind.port(), 9000);
         assert_eq!(c.server.max_body_bytes, 2 << 20);
         let limits = c.tenants[0].limits;
         assert_eq!((limits.cpu_ms, limits.max_concurrent, limits.max_hostcall_bytes), (1_000, 64, 16 << 20));
         assert_eq!(serde_json::to_string(&c.tenants[0].config).unwrap(), r#"{"max_sentences":5}"#);
-        let typo = parse(&format!("{GOOD}tenants:\n  - {{name: p, wasm: p.wasm, routes: [/x], limits: {{cpu: 1}}}}\n")).unwrap_err();
+        let typo = parse(&format!("{GOOD}tenants:\n  - {{name: p, wasm: p.wasm, routes: [/x], limits: {{cpu: 1}}}}\n"))
+            .unwrap_err();
         assert!(typo.to_string().contains("cpu"), "{typo}");
     }
 
@@ -382,18 +403,21 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         assert!(missing.contains("nope.wasm"), "{missing}");
         let host_route = check("  - {name: p, wasm: p.wasm, routes: [/health]}\n").unwrap_err();
         assert!(host_route.contains("/health"), "{host_route}");
-        let twice = check("  - {name: p, wasm: p.wasm, routes: [/x]}\n  - {name: q, wasm: p.wasm, routes: [/x/]}\n").unwrap_err();
+        let twice = check("  - {name: p, wasm: p.wasm, routes: [/x]}\n  - {name: q, wasm: p.wasm, routes: [/x/]}\n")
+            .unwrap_err();
         assert!(twice.contains("claimed by both p and q"), "{twice}");
         let model = check("  - {name: p, wasm: p.wasm, routes: [/x], model: other}\n").unwrap_err();
         assert!(model.contains("tenants.model") && model.contains("\"other\""), "{model}");
         let zero = check("  - {name: p, wasm: p.wasm, routes: [/x], limits: {max_concurrent: 0}}\n").unwrap_err();
         assert!(zero.contains("max_concurrent"), "{zero}");
-        let unset = check("  - {name: p, wasm: p.wasm, routes: [/x], keys: [env:BATCHBOX_TEST_UNSET_KEY]}\n").unwrap_err();
+        let unset =
+            check("  - {name: p, wasm: p.wasm, routes: [/x], keys: [env:BATCHBOX_TEST_UNSET_KEY]}\n").unwrap_err();
         assert!(unset.contains("tenant p") && unset.contains("BATCHBOX_TEST_UNSET_KEY"), "{unset}");
         let cached = check("  - {name: p, wasm: p.wasm, routes: [/x], cache: {max_bytes: 1048576}}\n").unwrap();
         assert_eq!(cached.tenants[0].cache.map(|c| c.max_bytes), Some(1 << 20));
         for (bad, shows) in [("-1", "-1"), ("0", "0"), ("1000000000000000", "1000000000000000"), ("lots", "lots")] {
-            let err = check(&format!("  - {{name: p, wasm: p.wasm, routes: [/x], cache: {{max_bytes: {bad}}}}}\n")).unwrap_err();
+            let err = check(&format!("  - {{name: p, wasm: p.wasm, routes: [/x], cache: {{max_bytes: {bad}}}}}\n"))
+                .unwrap_err();
             assert!(err.contains("max_bytes") && err.contains(shows), "{bad}: {err}");
         }
     }
@@ -401,10 +425,22 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
     #[test]
     fn connection_limits_have_safe_defaults_and_refuse_what_cannot_work() {
         let server = parse(GOOD).unwrap().server;
-        assert_eq!((server.header_read_timeout_ms.get(), server.keep_alive_idle_ms.get(), server.body_read_timeout_ms.get()), (10_000, 10_000, 30_000));
-        assert_eq!((server.max_connections.get(), server.max_header_bytes, server.http2_max_concurrent_streams.get()), (4_096, 64 << 10, 100));
+        assert_eq!(
+            (server.header_read_timeout_ms.get(), server.keep_alive_idle_ms.get(), server.body_read_timeout_ms.get()),
+            (10_000, 10_000, 30_000)
+        );
+        assert_eq!(
+            (server.max_connections.get(), server.max_header_bytes, server.http2_max_concurrent_streams.get()),
+            (4_096, 64 << 10, 100)
+        );
         // Zero would mean "close at once" or "never accept": refused while parsing, naming the key.
-        for key in ["header_read_timeout_ms", "keep_alive_idle_ms", "body_read_timeout_ms", "max_connections", "http2_max_concurrent_streams"] {
+        for key in [
+            "header_read_timeout_ms",
+            "keep_alive_idle_ms",
+            "body_read_timeout_ms",
+            "max_connections",
+            "http2_max_concurrent_streams",
+        ] {
             let err = parse(&format!("{GOOD}server: {{{key}: 0}}\n")).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
@@ -431,7 +467,11 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         std::fs::write(dir.join("models/m/manifest.json"), "{}").unwrap();
         let check = |ms: &str| {
             let file = dir.join("c.yaml");
-            std::fs::write(&file, GOOD.replace("max_batch_tokens: 8192", &format!("max_batch_tokens: 8192, max_batch_ms: {ms}"))).unwrap();
+            std::fs::write(
+                &file,
+                GOOD.replace("max_batch_tokens: 8192", &format!("max_batch_tokens: 8192, max_batch_ms: {ms}")),
+            )
+            .unwrap();
             Config::load(&file).map(|c| c.api.max_batch_ms).map_err(|e| e.to_string())
         };
         assert_eq!(check("200"), Ok(200));
@@ -453,7 +493,8 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         let check = |tenants: &str| {
             let file = dir.join("c.yaml");
             let models = "models: [{name: m, path: models/m}, {name: n, path: models/n}]\n";
-            let api = "api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192, max_queued_tokens: 1000}\n";
+            let api =
+                "api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192, max_queued_tokens: 1000}\n";
             std::fs::write(&file, format!("{models}{api}tenants:\n{tenants}")).unwrap();
             Config::load(&file).map_err(|e| e.to_string())
         };
@@ -462,7 +503,10 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
             format!("  - {{name: {name}, wasm: p.wasm, routes: [/{name}], model: {model}{limits}}}\n")
         };
         // Each model's queue is shared by its own tenants.
-        let c = check(&[tenant("a", "m", None), tenant("b", "m", None), tenant("c", "m", None), tenant("d", "n", None)].concat()).unwrap();
+        let c = check(
+            &[tenant("a", "m", None), tenant("b", "m", None), tenant("c", "m", None), tenant("d", "n", None)].concat(),
+        )
+        .unwrap();
         assert_eq!(c.queue_shares("m"), vec![("a".into(), 333), ("b".into(), 333), ("c".into(), 333)]);
         assert_eq!(c.queue_shares("n"), vec![("d".into(), 1000)]);
         // Tenants without a share split what the others leave.
@@ -471,7 +515,10 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         let c = check(&[tenant("a", "m", Some(100)), tenant("b", "m", Some(100))].concat()).unwrap();
         assert_eq!(c.queue_shares("m"), vec![("a".into(), 100), ("b".into(), 100)], "shares may leave room unreserved");
         let over = check(&[tenant("a", "m", Some(600)), tenant("b", "m", Some(500))].concat()).unwrap_err();
-        assert!(over.contains("tenants.limits.max_queued_tokens") && over.contains("1100") && over.contains("1000"), "{over}");
+        assert!(
+            over.contains("tenants.limits.max_queued_tokens") && over.contains("1100") && over.contains("1000"),
+            "{over}"
+        );
         let none_left = check(&[tenant("a", "m", Some(1000)), tenant("b", "m", None)].concat()).unwrap_err();
         assert!(none_left.contains("leave 0"), "{none_left}");
         let zero = check(&tenant("a", "m", Some(0))).unwrap_err();

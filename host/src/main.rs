@@ -108,13 +108,20 @@ async fn load(config: &Config) -> anyhow::Result<(Vec<(String, Arc<Model>)>, Plu
         models.push((model_config.name.clone(), model));
     }
     let by_name: HashMap<String, Arc<Model>> = models.iter().cloned().collect();
-    let plugins = PluginRuntime::load(&config.tenants, &by_name, config.server.max_instances, &config.server.plugin_cache_dir).await?;
+    let plugins =
+        PluginRuntime::load(&config.tenants, &by_name, config.server.max_instances, &config.server.plugin_cache_dir)
+            .await?;
     for tenant in &config.tenants {
         if tenant.key_hashes.is_empty() {
             tracing::warn!(tenant = tenant.name, "tenant has no keys: anyone may call it");
         }
     }
-    tracing::info!(models = models.len(), tenants = config.tenants.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+    tracing::info!(
+        models = models.len(),
+        tenants = config.tenants.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "ready"
+    );
     Ok((models, plugins))
 }
 
@@ -127,9 +134,18 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
             .precision_choice
             .candidates
             .iter()
-            .map(|c| format!("{:?} {:.1} ms, {}/{} golden texts agree", c.precision, c.median_ms, c.agreeing_texts, c.golden_texts))
+            .map(|c| {
+                format!(
+                    "{:?} {:.1} ms, {}/{} golden texts agree",
+                    c.precision, c.median_ms, c.agreeing_texts, c.golden_texts
+                )
+            })
             .collect();
-        let how = if measured.is_empty() { String::new() } else { format!("; cpu_dtype auto measured: {}", measured.join("; ")) };
+        let how = if measured.is_empty() {
+            String::new()
+        } else {
+            format!("; cpu_dtype auto measured: {}", measured.join("; "))
+        };
         println!("model {name}: {} on {} ({:?}{how})", info.manifest.version, info.device, info.precision);
     }
     for tenant in &config.tenants {
@@ -138,7 +154,11 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
             0 => "public (no keys)".to_owned(),
             n => format!("{n} key(s)"),
         };
-        let share = config.queue_shares(&tenant.model).into_iter().find(|(name, _)| *name == tenant.name).map_or(0, |(_, share)| share);
+        let share = config
+            .queue_shares(&tenant.model)
+            .into_iter()
+            .find(|(name, _)| *name == tenant.name)
+            .map_or(0, |(_, share)| share);
         println!(
             "tenant {}: routes {routes:?}, model {}, {keys}, limits {:?}, share of the model's queue {share} tokens",
             tenant.name, tenant.model, tenant.limits
@@ -150,7 +170,8 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

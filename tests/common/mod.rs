@@ -16,7 +16,8 @@ pub const PREDICT: &str = "/api/v1/predict/sentences";
 pub fn workspace() -> &'static Path {
     static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ROOT.get_or_init(|| {
-        std::env::var_os("BATCHBOX_WORKSPACE").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned(), PathBuf::from)
+        std::env::var_os("BATCHBOX_WORKSPACE")
+            .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned(), PathBuf::from)
     })
 }
 
@@ -118,7 +119,12 @@ impl Server {
         read(self.send(path, body, headers))
     }
 
-    pub fn send(&self, path: &str, body: impl AsRef<[u8]>, headers: &[(&str, &str)]) -> ureq::http::Response<ureq::Body> {
+    pub fn send(
+        &self,
+        path: &str,
+        body: impl AsRef<[u8]>,
+        headers: &[(&str, &str)],
+    ) -> ureq::http::Response<ureq::Body> {
         let mut request = self.agent.post(format!("{}{path}", self.base)).header("content-type", "application/json");
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -149,7 +155,15 @@ impl Server {
     /// The server's resident memory, in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" kB")
+            .trim()
+            .parse()
+            .unwrap();
         kb * 1024
     }
 }
@@ -184,7 +198,8 @@ pub fn raw(server: &Server, head: &str, body: &str) -> (u16, Value) {
     stream.write_all(request.as_bytes()).unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line: {answer:?}"));
+    let status =
+        answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line: {answer:?}"));
     let json = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON ({status}): {answer:?}")))
 }

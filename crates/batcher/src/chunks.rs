@@ -76,10 +76,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn limits(seqs: usize, tokens: usize) -> BatchLimits {
-        BatchLimits {
-            max_sequences: NonZeroUsize::new(seqs).unwrap(),
-            max_tokens: NonZeroUsize::new(tokens).unwrap(),
-        }
+        BatchLimits { max_sequences: NonZeroUsize::new(seqs).unwrap(), max_tokens: NonZeroUsize::new(tokens).unwrap() }
     }
 
     #[test]
@@ -91,10 +88,10 @@ mod tests {
     fn sorted_chunks_group_similar_lengths() {
         let lengths = [5, 50, 6, 48, 7, 49];
         let chunks = plan_chunks(&lengths, limits(3, 1000), ChunkOrder::LengthSorted);
-        assert_eq!(chunks, vec![
-            Chunk { indices: vec![1, 3, 5], padded_len: 50 },
-            Chunk { indices: vec![0, 2, 4], padded_len: 7 },
-        ]);
+        assert_eq!(
+            chunks,
+            vec![Chunk { indices: vec![1, 3, 5], padded_len: 50 }, Chunk { indices: vec![0, 2, 4], padded_len: 7 },]
+        );
         let in_order = plan_chunks(&lengths, limits(3, 1000), ChunkOrder::InputOrder);
         assert_eq!(in_order[0], Chunk { indices: vec![0, 1, 2], padded_len: 50 });
     }

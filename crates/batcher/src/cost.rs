@@ -140,7 +140,8 @@ impl CostModel {
     fn solve(&self, subset: u8) -> Option<[f64; 3]> {
         let idx: Vec<usize> = (0..3).filter(|i| subset & (1 << i) != 0).collect();
         let n = idx.len();
-        let mut a: Vec<Vec<f64>> = idx.iter().map(|&i| idx.iter().map(|&j| self.xtx[i][j]).chain([self.xty[i]]).collect()).collect();
+        let mut a: Vec<Vec<f64>> =
+            idx.iter().map(|&i| idx.iter().map(|&j| self.xtx[i][j]).chain([self.xty[i]]).collect()).collect();
         let scale = idx.iter().map(|&i| self.xtx[i][i]).fold(0.0, f64::max);
         for col in 0..n {
             let pivot = (col..n).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
@@ -209,7 +210,10 @@ mod tests {
         for (rows, len) in [(32, 256), (3, 256), (32, 30), (1, 1), (10, 100)] {
             let predicted = model.predict(rows, len).unwrap().as_secs_f64() * 1e3;
             let want = truth(rows, len);
-            assert!((predicted - want).abs() <= want * 0.02, "{rows}×{len}: predicted {predicted:.2} ms, truth {want:.2} ms");
+            assert!(
+                (predicted - want).abs() <= want * 0.02,
+                "{rows}×{len}: predicted {predicted:.2} ms, truth {want:.2} ms"
+            );
         }
         // 200 ms at length 256: 2 + r·(5.12 + 6.5536) ≤ 200, so 16 rows.
         assert_eq!(model.rows_within(256, ms(200.0), 32), 16);

@@ -105,7 +105,11 @@ pub struct SharesTooLarge {
 
 impl fmt::Display for SharesTooLarge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the tenants' shares of the queue add up to {} tokens, more than the {} it holds", self.total, self.limit)
+        write!(
+            f,
+            "the tenants' shares of the queue add up to {} tokens, more than the {} it holds",
+            self.total, self.limit
+        )
     }
 }
 
@@ -262,30 +266,50 @@ impl Scheduler {
         }
         let tokens: usize = lengths.iter().map(|&len| len.max(1)).sum();
         let own = self.tenant_ids.get(tenant).copied();
-        let reserved_by_others: usize =
-            self.tenants.iter().enumerate().filter(|&(t, _)| Some(t) != own).map(|(_, other)| other.unused_share()).sum();
+        let reserved_by_others: usize = self
+            .tenants
+            .iter()
+            .enumerate()
+            .filter(|&(t, _)| Some(t) != own)
+            .map(|(_, other)| other.unused_share())
+            .sum();
         let limit = self.config.max_queued_tokens;
-        let others_shares: usize = self.tenants.iter().enumerate().filter(|&(t, _)| Some(t) != own).filter_map(|(_, other)| other.share).sum();
+        let others_shares: usize =
+            self.tenants.iter().enumerate().filter(|&(t, _)| Some(t) != own).filter_map(|(_, other)| other.share).sum();
         if others_shares > 0 && tokens + others_shares > limit {
-            return Err(Rejected::NeverFits { tenant: tenant.to_owned(), requested: tokens, room: limit - others_shares });
+            return Err(Rejected::NeverFits {
+                tenant: tenant.to_owned(),
+                requested: tokens,
+                room: limit - others_shares,
+            });
         }
         let fits = self.queued_tokens + tokens + reserved_by_others <= limit;
         // With nothing waiting and nothing reserved, a request larger than the limit still runs (alone).
         if !(fits || self.queued_tokens == 0 && reserved_by_others == 0) {
             let (queued, share) = own.map_or((0, None), |t| (self.tenants[t].queued, self.tenants[t].share));
             return Err(match share {
-                Some(share) if queued + tokens > share => Rejected::OverShare { tenant: tenant.to_owned(), queued, requested: tokens, share },
+                Some(share) if queued + tokens > share => {
+                    Rejected::OverShare { tenant: tenant.to_owned(), queued, requested: tokens, share }
+                }
                 _ => Rejected::Overloaded { queued: self.queued_tokens, requested: tokens, limit },
             });
         }
         let t = self.tenant(tenant);
         let entry = &mut self.tenants[t];
         entry.queued += tokens;
-        entry.queue.extend(lengths.iter().enumerate().map(|(index, &len)| Waiting { row: Row { request: id, index, len: len.max(1) }, passed_over: 0 }));
+        entry.queue.extend(
+            lengths
+                .iter()
+                .enumerate()
+                .map(|(index, &len)| Waiting { row: Row { request: id, index, len: len.max(1) }, passed_over: 0 }),
+        );
         if !self.ring.contains(&t) {
             self.ring.push_back(t);
         }
-        self.requests.insert(id, Request { tenant: t, queued: lengths.len(), unfinished: lengths.len(), enqueued: now, deadline });
+        self.requests.insert(
+            id,
+            Request { tenant: t, queued: lengths.len(), unfinished: lengths.len(), enqueued: now, deadline },
+        );
         self.queued_tokens += tokens;
         Ok(())
     }
@@ -348,8 +372,15 @@ impl Scheduler {
             return Next::Idle;
         }
         let limits = self.config.limits;
-        let full = self.queued_sequences() >= limits.max_sequences.get() || self.queued_tokens >= limits.max_tokens.get();
-        let oldest = self.requests.values().filter(|r| r.queued > 0).map(|r| r.enqueued).min().expect("a tenant in the ring has work");
+        let full =
+            self.queued_sequences() >= limits.max_sequences.get() || self.queued_tokens >= limits.max_tokens.get();
+        let oldest = self
+            .requests
+            .values()
+            .filter(|r| r.queued > 0)
+            .map(|r| r.enqueued)
+            .min()
+            .expect("a tenant in the ring has work");
         let ready_at = oldest + self.config.max_queue_delay;
         if !full && now < ready_at {
             return Next::WaitUntil(ready_at);
@@ -362,7 +393,8 @@ impl Scheduler {
 
     /// The seed's way: the oldest sequences, in arrival order, as many as the limits allow.
     fn build_fifo_batch(&mut self, now: Instant) -> Batch {
-        let mut waiting: Vec<(usize, Waiting)> = self.ring.iter().flat_map(|&t| self.tenants[t].queue.iter().map(move |w| (t, *w))).collect();
+        let mut waiting: Vec<(usize, Waiting)> =
+            self.ring.iter().flat_map(|&t| self.tenants[t].queue.iter().map(move |w| (t, *w))).collect();
         waiting.sort_by_key(|(_, w)| (w.row.request, w.row.index));
         let lengths: Vec<usize> = waiting.iter().map(|(_, w)| w.row.len).collect();
         let first = plan_chunks(&lengths, self.config.limits, ChunkOrder::InputOrder).swap_remove(0);
@@ -466,7 +498,13 @@ fn take_anchor(queue: &mut Vec<Waiting>, starving: u32) -> Waiting {
     let position = queue
         .iter()
         .enumerate()
-        .max_by_key(|(i, w)| (w.passed_over >= starving, if w.passed_over >= starving { w.passed_over as usize } else { w.row.len }, std::cmp::Reverse(*i)))
+        .max_by_key(|(i, w)| {
+            (
+                w.passed_over >= starving,
+                if w.passed_over >= starving { w.passed_over as usize } else { w.row.len },
+                std::cmp::Reverse(*i),
+            )
+        })
         .map(|(i, _)| i)
         .expect("a tenant in the ring has work");
     queue.remove(position)
@@ -586,7 +624,10 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Scheduler::new(config(4, 1000, 0, 100));
         s.submit(1, "a", &[60], None, t0).unwrap();
-        assert_eq!(s.submit(2, "a", &[50], None, t0), Err(Rejected::Overloaded { queued: 60, requested: 50, limit: 100 }));
+        assert_eq!(
+            s.submit(2, "a", &[50], None, t0),
+            Err(Rejected::Overloaded { queued: 60, requested: 50, limit: 100 })
+        );
         assert_eq!(s.submit(1, "a", &[1], None, t0), Err(Rejected::Duplicate(1)));
         drain(&mut s, t0, &mut |_, _| {});
         assert_eq!(s.queued_tokens(), 0);
@@ -774,7 +815,10 @@ mod tests {
         // B's whole share is still there for it.
         s.submit(3, "b", &[250, 250], None, t0).unwrap();
         // A tenant without a share gets only room no share reserves: none here, ever.
-        assert_eq!(s.submit(4, "c", &[1], None, t0), Err(Rejected::NeverFits { tenant: "c".into(), requested: 1, room: 0 }));
+        assert_eq!(
+            s.submit(4, "c", &[1], None, t0),
+            Err(Rejected::NeverFits { tenant: "c".into(), requested: 1, room: 0 })
+        );
         // Once A's work ran, A has room again.
         drain(&mut s, t0, &mut |_, _| {});
         s.submit(2, "a", &[200], None, t0).unwrap();

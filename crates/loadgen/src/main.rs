@@ -100,7 +100,9 @@ impl Outcome {
         match result {
             Ok(_) => Outcome::Answered,
             Err(ureq::Error::Io(e)) if e.kind() == ErrorKind::ConnectionRefused => Outcome::Refused,
-            Err(ureq::Error::Io(e)) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => Outcome::Reset,
+            Err(ureq::Error::Io(e)) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                Outcome::Reset
+            }
             Err(_) => Outcome::Dropped,
         }
     }
@@ -128,9 +130,13 @@ struct Sample {
 impl Sample {
     /// Reads `/proc/PID/status` (sizes are in kB there).
     fn take(pid: u32, requests: u64, since: Instant) -> anyhow::Result<Sample> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
         let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status.lines().find_map(|l| l.strip_prefix(name)).with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+            let line = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
             Ok(line.trim().trim_end_matches("kB").trim().parse()?)
         };
         Ok(Sample {
@@ -148,7 +154,9 @@ impl Sample {
 fn exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
+        }
         Err(_) => true,
     }
 }
@@ -352,11 +360,24 @@ fn main() -> anyhow::Result<()> {
         println!("{report}");
     } else {
         println!("{} clients, {:.1} s: {requests} requests, {} sentences", args.concurrency, elapsed, totals.sentences);
-        println!("throughput: {:.2} requests/s, {:.1} sentences/s", report["requests_per_s"], report["sentences_per_s"]);
-        println!("latency ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}", ms(0.5), ms(0.95), ms(0.99), latency.max() as f64 / 1e3);
+        println!(
+            "throughput: {:.2} requests/s, {:.1} sentences/s",
+            report["requests_per_s"], report["sentences_per_s"]
+        );
+        println!(
+            "latency ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
+            ms(0.5),
+            ms(0.95),
+            ms(0.99),
+            latency.max() as f64 / 1e3
+        );
         println!("statuses: {}", report["statuses"]);
         if let Some(p) = &report["server"].as_object() {
-            println!("server: {} batches, real/padded tokens {:.3}", p["batches"], p["real_over_padded"].as_f64().unwrap_or(0.0));
+            println!(
+                "server: {} batches, real/padded tokens {:.3}",
+                p["batches"],
+                p["real_over_padded"].as_f64().unwrap_or(0.0)
+            );
         }
         if let Some(rss) = report.get("rss") {
             println!("server memory: {rss}");

@@ -28,7 +28,9 @@ pub fn resolve(spec: DeviceSpec) -> Result<Device, ModelError> {
             load_cuda().map_err(unavailable)?;
             let count = tch::Cuda::device_count();
             if count == 0 {
-                return Err(unavailable("libtorch_cuda loaded but no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)".into()));
+                return Err(unavailable(
+                    "libtorch_cuda loaded but no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)".into(),
+                ));
             }
             if index as i64 >= count {
                 return Err(unavailable(format!("only {count} CUDA device(s) are visible")));

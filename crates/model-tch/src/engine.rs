@@ -19,12 +19,7 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub fn load(
-        dir: &Path,
-        manifest: &Manifest,
-        device: Device,
-        precision: Precision,
-    ) -> Result<Self, ModelError> {
+    pub fn load(dir: &Path, manifest: &Manifest, device: Device, precision: Precision) -> Result<Self, ModelError> {
         let variant = precision.variant(device);
         let file = manifest.variants.get(&variant).ok_or_else(|| ModelError::MissingVariant {
             dir: dir.to_owned(),
@@ -32,8 +27,8 @@ impl Engine {
             available: manifest.variants.keys().cloned().collect(),
         })?;
         let path = dir.join(file);
-        let mut module =
-            CModule::load_on_device(&path, device).map_err(|e| ModelError::Load { path: path.clone(), message: e.to_string() })?;
+        let mut module = CModule::load_on_device(&path, device)
+            .map_err(|e| ModelError::Load { path: path.clone(), message: e.to_string() })?;
         module.set_eval();
         Ok(Self {
             module,
@@ -111,13 +106,13 @@ impl Backend for Engine {
         if logits.size() != expected {
             return Err(ModelError::OutputShape { expected, got: logits.size() });
         }
-        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1)).map_err(torch_error)?;
+        let flat = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))
+            .map_err(torch_error)?;
         let labels = self.num_labels;
         Ok(match self.task {
-            Task::SequenceClassification => flat
-                .chunks_exact(labels)
-                .map(|row| Output { data: row.to_vec(), shape: vec![labels] })
-                .collect(),
+            Task::SequenceClassification => {
+                flat.chunks_exact(labels).map(|row| Output { data: row.to_vec(), shape: vec![labels] }).collect()
+            }
             // Drop the padding rows: each sequence gets logits for its own tokens only.
             Task::TokenClassification => flat
                 .chunks_exact(padded_len * labels)

@@ -46,7 +46,8 @@ pub fn load(options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
 fn torch_error(error: tch::TchError) -> ModelError {
     let message = error.to_string();
     let lower = message.to_lowercase();
-    if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("not enough memory") {
+    if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("not enough memory")
+    {
         ModelError::OutOfMemory(message)
     } else {
         ModelError::Forward(message)
@@ -122,5 +123,4 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
     }
-
 }

@@ -53,7 +53,6 @@ impl OnDevice for Precision {
     }
 }
 
-
 /// Rows and longest row of the batch `auto` times: short sentences, as a classifier mostly sees.
 const TIMING_ROWS: usize = 32;
 const TIMING_MAX_LEN: usize = 48;
@@ -90,9 +89,13 @@ pub(crate) fn choose(
     let padder = engines[0].1.padder();
     let golden_rows: Vec<&[u32]> = golden.input_ids.iter().map(Vec::as_slice).collect();
     let golden_batch = padder.pad(&golden_rows);
-    let labels = engines.iter_mut().map(|(_, engine)| Ok(top_labels(&engine.forward(&golden_batch)?))).collect::<Result<Vec<_>, ModelError>>()?;
+    let labels = engines
+        .iter_mut()
+        .map(|(_, engine)| Ok(top_labels(&engine.forward(&golden_batch)?)))
+        .collect::<Result<Vec<_>, ModelError>>()?;
     let reference = &labels[0]; // fp32's
-    let timing: Vec<&[u32]> = golden_rows.iter().cycle().take(TIMING_ROWS).map(|row| &row[..row.len().min(TIMING_MAX_LEN)]).collect();
+    let timing: Vec<&[u32]> =
+        golden_rows.iter().cycle().take(TIMING_ROWS).map(|row| &row[..row.len().min(TIMING_MAX_LEN)]).collect();
     let timing_batch = padder.pad(&timing);
 
     let mut samples = vec![Vec::with_capacity(TIMING_ROUNDS); engines.len()];
@@ -106,7 +109,12 @@ pub(crate) fn choose(
     let mut candidates = Vec::new();
     for (((precision, _), times), labels) in engines.iter().zip(samples).zip(&labels) {
         let agreeing_texts = labels.iter().zip(reference).filter(|(a, b)| a == b).count();
-        candidates.push(Candidate { precision: *precision, median_ms: median(times).as_secs_f64() * 1e3, agreeing_texts, golden_texts: reference.len() });
+        candidates.push(Candidate {
+            precision: *precision,
+            median_ms: median(times).as_secs_f64() * 1e3,
+            agreeing_texts,
+            golden_texts: reference.len(),
+        });
     }
     let best = candidates
         .iter()
@@ -153,7 +161,11 @@ fn top_labels(outputs: &[Output]) -> Vec<Vec<usize>> {
         .iter()
         .map(|output| {
             let labels = *output.shape.last().expect("outputs have a label dimension");
-            output.data.chunks_exact(labels).map(|row| (0..labels).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0)).collect()
+            output
+                .data
+                .chunks_exact(labels)
+                .map(|row| (0..labels).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0))
+                .collect()
         })
         .collect()
 }

@@ -131,7 +131,12 @@ impl CachedModel {
     /// model (a sequence repeated within the call, once), and what it computes is kept. Queue
     /// and compute times and the stats are those of the misses. Hits and misses are counted
     /// once the call succeeds.
-    pub async fn infer(&self, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Inference, ModelError> {
+    pub async fn infer(
+        &self,
+        tenant: &str,
+        sequences: Vec<Vec<u32>>,
+        deadline: Option<Instant>,
+    ) -> Result<Inference, ModelError> {
         let version = self.model.cache_version();
         let stats = &self.model.counters().cache;
         let mut outputs: Vec<Option<Output>> = {

@@ -29,8 +29,8 @@ pub use tokenize::{Encoding, TextTokenizer};
 
 use batchbox_batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
 use batchbox_batcher::{BatchLimits, ChunkOrder};
-use worker::{Job, Queue, Shared};
 pub use worker::Counters;
+use worker::{Job, Queue, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -148,7 +148,13 @@ pub struct Inference {
 impl Inference {
     /// The answer to a call the model had nothing to compute for.
     pub fn nothing_computed() -> Self {
-        Self { outputs: Vec::new(), queued: Duration::ZERO, computed: Duration::ZERO, batch_ids: Vec::new(), stats: RunStats::default() }
+        Self {
+            outputs: Vec::new(),
+            queued: Duration::ZERO,
+            computed: Duration::ZERO,
+            batch_ids: Vec::new(),
+            stats: RunStats::default(),
+        }
     }
 }
 
@@ -190,7 +196,13 @@ impl Model {
             &options.queue_shares,
         )?;
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { scheduler, jobs: Default::default(), next_request: 1, next_batch: 1, stopped: false }),
+            queue: Mutex::new(Queue {
+                scheduler,
+                jobs: Default::default(),
+                next_request: 1,
+                next_batch: 1,
+                stopped: false,
+            }),
             wakeup: Condvar::new(),
             counters: Counters::default(),
         });
@@ -225,7 +237,12 @@ impl Model {
     /// Runs token id sequences through the model for `tenant`; one output per sequence, in input
     /// order. Fails at once with `Overloaded` when the queue is full, and with `TimedOut` if the
     /// sequences are still waiting at `deadline`. Dropping the future withdraws what still waits.
-    pub async fn infer_for(&self, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Inference, ModelError> {
+    pub async fn infer_for(
+        &self,
+        tenant: &str,
+        sequences: Vec<Vec<u32>>,
+        deadline: Option<Instant>,
+    ) -> Result<Inference, ModelError> {
         self.submit(tenant, sequences, deadline)?.await.map_err(|_| ModelError::Stopped)?
     }
 
@@ -353,9 +370,25 @@ mod tests {
         }
     }
 
+    /// A model directory with what `Model::start` reads itself (manifest, tokenizer) and no
+    /// weights: the backend is the test's.
+    fn model_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("batchbox-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = r#"{"format_version": 1, "name": "fake", "task": "sequence-classification", "labels": ["a"],
+            "max_length": 16, "inputs": ["input_ids", "attention_mask"], "variants": {}, "pad_token_id": 0,
+            "vocab_size": 4000, "version": "fake-0", "sha256": "0"}"#;
+        let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1}, "unk_token": "[UNK]"}}"#;
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+        dir
+    }
+
     #[test]
     fn dropping_the_last_handle_returns_only_after_the_model_thread_has_dropped_the_backend() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/minilm-topics");
+        let dir = model_dir();
         let options = QueueOptions {
             limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
             max_queue_delay: Duration::ZERO,
@@ -366,7 +399,9 @@ mod tests {
         };
         let dropped = Arc::new(AtomicBool::new(false));
         let backend = Recorded(dropped.clone());
-        let model = Model::start(&dir, &options, move |_, _| Ok(LoadedBackend::configured(backend, "test", Precision::Fp32))).unwrap();
+        let model =
+            Model::start(&dir, &options, move |_, _| Ok(LoadedBackend::configured(backend, "test", Precision::Fp32)))
+                .unwrap();
         model.infer_blocking(vec![vec![101, 2023, 102]]).unwrap();
         drop(model);
         // A thread left running would free a torch module while the process exits, after

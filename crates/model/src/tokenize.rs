@@ -38,10 +38,8 @@ impl TextTokenizer {
     /// Encodes many texts at once; `tokenizers` spreads the work over its thread pool.
     pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Vec<Encoding>, ModelError> {
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encodings = self
-            .inner
-            .encode_batch_char_offsets(inputs, true)
-            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        let encodings =
+            self.inner.encode_batch_char_offsets(inputs, true).map_err(|e| ModelError::Tokenize(e.to_string()))?;
         Ok(encodings
             .into_iter()
             .map(|e| Encoding {

@@ -136,7 +136,8 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
         let padded_len = refs.iter().map(|row| row.len()).max().unwrap_or(0);
         // Only a pass that ran whole says what a pass of its shape costs: one split after running
         // out of memory was several passes, and a failed one may have stopped early.
-        let whole = shared.counters.oom_splits.load(Ordering::Relaxed) == splits_before && results.iter().all(Result::is_ok);
+        let whole =
+            shared.counters.oom_splits.load(Ordering::Relaxed) == splits_before && results.iter().all(Result::is_ok);
 
         let counters = &shared.counters;
         Counters::add(&counters.batches, 1);
@@ -146,7 +147,13 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
         let mut queue = shared.lock();
         if whole {
             let predicted_ms = queue.scheduler.predict(rows.len(), padded_len).map(|p| p.as_secs_f64() * 1e3);
-            tracing::debug!(rows = rows.len(), padded_len, elapsed_ms = elapsed.as_secs_f64() * 1e3, ?predicted_ms, "forward pass");
+            tracing::debug!(
+                rows = rows.len(),
+                padded_len,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                ?predicted_ms,
+                "forward pass"
+            );
             queue.scheduler.observe(rows.len(), padded_len, elapsed);
         }
         let mut failed: Vec<(RequestId, ModelError)> = Vec::new();
@@ -219,7 +226,11 @@ fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, Vec<Vec<u32>>)> {
                 return Some((id, batch.rows, inputs));
             }
             Next::WaitUntil(at) => {
-                queue = shared.wakeup.wait_timeout(queue, at.saturating_duration_since(now)).map(|(q, _)| q).unwrap_or_else(|p| p.into_inner().0);
+                queue = shared
+                    .wakeup
+                    .wait_timeout(queue, at.saturating_duration_since(now))
+                    .map(|(q, _)| q)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
             Next::Idle => queue = shared.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner()),
         }
@@ -260,7 +271,9 @@ fn run_split<B: Backend>(
         }
         // Every row gets the same failure; an out-of-memory keeps its own message (re-wrapping
         // its display text would repeat the variant's prefix).
-        Err(ModelError::OutOfMemory(message)) => rows.iter().map(|_| Err(ModelError::OutOfMemory(message.clone()))).collect(),
+        Err(ModelError::OutOfMemory(message)) => {
+            rows.iter().map(|_| Err(ModelError::OutOfMemory(message.clone()))).collect()
+        }
         Err(e) => {
             let message = e.to_string();
             rows.iter().map(|_| Err(ModelError::Forward(message.clone()))).collect()

@@ -48,7 +48,9 @@ fn over(quota: &str, what: &str, used: usize, asked: usize, limit: usize) -> Res
     }
     Err(types::Error::QuotaExceeded(types::QuotaError {
         quota: quota.to_owned(),
-        message: format!("quota {quota}: this request may send at most {limit} {what}; it asked for {asked} after {used}"),
+        message: format!(
+            "quota {quota}: this request may send at most {limit} {what}; it asked for {asked} after {used}"
+        ),
     }))
 }
 

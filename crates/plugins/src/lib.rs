@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
+};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -130,11 +133,13 @@ impl PluginRuntime {
         max_instances: u32,
         cache_dir: &Path,
     ) -> Result<Self, PluginError> {
-        let engine = new_engine(tenants, max_instances).map_err(|e| PluginError::Compile { tenant: "*".into(), message: e.to_string() })?;
+        let engine = new_engine(tenants, max_instances)
+            .map_err(|e| PluginError::Compile { tenant: "*".into(), message: e.to_string() })?;
         let mut linker: Linker<RequestState> = Linker::new(&engine);
         let link_error = |e: wasmtime::Error| PluginError::Compile { tenant: "*".into(), message: e.to_string() };
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_error)?;
-        bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state).map_err(link_error)?;
+        bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state)
+            .map_err(link_error)?;
         start_epoch_ticker(&engine);
 
         let mut runtime = Self { engine, plugins: HashMap::new() };
@@ -145,7 +150,8 @@ impl PluginRuntime {
             let pre = linker
                 .instantiate_pre(&component)
                 .map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
-            let pre = bindings::PluginPre::new(pre).map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
+            let pre = bindings::PluginPre::new(pre)
+                .map_err(|e| PluginError::MissingExport { tenant: name(), message: format!("{e:#}") })?;
             // No `config:` in the file means an empty object, so plugins can default every field.
             let config_json = match &tenant.config {
                 serde_json::Value::Null => "{}".to_owned(),
@@ -156,7 +162,14 @@ impl PluginRuntime {
             };
             let model = models.get(&tenant.model).expect("the config names loaded models").clone();
             let cache = tenant.cache.map(|c| Arc::new(CachedModel::new(model.clone(), c.max_bytes)));
-            let plugin = LoadedPlugin { tenant: tenant.name.as_str().into(), pre, config_json, limits: tenant.limits, model, cache };
+            let plugin = LoadedPlugin {
+                tenant: tenant.name.as_str().into(),
+                pre,
+                config_json,
+                limits: tenant.limits,
+                model,
+                cache,
+            };
             // Configure once now, so a bad config stops startup instead of failing every request.
             runtime.call(&plugin, 0, None).await?;
             runtime.plugins.insert(tenant.name.clone(), plugin);
@@ -171,7 +184,12 @@ impl PluginRuntime {
     }
 
     /// Instantiates, configures and (given a request) calls `handle`, within the tenant's limits.
-    async fn call(&self, plugin: &LoadedPlugin, request_id: u64, request: Option<Request>) -> Result<Option<Response>, PluginError> {
+    async fn call(
+        &self,
+        plugin: &LoadedPlugin,
+        request_id: u64,
+        request: Option<Request>,
+    ) -> Result<Option<Response>, PluginError> {
         let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         let wasi = WasiCtx::builder()
@@ -248,9 +266,7 @@ fn new_engine(tenants: &[TenantConfig], max_instances: u32) -> wasmtime::Result<
         .total_stacks(max_instances)
         .max_memory_size(max_memory);
     let mut config = wasmtime::Config::new();
-    config
-        .epoch_interruption(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
 }
 
@@ -272,7 +288,11 @@ fn start_epoch_ticker(engine: &Engine) {
 /// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before.
 fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> Result<Component, PluginError> {
     let plugin = tenant.name.clone();
-    let wasm = std::fs::read(&tenant.wasm).map_err(|source| PluginError::Read { tenant: plugin.clone(), path: tenant.wasm.clone(), source })?;
+    let wasm = std::fs::read(&tenant.wasm).map_err(|source| PluginError::Read {
+        tenant: plugin.clone(),
+        path: tenant.wasm.clone(),
+        source,
+    })?;
     let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut engine_hash);
     let mut key = Sha256::new();

@@ -91,7 +91,14 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, limits: ConnectionLimit
         match accepted {
             Ok((stream, slot)) => {
                 backoff.succeeded();
-                tokio::spawn(connection(stream, slot, builder.clone(), app.clone(), limits.keep_alive_idle, stopping.clone()));
+                tokio::spawn(connection(
+                    stream,
+                    slot,
+                    builder.clone(),
+                    app.clone(),
+                    limits.keep_alive_idle,
+                    stopping.clone(),
+                ));
             }
             Err(e) => {
                 let pause = backoff.failed(&e);

@@ -82,7 +82,9 @@ impl ApiError {
             Self::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => (S::UNAUTHORIZED, "unauthorized"),
             Self::Access(AccessError::WrongTenant { .. }) => (S::FORBIDDEN, "forbidden"),
-            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => (S::TOO_MANY_REQUESTS, "quota_exceeded"),
+            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => {
+                (S::TOO_MANY_REQUESTS, "quota_exceeded")
+            }
             Self::Plugin(PluginError::NoCapacity) => (S::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Plugin(PluginError::WallTimeout { .. }) => (S::GATEWAY_TIMEOUT, "plugin_timeout"),
             Self::Plugin(PluginError::CpuLimit { .. }) => (S::INTERNAL_SERVER_ERROR, "plugin_cpu_limit"),
@@ -123,7 +125,9 @@ impl ApiError {
             Self::MethodNotAllowed { allow, .. } => {
                 headers.insert("allow", HeaderValue::from_static(allow));
             }
-            Self::NotReady | Self::Plugin(PluginError::NoCapacity) | Self::Access(AccessError::Quota { quota: "max_concurrent", .. }) => {
+            Self::NotReady
+            | Self::Plugin(PluginError::NoCapacity)
+            | Self::Access(AccessError::Quota { quota: "max_concurrent", .. }) => {
                 headers.insert("retry-after", HeaderValue::from_static("1"));
             }
             Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => {
@@ -174,8 +178,11 @@ impl App {
             "/health" => return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
             "/ready" => {
                 let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-                let versions: serde_json::Map<String, serde_json::Value> =
-                    loaded.models.iter().map(|(name, model)| (name.clone(), model.info().manifest.version.clone().into())).collect();
+                let versions: serde_json::Map<String, serde_json::Value> = loaded
+                    .models
+                    .iter()
+                    .map(|(name, model)| (name.clone(), model.info().manifest.version.clone().into()))
+                    .collect();
                 return Ok(json_response(StatusCode::OK, &json!({ "status": "ready", "models": versions })));
             }
             "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
@@ -240,10 +247,15 @@ impl App {
 
     /// Reads the body (within the server's and the tenant's limits, and `body_read_timeout`)
     /// and copies what a plugin sees of the request (see [`withheld_from_plugins`]).
-    async fn plugin_request(&self, tenant: &Tenant, request: hyper::Request<Incoming>) -> Result<plugins::Request, ApiError> {
+    async fn plugin_request(
+        &self,
+        tenant: &Tenant,
+        request: hyper::Request<Incoming>,
+    ) -> Result<plugins::Request, ApiError> {
         let limit = self.max_body_bytes;
         // n bytes pass the server's limit (413) or the tenant's quota (429).
-        let check_size = |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
+        let check_size =
+            |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
         let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if let Some(declared) = declared {
             check_size(declared)?;
@@ -252,13 +264,16 @@ impl App {
         let withheld = withheld_from_plugins(&parts.headers);
         let read_limit = limit.min(tenant.limits.max_body_bytes);
         let read = Limited::new(body, read_limit).collect();
-        let body = tokio::time::timeout(self.body_read_timeout, read).await.map_err(|_| ApiError::BodyTimeout(self.body_read_timeout))?.map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                check_size(read_limit + 1).expect_err("one byte past the smaller limit")
-            } else {
-                ApiError::BadBody(e.to_string())
-            }
-        })?;
+        let body = tokio::time::timeout(self.body_read_timeout, read)
+            .await
+            .map_err(|_| ApiError::BodyTimeout(self.body_read_timeout))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    check_size(read_limit + 1).expect_err("one byte past the smaller limit")
+                } else {
+                    ApiError::BadBody(e.to_string())
+                }
+            })?;
         Ok(plugins::Request {
             method: parts.method.to_string(),
             path: parts.uri.path().to_owned(),
@@ -282,14 +297,23 @@ fn target_host(request: &hyper::Request<Incoming>) -> Result<Option<String>, Api
         return Ok(Some(host.to_owned()));
     }
     match first {
-        Some(value) => value.to_str().map(|h| Some(h.to_owned())).map_err(|_| ApiError::BadRequest("the Host header is not visible ASCII")),
-        None if request.version() == hyper::Version::HTTP_11 => Err(ApiError::BadRequest("HTTP/1.1 requests need a Host header")),
+        Some(value) => value
+            .to_str()
+            .map(|h| Some(h.to_owned()))
+            .map_err(|_| ApiError::BadRequest("the Host header is not visible ASCII")),
+        None if request.version() == hyper::Version::HTTP_11 => {
+            Err(ApiError::BadRequest("HTTP/1.1 requests need a Host header"))
+        }
         None => Ok(None),
     }
 }
 
 /// The one value of header `name`, if any; several are refused with `several`.
-fn single_header<'a>(headers: &'a hyper::HeaderMap, name: HeaderName, several: &'static str) -> Result<Option<&'a HeaderValue>, ApiError> {
+fn single_header<'a>(
+    headers: &'a hyper::HeaderMap,
+    name: HeaderName,
+    several: &'static str,
+) -> Result<Option<&'a HeaderValue>, ApiError> {
     let mut values = headers.get_all(name).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -316,14 +340,28 @@ fn withheld_from_plugins(headers: &hyper::HeaderMap) -> Vec<&str> {
         "transfer-encoding",
         "upgrade",
     ];
-    let named = headers.get_all(hyper::header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim);
+    let named = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
     WITHHELD.into_iter().chain(named).collect()
 }
 
 /// Response headers that are the host's alone: framing and the connection (the host computes
 /// them from the body it sends), and cookies, which every tenant on one host name would share.
-const HOST_RESPONSE_HEADERS: [&str; 9] =
-    ["content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer", "proxy-connection", "set-cookie"];
+const HOST_RESPONSE_HEADERS: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "set-cookie",
+];
 
 /// A plugin's response as HTTP, once it is checked: a final status (200-599; informational
 /// ones and 101 would change what the connection is), none of [`HOST_RESPONSE_HEADERS`], and
@@ -334,20 +372,31 @@ fn plugin_response(response: plugins::Response, limits: &TenantLimits) -> Result
         return refuse(format!("status {} is outside 200-599", response.status));
     }
     if response.headers.len() > limits.max_response_headers {
-        return refuse(format!("{} headers, more than the limit of {}", response.headers.len(), limits.max_response_headers));
+        return refuse(format!(
+            "{} headers, more than the limit of {}",
+            response.headers.len(),
+            limits.max_response_headers
+        ));
     }
     let bytes: usize = response.headers.iter().map(|(name, value)| name.len() + value.len()).sum();
     if bytes > limits.max_response_header_bytes {
-        return refuse(format!("{bytes} bytes of headers, more than the limit of {}", limits.max_response_header_bytes));
+        return refuse(format!(
+            "{bytes} bytes of headers, more than the limit of {}",
+            limits.max_response_header_bytes
+        ));
     }
     let mut http = hyper::Response::new(Full::new(Bytes::from(response.body)));
     *http.status_mut() = StatusCode::from_u16(response.status).expect("200-599 are valid statuses");
     for (name, value) in response.headers {
-        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else { return refuse(format!("header name {name:?} is not a valid name")) };
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            return refuse(format!("header name {name:?} is not a valid name"));
+        };
         if HOST_RESPONSE_HEADERS.contains(&name.as_str()) {
             return refuse(format!("header {name} is set by the host, not by plugins"));
         }
-        let Ok(value) = HeaderValue::from_str(&value) else { return refuse(format!("the value of header {name} is not visible ASCII")) };
+        let Ok(value) = HeaderValue::from_str(&value) else {
+            return refuse(format!("the value of header {name} is not visible ASCII"));
+        };
         http.headers_mut().append(name, value);
     }
     Ok(http)
@@ -373,7 +422,12 @@ mod tests {
         type Row = (ApiError, u16, &'static str, Option<(&'static str, &'static str)>);
         let table: Vec<Row> = vec![
             (ApiError::NotFound("/x".into()), 404, "not_found", None),
-            (ApiError::MethodNotAllowed { method: Method::PUT, path: "/health".into(), allow: "GET" }, 405, "method_not_allowed", Some(("allow", "GET"))),
+            (
+                ApiError::MethodNotAllowed { method: Method::PUT, path: "/health".into(), allow: "GET" },
+                405,
+                "method_not_allowed",
+                Some(("allow", "GET")),
+            ),
             (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large", None),
             (ApiError::BadBody("eof".into()), 400, "bad_body", None),
             (ApiError::BodyTimeout(Duration::from_secs(1)), 408, "body_timeout", Some(("connection", "close"))),
@@ -382,17 +436,42 @@ mod tests {
             (AccessError::MissingKey.into(), 401, "unauthorized", Some(("www-authenticate", "Bearer"))),
             (AccessError::InvalidKey.into(), 401, "unauthorized", Some(("www-authenticate", "Bearer"))),
             (AccessError::WrongTenant { tenant: tenant() }.into(), 403, "forbidden", None),
-            (AccessError::Quota { tenant: tenant(), quota: "max_concurrent", detail: "64".into() }.into(), 429, "quota_exceeded", Some(("retry-after", "1"))),
-            (AccessError::Quota { tenant: tenant(), quota: "max_body_bytes", detail: "1".into() }.into(), 429, "quota_exceeded", None),
+            (
+                AccessError::Quota { tenant: tenant(), quota: "max_concurrent", detail: "64".into() }.into(),
+                429,
+                "quota_exceeded",
+                Some(("retry-after", "1")),
+            ),
+            (
+                AccessError::Quota { tenant: tenant(), quota: "max_body_bytes", detail: "1".into() }.into(),
+                429,
+                "quota_exceeded",
+                None,
+            ),
             (PluginError::HostcallBytes { tenant: tenant(), limit: 1 }.into(), 429, "quota_exceeded", None),
             (PluginError::NoCapacity.into(), 503, "overloaded", Some(("retry-after", "1"))),
             (PluginError::WallTimeout { tenant: tenant(), limit_ms: 1 }.into(), 504, "plugin_timeout", None),
             (PluginError::CpuLimit { tenant: tenant(), limit_ms: 1 }.into(), 500, "plugin_cpu_limit", None),
             (PluginError::MemoryLimit { tenant: tenant(), limit: 1 }.into(), 500, "plugin_memory_limit", None),
             (PluginError::Trapped { tenant: tenant(), message: "panic".into() }.into(), 500, "plugin_failed", None),
-            (PluginError::Read { tenant: tenant(), path: "p.wasm".into(), source: std::io::ErrorKind::NotFound.into() }.into(), 500, "plugin_failed", None),
+            (
+                PluginError::Read {
+                    tenant: tenant(),
+                    path: "p.wasm".into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                }
+                .into(),
+                500,
+                "plugin_failed",
+                None,
+            ),
             (PluginError::Compile { tenant: tenant(), message: "bad".into() }.into(), 500, "plugin_failed", None),
-            (PluginError::MissingExport { tenant: tenant(), message: "handle".into() }.into(), 500, "plugin_failed", None),
+            (
+                PluginError::MissingExport { tenant: tenant(), message: "handle".into() }.into(),
+                500,
+                "plugin_failed",
+                None,
+            ),
             (PluginError::Configure { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
             (ApiError::BadPluginResponse("status 101".into()), 500, "bad_plugin_response", None),
         ];

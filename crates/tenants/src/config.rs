@@ -120,7 +120,8 @@ impl FromStr for Route {
             Some(i) => (Some(&s[..i]), &s[i..]),
             None => (Some(s), "/"),
         };
-        let host_ok = host.is_none_or(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)));
+        let host_ok =
+            host.is_none_or(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)));
         if !host_ok || path.contains(['?', '#', ' ']) || HOST_ROUTES.contains(&path) {
             return Err(format!(
                 "route {s:?}: expected /path, host/path or host, with no query and none of {HOST_ROUTES:?}"
@@ -210,8 +211,10 @@ impl KeySource {
                 _ => Err(format!("environment variable {var} is not set or empty")),
             },
             Self::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
-                let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
+                let lines: Vec<&str> =
+                    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
                 if lines.is_empty() {
                     return Err(format!("key file {} holds no keys", path.display()));
                 }
@@ -298,5 +301,4 @@ mod tests {
         let missing = KeySource::Env("BATCHBOX_TEST_UNSET_KEY".into()).resolve().unwrap_err();
         assert!(missing.contains("BATCHBOX_TEST_UNSET_KEY"), "{missing}");
     }
-
 }

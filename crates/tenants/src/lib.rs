@@ -175,7 +175,8 @@ mod tests {
     #[test]
     fn keys_open_their_own_tenant_only() {
         let t = tenants();
-        let (a, b, open) = (t.route(None, "/api").unwrap(), t.route(None, "/api/b").unwrap(), t.route(None, "/public").unwrap());
+        let (a, b, open) =
+            (t.route(None, "/api").unwrap(), t.route(None, "/api/b").unwrap(), t.route(None, "/public").unwrap());
         assert!(t.authorize(a, Some(b"Bearer key-a")).is_ok());
         assert!(t.authorize(a, Some(b"bearer   key-a2 ")).is_ok());
         assert!(matches!(t.authorize(a, None), Err(AccessError::MissingKey)));

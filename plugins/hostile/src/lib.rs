@@ -73,7 +73,9 @@ impl Plugin for Hostile {
                     .filter_map(|(name, value)| Some((name.strip_prefix("x-respond-")?.to_owned(), value.clone())))
                     .collect();
                 let filler = "x".repeat(param(&request, "bytes").unwrap_or(1));
-                headers.extend((0..param(&request, "count").unwrap_or(0)).map(|i| (format!("x-filler-{i}"), filler.clone())));
+                headers.extend(
+                    (0..param(&request, "count").unwrap_or(0)).map(|i| (format!("x-filler-{i}"), filler.clone())),
+                );
                 Response { status: n(200) as u16, headers, body: b"hello".to_vec() }
             }
             _ => json(200, "ok"),

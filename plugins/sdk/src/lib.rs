@@ -100,10 +100,11 @@ pub fn parse_config<T: DeserializeOwned>(config: &str) -> Result<T, String> {
 /// serde_json, with the path to the offending value in the message (`sentences[3]: ...`).
 fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| match e.path().to_string().as_str() {
-        "." => e.inner().to_string(),
-        path => format!("{path}: {}", e.inner()),
-    })?;
+    let value =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| match e.path().to_string().as_str() {
+            "." => e.inner().to_string(),
+            path => format!("{path}: {}", e.inner()),
+        })?;
     deserializer.end().map_err(|e| e.to_string())?;
     Ok(value)
 }
@@ -135,7 +136,12 @@ impl TextList<'_> {
                     other => return Err(bad(format!("`{field}` must be an array of strings, not {}", kind(&other)))),
                 }
             }
-            other => return Err(bad(format!("expected {{\"{field}\": [...]}} or an array of strings, not {}", kind(&other)))),
+            other => {
+                return Err(bad(format!(
+                    "expected {{\"{field}\": [...]}} or an array of strings, not {}",
+                    kind(&other)
+                )));
+            }
         };
         if items.len() > self.max_items {
             let message = format!("{} {item}s in one request; the limit is {}", items.len(), self.max_items);
@@ -197,7 +203,8 @@ pub fn require_method(request: &Request, method: &str) -> Result<(), Response> {
     if request.method == method {
         return Ok(());
     }
-    let mut response = error(405, "method_not_allowed", format!("{} is not allowed here; use {method}", request.method));
+    let mut response =
+        error(405, "method_not_allowed", format!("{} is not allowed here; use {method}", request.method));
     response.headers.push(("allow".into(), method.into()));
     Err(response)
 }
@@ -208,7 +215,9 @@ impl Error {
         match self {
             Error::InvalidInput(m) => error(400, "invalid_input", m),
             Error::TooLarge(m) => error(413, "too_large", m),
-            Error::QuotaExceeded(e) => error_with(429, serde_json::json!({ "code": "quota_exceeded", "message": e.message, "quota": e.quota })),
+            Error::QuotaExceeded(e) => {
+                error_with(429, serde_json::json!({ "code": "quota_exceeded", "message": e.message, "quota": e.quota }))
+            }
             Error::Overloaded(m) => {
                 let mut response = error(503, "overloaded", m);
                 response.headers.push(("retry-after".into(), "1".into()));

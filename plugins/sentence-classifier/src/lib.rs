@@ -6,7 +6,9 @@
 
 use std::time::Instant;
 
-use batchbox_sdk::{Plugin, Request, Response, Settings, Task, TextList, argmax, host, json, ms, require_method, round_ms, softmax};
+use batchbox_sdk::{
+    Plugin, Request, Response, Settings, Task, TextList, argmax, host, json, ms, require_method, round_ms, softmax,
+};
 use serde::{Deserialize, Serialize};
 
 /// The plugin's own `config` in shared_config.yaml.
@@ -121,7 +123,13 @@ fn classify(request: &Request) -> Result<Response, Response> {
 
 /// The sentences of `{"sentences": [...]}` or of a bare array, checked one by one.
 fn sentences(body: &[u8], config: &Config) -> Result<Vec<String>, Response> {
-    TextList { field: "sentences", item: "sentence", max_items: config.max_sentences, max_chars: config.max_sentence_chars }.parse(body)
+    TextList {
+        field: "sentences",
+        item: "sentence",
+        max_items: config.max_sentences,
+        max_chars: config.max_sentence_chars,
+    }
+    .parse(body)
 }
 
 batchbox_sdk::export_plugin!(SentenceClassifier);

@@ -5,7 +5,10 @@
 
 use std::time::Instant;
 
-use batchbox_sdk::{Encoding, Plugin, Request, Response, Settings, Task, Tensor, TextList, argmax, host, json, ms, require_method, round_ms, softmax};
+use batchbox_sdk::{
+    Encoding, Plugin, Request, Response, Settings, Task, Tensor, TextList, argmax, host, json, ms, require_method,
+    round_ms, softmax,
+};
 use serde::{Deserialize, Serialize};
 
 /// The plugin's own `config`.
@@ -69,13 +72,20 @@ fn tag(request: &Request) -> Result<Response, Response> {
     let started = Instant::now();
     require_method(request, "POST")?;
     let config = SETTINGS.get()?;
-    let texts = TextList { field: "texts", item: "text", max_items: config.max_texts, max_chars: config.max_text_chars }.parse(&request.body)?;
+    let texts =
+        TextList { field: "texts", item: "text", max_items: config.max_texts, max_chars: config.max_text_chars }
+            .parse(&request.body)?;
     let info = host::model();
     let encodings = host::tokenize(&texts).map_err(|e| e.into_response())?;
     let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.ids.clone()).collect();
     let inference = if ids.is_empty() { None } else { Some(host::infer(&ids).map_err(|e| e.into_response())?) };
     let outputs = inference.as_ref().map(|i| i.outputs.as_slice()).unwrap_or_default();
-    let results = texts.iter().zip(&encodings).zip(outputs).map(|((text, encoding), logits)| words(text, encoding, logits, &info.labels)).collect();
+    let results = texts
+        .iter()
+        .zip(&encodings)
+        .zip(outputs)
+        .map(|((text, encoding), logits)| words(text, encoding, logits, &info.labels))
+        .collect();
     let metadata = Metadata {
         processing_time_ms: round_ms(ms(started)),
         num_texts: texts.len(),
