@@ -496,3 +496,48 @@ fn a_plugin_response_that_would_break_framing_or_flood_headers_gets_500_naming_t
     assert!(response.headers().get("x-request-id").is_some());
     assert_eq!(response.into_body().with_config().read_to_string().unwrap(), "hello");
 }
+
+#[test]
+fn past_max_instances_requests_get_503_at_once_and_the_next_is_served() {
+    // Two instances in the whole pool, and a tenant that would take eight requests at once.
+    let config = write_config(
+        "instances",
+        r#"
+models: [{ name: minilm-topics, path: "{model}", device: cpu }]
+api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }
+server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}", max_instances: 2 }
+tenants:
+  - name: sleepy
+    wasm: "{hostile}"
+    routes: [/sleepy]
+    limits: { cpu_ms: 60000, wall_ms: 1500, max_concurrent: 8 }
+"#,
+    );
+    let server = Server::launch(&config);
+    let started = Instant::now();
+    let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let response = server.send("/sleepy/sleep", "", &[]);
+                    let retry = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                    let (status, body) = common::read(response);
+                    (status, retry, body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Two sleep until the wall limit; two find no instance and are refused without waiting.
+    let refused: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
+    assert_eq!(refused.len(), 2, "{answers:?}");
+    for (status, retry, body) in &refused {
+        assert_json_error(*status, body, 503, "overloaded", "no free instance");
+        assert_eq!(retry.as_deref(), Some("1"), "{body}");
+    }
+    assert_eq!(answers.iter().filter(|(status, _, _)| *status == 504).count(), 2, "{answers:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    // The permits came back with the stores: the pool serves again.
+    let (status, body) = server.post("/sleepy/ok", "");
+    assert_eq!(status, 200, "{body}");
+}

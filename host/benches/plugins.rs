@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchbox::config::Config;
-use batchbox_plugins::{PluginRuntime, Request};
+use batchbox_plugins::{PluginRuntime, Request, with_caches};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -54,9 +54,10 @@ fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || batchbox_model_tch::load(&options)).await??
         };
         let models = [(config.models[0].name.clone(), model.clone())];
+        let by_name = models.iter().cloned().collect();
         let plugins = PluginRuntime::load(
             &config.tenants,
-            &models.iter().cloned().collect(),
+            with_caches(&by_name),
             config.server.max_instances,
             &config.server.plugin_cache_dir,
         )

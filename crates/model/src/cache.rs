@@ -29,11 +29,16 @@ const ENTRY_OVERHEAD: u64 = 128;
 /// Counters for every cache in front of one model.
 #[derive(Debug, Default)]
 pub struct CacheStats {
+    /// Sequences answered from a cache, counted once their call succeeds.
     pub hits: AtomicU64,
+    /// Sequences the model computed instead, counted once their call succeeds; a sequence repeated
+    /// within a call is computed once but counts at each position.
     pub misses: AtomicU64,
+    /// Entries dropped to stay within `max_bytes` (not those cleared when the model version changes).
     pub evictions: AtomicU64,
-    /// Entries and bytes held right now.
+    /// Entries held right now, in all the caches together.
     pub entries: AtomicU64,
+    /// Bytes those entries are charged: ids, logits and a fixed overhead each.
     pub bytes: AtomicU64,
 }
 
@@ -46,18 +51,22 @@ pub struct Lru {
 }
 
 impl Lru {
+    /// An empty cache charged at most `max_bytes`: ids, logits and a fixed overhead per entry.
     pub fn new(max_bytes: u64) -> Self {
         Self { max_bytes, version: String::new(), entries: LruCache::unbounded(), bytes: 0 }
     }
 
+    /// Bytes its entries are charged now; never more than `max_bytes`.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
+    /// Entries held now.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether it holds no entry.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -118,8 +127,14 @@ pub struct CachedModel {
 }
 
 impl CachedModel {
+    /// An empty cache of at most `max_bytes` in front of `model`, for one tenant.
     pub fn new(model: Arc<Model>, max_bytes: u64) -> Self {
         Self { model, lru: Mutex::new(Lru::new(max_bytes)) }
+    }
+
+    /// The model the cache stands in front of.
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
     fn lru(&self) -> std::sync::MutexGuard<'_, Lru> {

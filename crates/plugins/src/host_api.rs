@@ -58,7 +58,7 @@ impl types::Host for RequestState {}
 
 impl host::Host for RequestState {
     fn model(&mut self) -> wasmtime::Result<types::ModelInfo> {
-        let manifest = &self.model.info().manifest;
+        let manifest = self.model.manifest();
         Ok(types::ModelInfo {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
@@ -98,10 +98,7 @@ impl host::Host for RequestState {
             return Ok(Err(refused));
         }
         let started = Instant::now();
-        let result = match &self.cache {
-            Some(cache) => cache.infer(&self.tenant, sequences, Some(self.deadline)).await,
-            None => self.model.infer_for(&self.tenant, sequences, Some(self.deadline)).await,
-        };
+        let result = self.model.infer(&self.tenant, sequences, self.deadline).await;
         self.host_time += started.elapsed();
         Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
             outputs: inference

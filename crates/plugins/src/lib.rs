@@ -16,6 +16,7 @@
 
 mod clock;
 mod host_api;
+mod model;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -32,12 +33,14 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use batchbox_model::Model;
-use batchbox_model::cache::CachedModel;
 use batchbox_tenants::{TenantConfig, TenantLimits};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use bindings::exports::batchbox::plugin::handler::{Request, Response};
+pub use model::{InferFuture, PluginModel, with_caches};
 
+// Generated from the WIT, whose own comments document it.
+#[allow(missing_docs)]
 mod bindings {
     wasmtime::component::bindgen!({
         world: "plugin",
@@ -58,28 +61,89 @@ const OUTPUT_CAPACITY: usize = 64 << 10;
 /// Plugins see time only to this precision.
 pub const CLOCK_RESOLUTION: Duration = Duration::from_micros(100);
 
+/// Why a plugin could not be loaded or did not answer. Each names its tenant (`tenant`), and
+/// `batchbox-server` maps each to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
+    /// At startup: the `.wasm` file cannot be read.
     #[error("tenant {tenant}: cannot read {path}: {source}")]
-    Read { tenant: String, path: PathBuf, source: std::io::Error },
+    Read {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The file.
+        path: PathBuf,
+        /// What reading it said.
+        source: std::io::Error,
+    },
+    /// At startup: the file is not a component wasmtime can compile, or the engine or linker
+    /// could not be built (`tenant` is then `*`).
     #[error("tenant {tenant}: cannot load the plugin: {message}")]
-    Compile { tenant: String, message: String },
+    Compile {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// wasmtime's reason.
+        message: String,
+    },
+    /// At startup: the component imports what the host does not offer, or lacks an export of
+    /// the `batchbox:plugin` world.
     #[error("tenant {tenant}: the plugin does not implement the batchbox:plugin world: {message}")]
-    MissingExport { tenant: String, message: String },
+    MissingExport {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// Which import or export.
+        message: String,
+    },
+    /// The plugin's `configure` refused the tenant's `config:` (at startup, or on a request).
     #[error("tenant {tenant}: the plugin rejected its config: {message}")]
-    Configure { tenant: String, message: String },
+    Configure {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The plugin's own words.
+        message: String,
+    },
+    /// The plugin asked for more linear memory than `limits.memory_bytes`.
     #[error("tenant {tenant}: the plugin ran out of its memory limit of {limit} bytes")]
-    MemoryLimit { tenant: String, limit: usize },
+    MemoryLimit {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The plugin's own time (host calls excluded) passed `limits.cpu_ms`.
     #[error("tenant {tenant}: the plugin exceeded its CPU time limit of {limit_ms} ms")]
-    CpuLimit { tenant: String, limit_ms: u64 },
+    CpuLimit {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The limit, in milliseconds.
+        limit_ms: u64,
+    },
+    /// The whole call, host calls included, passed `limits.wall_ms`.
     #[error("tenant {tenant}: the plugin did not answer within {limit_ms} ms")]
-    WallTimeout { tenant: String, limit_ms: u64 },
+    WallTimeout {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The limit, in milliseconds.
+        limit_ms: u64,
+    },
+    /// One host call would have copied more than `limits.max_hostcall_bytes` out of the plugin.
     #[error("tenant {tenant}: the plugin passed more than max_hostcall_bytes ({limit} bytes) to the host in one call")]
-    HostcallBytes { tenant: String, limit: usize },
+    HostcallBytes {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// Every one of `server.max_instances` instances is in use; retry shortly.
     #[error("no free plugin instance (more than the configured max_instances requests in flight)")]
     NoCapacity,
+    /// The plugin trapped (a panic, an out-of-bounds access, an unreachable) for another reason.
     #[error("tenant {tenant}: the plugin failed: {message}")]
-    Trapped { tenant: String, message: String },
+    Trapped {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// wasmtime's description of the trap.
+        message: String,
+    },
 }
 
 /// Per-request state of one instance.
@@ -87,9 +151,8 @@ pub(crate) struct RequestState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: MemoryLimit,
-    model: Arc<Model>,
-    /// The tenant's response cache, if it has one.
-    cache: Option<Arc<CachedModel>>,
+    /// The tenant's model, behind its response cache if it has one.
+    model: Arc<dyn PluginModel>,
     tenant: Arc<str>,
     request_id: u64,
     started: Instant,
@@ -114,22 +177,24 @@ struct LoadedPlugin {
     pre: bindings::PluginPre<RequestState>,
     config_json: String,
     limits: TenantLimits,
-    model: Arc<Model>,
-    cache: Option<Arc<CachedModel>>,
+    model: Arc<dyn PluginModel>,
 }
 
 /// Every tenant's plugin, ready to instantiate.
 pub struct PluginRuntime {
     engine: Engine,
     plugins: HashMap<String, LoadedPlugin>,
+    /// One permit per instance the pooling allocator has room for: a request that finds none
+    /// is refused at once (503), before any store is made.
+    instances: Arc<Semaphore>,
 }
 
 impl PluginRuntime {
     /// Compiles (or loads from the cache) every tenant's plugin, checks its exports and that it
-    /// accepts its config. `models` holds every model a tenant names.
+    /// accepts its config. `model_for` gives each tenant its model (see [`with_caches`]).
     pub async fn load(
         tenants: &[TenantConfig],
-        models: &HashMap<String, Arc<Model>>,
+        model_for: impl Fn(&TenantConfig) -> Arc<dyn PluginModel>,
         max_instances: u32,
         cache_dir: &Path,
     ) -> Result<Self, PluginError> {
@@ -142,7 +207,8 @@ impl PluginRuntime {
             .map_err(link_error)?;
         start_epoch_ticker(&engine);
 
-        let mut runtime = Self { engine, plugins: HashMap::new() };
+        let instances = Arc::new(Semaphore::new(max_instances as usize));
+        let mut runtime = Self { engine, plugins: HashMap::new(), instances };
         for tenant in tenants {
             let name = || tenant.name.clone();
             let component = load_component(&runtime.engine, tenant, cache_dir)?;
@@ -160,36 +226,43 @@ impl PluginRuntime {
                     message: format!("config is not representable as JSON: {e}"),
                 })?,
             };
-            let model = models.get(&tenant.model).expect("the config names loaded models").clone();
-            let cache = tenant.cache.map(|c| Arc::new(CachedModel::new(model.clone(), c.max_bytes)));
             let plugin = LoadedPlugin {
                 tenant: tenant.name.as_str().into(),
                 pre,
                 config_json,
                 limits: tenant.limits,
-                model,
-                cache,
+                model: model_for(tenant),
             };
             // Configure once now, so a bad config stops startup instead of failing every request.
-            runtime.call(&plugin, 0, None).await?;
+            runtime.configure(&plugin).await?;
             runtime.plugins.insert(tenant.name.clone(), plugin);
         }
         Ok(runtime)
     }
 
-    /// Handles one request with a fresh instance of the tenant's plugin.
+    /// Handles one request with a fresh instance of the tenant's plugin, configured first.
     pub async fn handle(&self, tenant: &str, request_id: u64, request: Request) -> Result<Response, PluginError> {
         let plugin = self.plugins.get(tenant).expect("routes only name loaded tenants");
-        Ok(self.call(plugin, request_id, Some(request)).await?.expect("a request gets a response"))
+        self.sandbox(plugin, request_id)?
+            .run(async |store, plugin| {
+                let instance = match configured(store, plugin).await? {
+                    Ok(instance) => instance,
+                    Err(message) => return Ok(Err(message)),
+                };
+                instance.batchbox_plugin_handler().call_handle(store, &request).await.map(Ok)
+            })
+            .await
     }
 
-    /// Instantiates, configures and (given a request) calls `handle`, within the tenant's limits.
-    async fn call(
-        &self,
-        plugin: &LoadedPlugin,
-        request_id: u64,
-        request: Option<Request>,
-    ) -> Result<Option<Response>, PluginError> {
+    /// Instantiates the plugin and runs its `configure` alone: what startup checks.
+    async fn configure(&self, plugin: &LoadedPlugin) -> Result<(), PluginError> {
+        self.sandbox(plugin, 0)?.run(async |store, plugin| Ok(configured(store, plugin).await?.map(drop))).await
+    }
+
+    /// A fresh store for one call, within the tenant's limits; `NoCapacity` when every instance
+    /// the pool holds is in use.
+    fn sandbox<'p>(&self, plugin: &'p LoadedPlugin, request_id: u64) -> Result<Sandbox<'p>, PluginError> {
+        let permit = self.instances.clone().try_acquire_owned().map_err(|_| PluginError::NoCapacity)?;
         let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         let wasi = WasiCtx::builder()
@@ -206,7 +279,6 @@ impl PluginRuntime {
                 reached: false,
             },
             model: plugin.model.clone(),
-            cache: plugin.cache.clone(),
             tenant: plugin.tenant.clone(),
             request_id,
             started: Instant::now(),
@@ -226,31 +298,51 @@ impl PluginRuntime {
             // Over the limit: trap. Otherwise let other tasks run, then check again next tick.
             Ok(if guest_time > cpu_limit { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
+        Ok(Sandbox { plugin, store, stdout, stderr, request_id, _permit: permit })
+    }
+}
 
-        let run = async {
-            let instance = plugin.pre.instantiate_async(&mut store).await?;
-            let handler = instance.batchbox_plugin_handler();
-            if let Err(message) = handler.call_configure(&mut store, &plugin.config_json).await? {
-                return Ok(Err(message));
-            }
-            match request {
-                Some(request) => handler.call_handle(&mut store, &request).await.map(|r| Ok(Some(r))),
-                None => Ok(Ok(None)),
-            }
-        };
+/// One call's store, the plugin's captured output, and the instance permit it holds until the
+/// store is gone (fields drop in order: the store first).
+struct Sandbox<'p> {
+    plugin: &'p LoadedPlugin,
+    store: Store<RequestState>,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+    request_id: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Sandbox<'_> {
+    /// Runs `work` under the tenant's wall-time limit, logs what the plugin printed, and names
+    /// what stopped it: a trap, a limit, or a config the plugin refused (`Err(message)`).
+    async fn run<T>(
+        mut self,
+        work: impl AsyncFnOnce(&mut Store<RequestState>, &LoadedPlugin) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<T, PluginError> {
+        let plugin = self.plugin;
         let limit = Duration::from_millis(plugin.limits.wall_ms);
-        let outcome = tokio::time::timeout(limit, run).await;
-        let memory_reached = store.data().limits.reached;
-        log_output(&plugin.tenant, request_id, "stdout", &stdout);
-        log_output(&plugin.tenant, request_id, "stderr", &stderr);
+        let outcome = tokio::time::timeout(limit, work(&mut self.store, plugin)).await;
+        let memory_reached = self.store.data().limits.reached;
+        log_output(&plugin.tenant, self.request_id, "stdout", &self.stdout);
+        log_output(&plugin.tenant, self.request_id, "stderr", &self.stderr);
         let tenant = || plugin.tenant.to_string();
         match outcome {
             Err(_) => Err(PluginError::WallTimeout { tenant: tenant(), limit_ms: plugin.limits.wall_ms }),
             Ok(Err(trap)) => Err(classify_trap(trap, tenant(), &plugin.limits, memory_reached)),
             Ok(Ok(Err(message))) => Err(PluginError::Configure { tenant: tenant(), message }),
-            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Ok(value))) => Ok(value),
         }
     }
+}
+
+/// A fresh instance of the plugin with its `configure` run: the instance, or the plugin's refusal.
+async fn configured(
+    store: &mut Store<RequestState>,
+    plugin: &LoadedPlugin,
+) -> wasmtime::Result<Result<bindings::Plugin, String>> {
+    let instance = plugin.pre.instantiate_async(&mut *store).await?;
+    Ok(instance.batchbox_plugin_handler().call_configure(&mut *store, &plugin.config_json).await?.map(|()| instance))
 }
 
 /// One engine for every plugin. Pool slots are sized for the most generous tenant; each store's
@@ -366,7 +458,6 @@ fn classify_trap(error: wasmtime::Error, tenant: String, limits: &TenantLimits, 
         _ if message.contains("fuel allocated for hostcalls has been exhausted") => {
             PluginError::HostcallBytes { tenant, limit: limits.max_hostcall_bytes }
         }
-        _ if message.contains("pooling allocator") => PluginError::NoCapacity,
         _ => PluginError::Trapped { tenant, message },
     }
 }
