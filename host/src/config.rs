@@ -17,14 +17,36 @@ use batchbox_server::ServerConfig;
 use batchbox_tenants::{CacheConfig, KeySource, TenantConfig};
 use serde::Deserialize;
 
+/// Why the config file stops startup; every error names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The config file, as given.
+        path: PathBuf,
+        /// Why reading it failed.
+        source: std::io::Error,
+    },
+    /// The file is not YAML or does not fit the schema: an unknown key, a missing one, or a value
+    /// of the wrong type.
     #[error("invalid config {path}: {source}")]
-    Parse { path: PathBuf, source: yaml_serde::Error },
+    Parse {
+        /// The config file, as given.
+        path: PathBuf,
+        /// The parser's error, naming the key and where it is.
+        source: yaml_serde::Error,
+    },
+    /// The file parses but a value fails a check, or a tenant's key cannot be read.
     #[error("invalid config {path}: {key}: {message}")]
-    Invalid { path: PathBuf, key: &'static str, message: String },
+    Invalid {
+        /// The config file, as given.
+        path: PathBuf,
+        /// The key at fault, dotted, such as `server.max_header_bytes`.
+        key: &'static str,
+        /// What is wrong, naming the model or tenant where there is one; never a key or a hash.
+        message: String,
+    },
 }
 
 /// The whole file. Unknown keys are errors: a typo must not silently fall back to a default.
@@ -33,7 +55,9 @@ pub enum ConfigError {
 pub struct Config {
     /// The models to load, each with its own queue and batcher. Tenants pick one by name.
     pub models: Vec<ModelConfig>,
+    /// The batching settings, shared by every model. Required.
     pub api: ApiConfig,
+    /// Where to listen and the limits of the HTTP edge; every key has a default.
     #[serde(default)]
     pub server: ServerConfig,
     /// Who is served: each tenant's routes, plugin, model, keys and limits.
@@ -41,6 +65,7 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
 }
 
+/// One entry of `models:`: a model to load, with its own thread, queue and batcher.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -49,6 +74,8 @@ pub struct ModelConfig {
     pub name: String,
     /// Exported model directory (see `tools/export_model.py`); relative to the config file.
     pub path: PathBuf,
+    /// `auto` (default: the first GPU if any, else CPU), `cpu`, `cuda` or `cuda:N`; `--device`
+    /// overrides it for every model.
     #[serde(default)]
     pub device: DeviceSpec,
     /// Precision on CPU. `use_fp16` only applies to CUDA.
@@ -60,8 +87,12 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
+    /// At most this many sequences per forward pass. Required.
     pub inference_batch_size: NonZeroUsize,
+    /// Half precision on CUDA (the `cuda-float16` variant); no effect on CPU. Required.
     pub use_fp16: bool,
+    /// At most this many padded tokens (rows × longest row) per forward pass; a longer sequence
+    /// runs alone. Required.
     pub max_batch_tokens: NonZeroUsize,
     /// How long a batch that is not full may wait for more work (0: never wait).
     #[serde(default)]
@@ -87,11 +118,16 @@ fn default_max_batch_ms() -> u64 {
 /// The longest `api.max_batch_ms` accepted: longer is surely a mistake (seconds for milliseconds).
 pub const MAX_BATCH_MS: u64 = 60_000;
 
+/// `api.batch_order`: how queued sequences are grouped into forward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BatchOrder {
+    /// `length-sorted`, the default: similar lengths together, so passes pad little, with
+    /// tenants sharing the model fairly and each pass aiming at `api.max_batch_ms`.
     #[default]
     LengthSorted,
+    /// `input-order`: the seed's batching, first come first in a pass, with no fairness and no
+    /// pass-time target; kept for comparisons.
     InputOrder,
 }
 
@@ -109,6 +145,8 @@ fn default_max_queued_tokens() -> NonZeroUsize {
 }
 
 impl Config {
+    /// Reads, parses and checks the file at `path`: relative paths are taken from its directory,
+    /// a tenant without `model` gets the first one, and every tenant's keys are read and hashed.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -317,6 +355,8 @@ impl Config {
         tenants.iter().map(|t| (t.name.clone(), t.limits.max_queued_tokens.unwrap_or(default))).collect()
     }
 
+    /// The bounds of one forward pass: `api.inference_batch_size` sequences and
+    /// `api.max_batch_tokens` padded tokens.
     pub fn batch_limits(&self) -> BatchLimits {
         BatchLimits { max_sequences: self.api.inference_batch_size, max_tokens: self.api.max_batch_tokens }
     }

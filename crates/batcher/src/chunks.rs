@@ -7,6 +7,7 @@
 
 use std::num::NonZeroUsize;
 
+/// The two bounds on one forward pass: the config's `inference_batch_size` and `max_batch_tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
     /// At most this many sequences in one forward pass.
@@ -18,14 +19,19 @@ pub struct BatchLimits {
 /// How sequences are grouped. `InputOrder` is the seed's old way, kept as a benchmark baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkOrder {
+    /// Similar lengths together, longest first, so passes pad little (in the scheduler, with tenant
+    /// fairness too); the config's default.
     LengthSorted,
+    /// First come, first in a pass, which closes when the next sequence would pass a limit.
     InputOrder,
 }
 
 /// One forward pass: which inputs it holds and the length they are padded to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
+    /// Positions of its sequences in the input, ascending; never empty.
     pub indices: Vec<usize>,
+    /// Tokens each row is padded to: its longest sequence's length, at least 1.
     pub padded_len: usize,
 }
 
@@ -34,6 +40,7 @@ impl Chunk {
         Chunk { indices: Vec::new(), padded_len: 0 }
     }
 
+    /// Tokens the pass computes, padding included: rows × `padded_len`.
     pub fn padded_tokens(&self) -> usize {
         self.indices.len() * self.padded_len
     }

@@ -36,10 +36,14 @@ use std::time::{Duration, Instant};
 use super::cost::CostModel;
 use super::{BatchLimits, ChunkOrder, plan_chunks};
 
+/// Names one submitted request; the caller picks it, unique among the requests still queued or running.
 pub type RequestId = u64;
 
+/// The scheduler's limits and policy, fixed for its lifetime; the model crate builds it from the
+/// config's `api` section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
+    /// Rows and padded tokens one batch may hold.
     pub limits: BatchLimits,
     /// How long a batch that is not full may wait for more work; zero never waits.
     pub max_queue_delay: Duration,
@@ -61,12 +65,35 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejected {
     /// The whole queue is full; retrying later can help.
-    Overloaded { queued: usize, requested: usize, limit: usize },
+    Overloaded {
+        /// Tokens waiting in the whole queue.
+        queued: usize,
+        /// Tokens the request would add (a sequence counts at least 1).
+        requested: usize,
+        /// `max_queued_tokens`, the queue's size in tokens.
+        limit: usize,
+    },
     /// The tenant's own share of the queue is full; retrying later can help.
-    OverShare { tenant: String, queued: usize, requested: usize, share: usize },
+    OverShare {
+        /// The tenant that submitted.
+        tenant: String,
+        /// Tokens that tenant has waiting.
+        queued: usize,
+        /// Tokens the request would add (a sequence counts at least 1).
+        requested: usize,
+        /// The tenant's share of the queue, in tokens.
+        share: usize,
+    },
     /// Refused for good: even with the queue empty, the other tenants' shares leave less room
     /// than the request needs. Retrying cannot help; smaller requests can.
-    NeverFits { tenant: String, requested: usize, room: usize },
+    NeverFits {
+        /// The tenant that submitted.
+        tenant: String,
+        /// Tokens the request would add (a sequence counts at least 1).
+        requested: usize,
+        /// The most tokens the tenant may ever have waiting: `max_queued_tokens` less the others' shares.
+        room: usize,
+    },
     /// The request id is queued already (a caller's bug).
     Duplicate(RequestId),
 }
@@ -99,7 +126,9 @@ impl std::error::Error for Rejected {}
 /// Tenants' shares of the queue that add up to more than the queue holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharesTooLarge {
+    /// The shares added up, in tokens.
     pub total: usize,
+    /// `max_queued_tokens`, which the total may not pass.
     pub limit: usize,
 }
 
@@ -118,18 +147,26 @@ impl std::error::Error for SharesTooLarge {}
 /// One row of a batch: sequence `index` of request `request`, `len` tokens long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Row {
+    /// The request the sequence came in.
     pub request: RequestId,
+    /// The sequence's position in the `lengths` its request was submitted with.
     pub index: usize,
+    /// Its length in tokens, at least 1 (an empty sequence counts as one token).
     pub len: usize,
 }
 
+/// One forward pass chosen by the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
+    /// Its sequences: at most `limits.max_sequences`, and within `limits.max_tokens` unless one
+    /// sequence alone is longer.
     pub rows: Vec<Row>,
+    /// Tokens every row is padded to: the longest row's `len`.
     pub padded_len: usize,
 }
 
 impl Batch {
+    /// Tokens the pass computes, padding included: rows × `padded_len`, which is what its tenants are charged.
     pub fn padded_tokens(&self) -> usize {
         self.rows.len() * self.padded_len
     }
@@ -138,9 +175,11 @@ impl Batch {
 /// What the executor should do now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
+    /// Run this batch now; its rows have left the queue, and go to [`Scheduler::complete`] once computed.
     Run(Batch),
     /// Work is waiting but not enough for a full batch; ask again at this time (or on arrival).
     WaitUntil(Instant),
+    /// Nothing waits; ask again when a request arrives.
     Idle,
 }
 
@@ -188,6 +227,8 @@ impl Tenant {
     }
 }
 
+/// One model's queue: every waiting sequence, and the policy that picks each forward pass from
+/// them (see the module docs).
 pub struct Scheduler {
     config: SchedulerConfig,
     tenants: Vec<Tenant>,
@@ -200,6 +241,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// A scheduler with an empty queue and no shares: any tenant may use all of `max_queued_tokens`.
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             config,
@@ -358,10 +400,12 @@ impl Scheduler {
         done
     }
 
+    /// Tokens waiting now (a sequence counts at least 1); rows in a running batch no longer count.
     pub fn queued_tokens(&self) -> usize {
         self.queued_tokens
     }
 
+    /// Sequences waiting now; rows in a running batch no longer count.
     pub fn queued_sequences(&self) -> usize {
         self.tenants.iter().map(|t| t.queue.len()).sum()
     }

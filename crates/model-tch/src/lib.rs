@@ -58,9 +58,12 @@ fn torch_error(error: tch::TchError) -> ModelError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(try_from = "String")]
 pub enum DeviceSpec {
+    /// `auto`, the default: CUDA device 0 when libtorch_cuda loads and a GPU is visible, else CPU.
     #[default]
     Auto,
+    /// `cpu`, even where a GPU is usable.
     Cpu,
+    /// `cuda:N` (`cuda` is `cuda:0`): that device, or the model does not load.
     Cuda(usize),
 }
 
@@ -105,7 +108,9 @@ pub enum CpuDtype {
     /// The fastest of the exported fp32, bf16 and int8 variants whose top labels agree with fp32.
     #[default]
     Auto,
+    /// The `cpu-float32` variant (`auto` needs it too: the others are checked against it).
     Fp32,
+    /// The `cpu-bfloat16` variant.
     Bf16,
     /// Dynamic int8 quantization of the linear layers (the `cpu-int8` variant).
     Int8,

@@ -32,41 +32,99 @@ use batchbox_batcher::{BatchLimits, ChunkOrder};
 pub use worker::Counters;
 use worker::{Job, Queue, Shared};
 
+/// Everything loading or running a model can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// At load: `manifest.json` (or, for `cpu_dtype: auto`, `golden.json`) is missing, unreadable or
+    /// not what this build supports.
     #[error("invalid model manifest {path}: {message}")]
-    Manifest { path: PathBuf, message: String },
+    Manifest {
+        /// The file that was read.
+        path: PathBuf,
+        /// What was wrong with it.
+        message: String,
+    },
+    /// At load: `tokenizer.json` cannot be read, or cannot be set to truncate at the model's max length.
     #[error("cannot load tokenizer {path}: {message}")]
-    Tokenizer { path: PathBuf, message: String },
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// The `tokenizers` crate's error.
+        message: String,
+    },
+    /// The `tokenizers` crate failed to encode a text; carries its error.
     #[error("tokenization failed: {0}")]
     Tokenize(String),
+    /// At load: the backend cannot load the chosen variant's traced file on its device.
     #[error("cannot load the model's module {path}: {message}")]
-    Load { path: PathBuf, message: String },
+    Load {
+        /// The traced file.
+        path: PathBuf,
+        /// The backend's error.
+        message: String,
+    },
+    /// At load: the config names `cuda` or `cuda:N`, but libtorch_cuda does not load or that
+    /// device is not visible (`auto` falls back to CPU instead).
     #[error("CUDA was required (device: {requested}) but is not usable: {why}")]
-    CudaUnavailable { requested: String, why: String },
+    CudaUnavailable {
+        /// The device as configured, e.g. `cuda:1`.
+        requested: String,
+        /// Why it cannot be used.
+        why: String,
+    },
+    /// At load: the manifest has no traced file for the precision and device chosen; the message
+    /// gives the export command that adds it.
     #[error(
         "{dir} has no {variant} variant (it has {available:?}); add it by re-exporting the model: \
          `.venv/bin/python tools/export_model.py <checkpoint PATH | default | synthetic> --out {dir} --variants {}`{}",
         with_variant(available, variant),
         if with_variant(available, variant).contains("cuda") { ", on a machine with CUDA" } else { "" }
     )]
-    MissingVariant { dir: PathBuf, variant: String, available: Vec<String> },
+    MissingVariant {
+        /// The exported model directory.
+        dir: PathBuf,
+        /// The variant needed, `<device>-<dtype>` (e.g. `cpu-bfloat16`).
+        variant: String,
+        /// The variants the manifest lists.
+        available: Vec<String>,
+    },
+    /// A sequence is empty, longer than the manifest's `max_length`, or holds an id outside its
+    /// `vocab_size`; refused before it reaches the queue.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The scheduler refused the call at once: the queue or the tenant's share is full, or the
+    /// call can never fit ([`Rejected`] says which).
     #[error("{0}")]
     Overloaded(Rejected),
+    /// At start: the tenants' queue shares add up to more than `max_queued_tokens`.
     #[error(transparent)]
     Shares(#[from] SharesTooLarge),
+    /// The call's sequences were still waiting at its deadline; carries how long it waited.
     #[error("waited {0:?} in the model's queue, past the request's deadline")]
     TimedOut(Duration),
+    /// The module's logits are not `[rows, labels]` (or `[rows, tokens, labels]` for token
+    /// classification); a caller of `infer` gets it inside [`ModelError::Forward`].
     #[error("model returned shape {got:?}, expected {expected:?}")]
-    OutputShape { expected: Vec<i64>, got: Vec<i64> },
+    OutputShape {
+        /// The shape the manifest's task and labels call for.
+        expected: Vec<i64>,
+        /// The shape the module returned.
+        got: Vec<i64>,
+    },
+    /// A forward pass ran out of memory: a backend returns it so the worker splits the batch, and
+    /// a caller gets it when its sequence fails even alone. Carries the backend's message.
     #[error("out of memory, even for this sequence alone: {0}")]
     OutOfMemory(String),
+    /// A forward pass failed for another reason; carries the error's text (the worker re-wraps any
+    /// other backend error as this). Every call with a row in that pass gets it.
     #[error("forward pass failed: {0}")]
     Forward(String),
+    /// The backend panicked during a forward pass; carries the panic message. A caller of
+    /// `infer` gets it inside [`ModelError::Forward`].
     #[error("forward pass panicked: {0}")]
     Panicked(String),
+    /// The model thread ended without answering: at start, `load` panicked before returning; later,
+    /// the call's reply was dropped unsent.
     #[error("the model thread has stopped")]
     Stopped,
 }
@@ -88,7 +146,9 @@ impl ModelError {
 /// One sequence's logits: `[labels]`, or `[tokens, labels]` for token classification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
+    /// The logits as f32, row-major in `shape`.
     pub data: Vec<f32>,
+    /// `[labels]`, or `[tokens, labels]` with the sequence's own token count.
     pub shape: Vec<usize>,
 }
 
@@ -114,8 +174,11 @@ pub struct QueueOptions {
 /// What a loaded model is, for logs and responses.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
+    /// The exported model's `manifest.json`.
     pub manifest: Manifest,
+    /// Where the backend runs, as it reports it (e.g. "cpu", "cuda(0)").
     pub device: String,
+    /// The precision the weights run at.
     pub precision: Precision,
     /// How the precision was chosen, with what `cpu_dtype: auto` measured.
     pub precision_choice: PrecisionChoice,
@@ -135,6 +198,7 @@ pub struct RunStats {
 /// The result of one [`Model::infer`] call.
 #[derive(Debug, Clone)]
 pub struct Inference {
+    /// One output per submitted sequence, in submission order.
     pub outputs: Vec<Output>,
     /// From submission to the first forward pass that held one of its sequences.
     pub queued: Duration,
@@ -142,6 +206,7 @@ pub struct Inference {
     pub computed: Duration,
     /// The forward passes (numbered per model) that computed it, shared with other calls.
     pub batch_ids: Vec<u64>,
+    /// Passes and tokens this call cost.
     pub stats: RunStats,
 }
 
@@ -225,6 +290,7 @@ impl Model {
         Ok(Arc::new(Model { info, tokenizer, shared, thread: Some(thread) }))
     }
 
+    /// What was loaded, where, and at which precision.
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }

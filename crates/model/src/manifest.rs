@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::ModelError;
 
+/// The manifest layout this build reads; [`Manifest::load`] refuses any other.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// What the model predicts, which sets the shape of each output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
@@ -18,27 +20,39 @@ pub enum Task {
     TokenClassification,
 }
 
+/// What the export says about the model; read and checked by [`Manifest::load`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
+    /// The file's layout version; must be [`FORMAT_VERSION`].
     pub format_version: u32,
+    /// The model's name, as given to the export; the prefix of `version`.
     pub name: String,
+    /// Sequence or token classification.
     pub task: Task,
+    /// Label names, in the order of the logits; at least one.
     pub labels: Vec<String>,
+    /// Longest sequence the model takes, in tokens; at least 2. Texts are truncated to it and
+    /// longer id sequences are refused.
     pub max_length: usize,
+    /// The traced module's inputs, by name; must be `[input_ids, attention_mask]`.
     pub inputs: Vec<String>,
     /// Traced files by `<device>-<dtype>` (`cpu-float32`, `cuda-float16`, ...): a trace bakes in
     /// its device and dtype, so each combination the host may run is its own file.
     pub variants: BTreeMap<String, String>,
+    /// The id padding positions are filled with (their attention mask is 0).
     pub pad_token_id: i64,
     /// Token ids must be below this: an out-of-range id would fault inside the model (on CUDA,
     /// poisoning the whole context), so the runtime refuses it first.
     pub vocab_size: usize,
     /// `<name>-<first 12 hex digits of sha256>`: changes whenever the weights or tokenizer do.
     pub version: String,
+    /// SHA-256, in hex, of `tokenizer.json` and the traced files, hashed in that order as one stream.
     pub sha256: String,
 }
 
 impl Manifest {
+    /// Reads `dir/manifest.json` and checks its format version, inputs, labels and `max_length`;
+    /// `ModelError::Manifest` if it is missing or any check fails.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("manifest.json");
         let invalid = |message: String| ModelError::Manifest { path: path.clone(), message };

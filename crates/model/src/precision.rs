@@ -7,8 +7,11 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// 32-bit floats: the reference `cpu_dtype: auto` checks the others against.
     Fp32,
+    /// 16-bit floats; CUDA only, with `use_fp16`.
     Fp16,
+    /// bfloat16; CPU only, set by `cpu_dtype: bf16` or chosen by `auto`.
     Bf16,
     /// Dynamic int8 quantization of the linear layers; the rest in fp32. CPU only.
     Int8,
@@ -17,15 +20,18 @@ pub enum Precision {
 /// What `auto` measured for one candidate.
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
+    /// The precision loaded and timed.
     pub precision: Precision,
     /// Median time of the warm-up batch.
     pub median_ms: f64,
     /// Golden texts whose top labels all agree with fp32's, out of how many.
     pub agreeing_texts: usize,
+    /// Golden texts compared: every one in the export's `golden.json`.
     pub golden_texts: usize,
 }
 
 impl Candidate {
+    /// Whether every golden text's top labels match fp32's; only then may `auto` choose it.
     pub fn agrees(&self) -> bool {
         self.agreeing_texts == self.golden_texts
     }

@@ -9,6 +9,7 @@ use super::ModelError;
 /// One tokenized text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoding {
+    /// Token ids, special tokens included; at most the model's `max_length`.
     pub ids: Vec<u32>,
     /// The word each token belongs to (`None` for special tokens), for word-level outputs.
     pub word_ids: Vec<Option<u32>>,
@@ -18,11 +19,14 @@ pub struct Encoding {
     pub truncated: bool,
 }
 
+/// The exported `tokenizer.json`, set to truncate at the model's max length and never to pad.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
 }
 
 impl TextTokenizer {
+    /// Loads `path`, drops any padding it asks for and truncates at `max_length` tokens;
+    /// `ModelError::Tokenizer` if either fails.
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, ModelError> {
         let tokenizer_error = |message: String| ModelError::Tokenizer { path: path.to_owned(), message };
         let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| tokenizer_error(e.to_string()))?;

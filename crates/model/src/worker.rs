@@ -52,9 +52,13 @@ pub(super) struct Shared {
 /// What the model has done since it started, in one place (for `/v1/models` and metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Forward passes run; a batch split after running out of memory counts once.
     pub batches: AtomicU64,
+    /// Sequences sent through a forward pass, failed ones included.
     pub sequences: AtomicU64,
+    /// Tokens of those sequences themselves, without padding.
     pub real_tokens: AtomicU64,
+    /// Tokens computed, padding included: each batch's rows × its longest row.
     pub padded_tokens: AtomicU64,
     /// Calls refused because the queue was full.
     pub rejected: AtomicU64,
@@ -71,6 +75,7 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Adds `n` to one of these counters; relaxed, as they are statistics, not synchronisation.
     pub fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }

@@ -39,16 +39,22 @@ use crate::ServerConfig;
 /// The connection limits, from `server:` in the config.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
+    /// How long an HTTP/1.1 request's headers may take to arrive (`header_read_timeout_ms`).
     pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight stays open (`keep_alive_idle_ms`).
     pub keep_alive_idle: Duration,
+    /// Connections open at once; at it, accepting pauses until one closes.
     pub max_connections: usize,
+    /// Bytes of request headers: the HTTP/1.1 read buffer and the HTTP/2 header list size.
     pub max_header_bytes: usize,
+    /// Requests in flight on one HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
     /// How long in-flight requests may take to finish at shutdown.
     pub shutdown_grace: Duration,
 }
 
 impl ConnectionLimits {
+    /// The limits the `server:` section sets, its milliseconds as durations.
     pub fn from_config(server: &ServerConfig) -> Self {
         Self {
             header_read_timeout: Duration::from_millis(server.header_read_timeout_ms.get()),

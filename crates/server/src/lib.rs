@@ -1,4 +1,5 @@
-//! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is [`connections`].
+//! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is the `connections`
+//! module ([`serve`], [`ConnectionLimits`]).
 //! Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered here, without keys; every
 //! other request goes to the tenant its route names, once its key and the tenant's quotas allow
 //! (see [`batchbox_tenants`]). Every error the host writes is a JSON body
@@ -31,9 +32,12 @@ type Response = hyper::Response<Full<Bytes>>;
 pub struct Loaded {
     /// Every model, by its name in the config, in the config's order.
     pub models: Vec<(String, Arc<Model>)>,
+    /// Every tenant's plugin, compiled and configured; each request gets a fresh instance.
     pub plugins: PluginRuntime,
 }
 
+/// The HTTP side of batchbox: answers the host routes, and sends every other request through its
+/// tenant's route, key and quota checks to the tenant's plugin. Shared by every connection.
 pub struct App {
     loaded: OnceLock<Loaded>,
     tenants: Tenants,
@@ -42,27 +46,54 @@ pub struct App {
     next_request_id: AtomicU64,
 }
 
+/// Every error the host answers a request with; each maps to one status and code, and is
+/// written as the JSON error body.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// No host route and no tenant's route matches the path (404); holds the path.
     #[error("no route for {0}")]
     NotFound(String),
+    /// A host route called with a method other than GET (405, with `Allow`).
     #[error("{method} is not allowed on {path}; use {allow}")]
-    MethodNotAllowed { method: Method, path: String, allow: &'static str },
+    MethodNotAllowed {
+        /// The method the request used.
+        method: Method,
+        /// The request's path.
+        path: String,
+        /// The methods the route takes, for the `Allow` header.
+        allow: &'static str,
+    },
+    /// The body, declared or as read, is over `server.max_body_bytes` (413), checked before any
+    /// plugin runs.
     #[error("the request body is larger than the limit of {limit} bytes")]
-    BodyTooLarge { limit: usize },
+    BodyTooLarge {
+        /// `server.max_body_bytes`, in bytes.
+        limit: usize,
+    },
+    /// Reading the body failed for a reason other than its size or time, such as a connection
+    /// closed mid-body (400 `bad_body`); holds hyper's error.
     #[error("cannot read the request body: {0}")]
     BadBody(String),
+    /// The body did not arrive within `server.body_read_timeout_ms` of the headers (408, with
+    /// `Connection: close`); holds that timeout.
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(Duration),
     /// The request's target or its headers are ambiguous (RFC 9112 §3.2).
     #[error("{0}")]
     BadRequest(&'static str),
+    /// `/ready`, `/v1/models` or a tenant's route before the models and plugins are loaded (503,
+    /// with `Retry-After`).
     #[error("the model and plugins are still loading")]
     NotReady,
+    /// The tenant's keys or quotas refused the request: 401, 403 or 429 (see [`AccessError`]).
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// The plugin failed or hit a limit: 429 past its hostcall bytes, 503 when no instance is
+    /// free, 504 past `wall_ms`, otherwise 500.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The plugin's response broke the host's rules: a status outside 200–599, a header only the
+    /// host may set, or over the tenant's header limits (500); the message says which.
     #[error("the plugin's response was refused: {0}")]
     BadPluginResponse(String),
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
+    /// Unique and not empty; names the tenant in logs, errors and `check-config`.
     pub name: String,
     /// The tenant's plugin, a component built for wasm32-wasip2. Relative to the config file.
     pub wasm: PathBuf,
@@ -28,6 +29,7 @@ pub struct TenantConfig {
     /// The keys' SHA-256 hashes, read from `keys` at load time. Plain keys are never kept.
     #[serde(skip)]
     pub key_hashes: Vec<KeyHash>,
+    /// What it may use; every limit left out takes its default (see [`TenantLimits`]).
     #[serde(default)]
     pub limits: TenantLimits,
     /// Opt-in: keep this tenant's logits per sequence and answer repeats without the model.
@@ -71,13 +73,14 @@ pub struct TenantLimits {
     /// Per host call (and for the response): bytes the host copies out of the plugin
     /// (wasmtime's hostcall fuel). Checked before the data is read.
     pub max_hostcall_bytes: usize,
-    /// Headers in one plugin response, and their bytes (names and values); more is a 500
-    /// `bad_plugin_response`.
+    /// Headers in one plugin response (default 100); more is a 500 `bad_plugin_response`.
     pub max_response_headers: usize,
+    /// Bytes of the headers in one plugin response, names and values (default 64 KiB); more is a
+    /// 500 `bad_plugin_response`.
     pub max_response_header_bytes: usize,
     /// Tokens this tenant may have waiting for its model; more is refused (503) for this tenant
-    /// only. Unset: an equal part of what the model's other tenants leave of `api.max_queued_tokens`
-    /// (see [`Config::queue_shares`]).
+    /// only. Unset: an equal part, among the model's tenants without a share, of what the explicit
+    /// shares leave of `api.max_queued_tokens` (`Config::queue_shares` in the `batchbox` crate).
     pub max_queued_tokens: Option<usize>,
 }
 
@@ -108,7 +111,9 @@ pub const HOST_ROUTES: [&str; 3] = ["/health", "/ready", "/v1/models"];
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Route {
+    /// The host name the `Host` header must name, lower-cased, without a port; `None`: any host.
     pub host: Option<String>,
+    /// The path prefix, matched by whole segments; no trailing `/` unless it is the root `/`.
     pub path: String,
 }
 
@@ -235,6 +240,7 @@ impl KeySource {
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
+    /// The hash of a plain key, as presented in `Authorization` or read from `env:` or `file:`.
     pub fn of(key: &str) -> Self {
         use sha2::Digest;
         Self(sha2::Sha256::digest(key.as_bytes()).into())

@@ -15,8 +15,11 @@ pub use config::{CacheConfig, HOST_ROUTES, KeyHash, KeySource, Route, TenantConf
 
 /// One tenant, as the HTTP layer sees it.
 pub struct Tenant {
+    /// Its unique name from the config, as logs and quota errors give it.
     pub name: String,
+    /// The routes it serves; never shared with another tenant.
     pub routes: Vec<Route>,
+    /// Its quotas and its plugin's limits.
     pub limits: TenantLimits,
     key_hashes: Vec<KeyHash>,
     in_flight: Arc<Semaphore>,
@@ -25,14 +28,28 @@ pub struct Tenant {
 /// Why a request may not reach its tenant.
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
+    /// The tenant has keys and the request has no `Authorization: Bearer <key>` (401).
     #[error("missing API key: send `Authorization: Bearer <key>`")]
     MissingKey,
+    /// The key is no tenant's (401).
     #[error("the API key is not valid")]
     InvalidKey,
+    /// The key is valid but another tenant's (403).
     #[error("this API key does not belong to tenant {tenant}")]
-    WrongTenant { tenant: String },
+    WrongTenant {
+        /// The tenant the request was for, not the key's owner.
+        tenant: String,
+    },
+    /// The request would take the tenant past one of its quotas (429).
     #[error("quota {quota}: tenant {tenant} {detail}")]
-    Quota { tenant: String, quota: &'static str, detail: String },
+    Quota {
+        /// The tenant over its quota.
+        tenant: String,
+        /// The quota's key under `limits`, such as `max_concurrent`; clients get it as `error.quota`.
+        quota: &'static str,
+        /// What the tenant is allowed, in words, for the message.
+        detail: String,
+    },
 }
 
 impl Tenant {
@@ -79,10 +96,13 @@ pub struct Tenants {
 }
 
 impl Tenants {
+    /// One tenant per config entry, in the config's order, with nothing in flight. The configs
+    /// are taken as already checked (unique names and routes, key hashes resolved).
     pub fn new(configs: &[TenantConfig]) -> Self {
         Self { tenants: configs.iter().map(Tenant::new).collect() }
     }
 
+    /// Every tenant, in the config's order.
     pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
         self.tenants.iter()
     }
