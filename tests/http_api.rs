@@ -392,3 +392,28 @@ fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     let (_, models) = server.get("/v1/models");
     assert!(models["models"][0]["stats"]["rejected"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn predict_prints_the_plugins_top_label_and_probability_for_each_sentence() {
+    let config = config("predict", "{}");
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+        .args(["--config", config.to_str().unwrap(), "predict"])
+        .args(["The striker scored twice in the final", "Parliament passed the budget"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<Vec<&str>> = stdout.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    // The plugin's labels and probabilities, as `POST /api/v1/predict/sentences` gives them.
+    let server = start();
+    let answer = server.predict(&["The striker scored twice in the final", "Parliament passed the budget"]);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line[0], answer["predictions"][i], "{stdout}");
+        let best =
+            answer["probabilities"][i].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).fold(0.0, f64::max);
+        assert_eq!(line[1], format!("{best:.3}"), "{stdout}");
+    }
+    assert_eq!((lines[0][0], lines[1][0]), ("sports", "politics"), "{stdout}");
+}

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use anyhow::Context;
 use batchbox::config::Config;
-use batchbox_model::{Model, Task};
+use batchbox_model::Model;
 use batchbox_model_tch::DeviceSpec;
-use batchbox_plugins::PluginRuntime;
+use batchbox_plugins::{PluginRuntime, Request, with_caches};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
+use batchbox_tenants::Tenants;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -42,11 +43,10 @@ enum Command {
     /// Load the models and every tenant's plugin (compile, check exports, configure) as
     /// `serve` would, print what would be served, and exit without serving.
     CheckConfig,
-    /// Classify sentences given as arguments (or one per line on stdin) and print the top labels.
+    /// Classify sentences given as arguments (or one per line on stdin) through the tenant that
+    /// serves `POST /api/v1/predict/sentences`, in process, and print each one's top label.
     Predict {
-        /// Which of the config's models (default: the first).
-        #[arg(long)]
-        model: Option<String>,
+        /// The sentences; none: one per line on stdin.
         sentences: Vec<String>,
     },
 }
@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(serve(config))
         }
         Command::CheckConfig => tokio::runtime::Runtime::new()?.block_on(check_config(&config)),
-        Command::Predict { model, sentences } => predict(&config, model, sentences),
+        Command::Predict { sentences } => tokio::runtime::Runtime::new()?.block_on(predict(&config, sentences)),
     }
 }
 
@@ -108,9 +108,13 @@ async fn load(config: &Config) -> anyhow::Result<(Vec<(String, Arc<Model>)>, Plu
         models.push((model_config.name.clone(), model));
     }
     let by_name: HashMap<String, Arc<Model>> = models.iter().cloned().collect();
-    let plugins =
-        PluginRuntime::load(&config.tenants, &by_name, config.server.max_instances, &config.server.plugin_cache_dir)
-            .await?;
+    let plugins = PluginRuntime::load(
+        &config.tenants,
+        with_caches(&by_name),
+        config.server.max_instances,
+        &config.server.plugin_cache_dir,
+    )
+    .await?;
     for tenant in &config.tenants {
         if tenant.key_hashes.is_empty() {
             tracing::warn!(tenant = tenant.name, "tenant has no keys: anyone may call it");
@@ -178,53 +182,48 @@ async fn shutdown_signal() {
     }
 }
 
-fn predict(config: &Config, model: Option<String>, mut sentences: Vec<String>) -> anyhow::Result<()> {
-    let model_config = match &model {
-        Some(name) => config.model(name).with_context(|| format!("no model named {name} in the config"))?,
-        None => &config.models[0],
-    };
+/// The route `predict` answers as: the sentence classifier's.
+const PREDICT_ROUTE: &str = "/api/v1/predict/sentences";
+
+/// `predict`: the sentences go to the plugin of the tenant that serves [`PREDICT_ROUTE`], as a
+/// request to it would, so the labels and probabilities are the plugin's (post-processing is the
+/// plugin's job, never the host's); this prints them as a table.
+async fn predict(config: &Config, mut sentences: Vec<String>) -> anyhow::Result<()> {
+    let tenant = Tenants::new(&config.tenants)
+        .route(None, PREDICT_ROUTE)
+        .map(|tenant| tenant.name.clone())
+        .with_context(|| format!("no tenant serves {PREDICT_ROUTE} in the config"))?;
     if sentences.is_empty() {
         sentences = std::io::stdin().lock().lines().collect::<Result<_, _>>().context("reading stdin")?;
     }
-    let started = Instant::now();
-    let model = batchbox_model_tch::load(&config.model_options(model_config))?;
-    let info = model.info();
-    tracing::info!(
-        model = %info.manifest.version, device = %info.device, precision = ?info.precision,
-        elapsed_ms = started.elapsed().as_millis() as u64, "model loaded and warmed up"
-    );
-    anyhow::ensure!(
-        info.manifest.task == Task::SequenceClassification,
-        "`predict` prints one label per sentence; {} is a {:?} model",
-        info.manifest.name,
-        info.manifest.task
-    );
-
-    let started = Instant::now();
-    let encodings = model.tokenize(&sentences)?;
-    let tokenized = started.elapsed();
-    let inference = model.infer_blocking(encodings.iter().map(|e| e.ids.clone()).collect())?;
-    for ((sentence, encoding), output) in sentences.iter().zip(&encodings).zip(&inference.outputs) {
-        let probabilities = softmax(&output.data);
-        let (best, p) = probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("labels");
-        let flag = if encoding.truncated { " (truncated)" } else { "" };
-        println!("{:<14} {p:.3}  {sentence}{flag}", info.manifest.labels[best]);
+    let (_models, plugins) = load(config).await?;
+    let request = Request {
+        method: "POST".into(),
+        path: PREDICT_ROUTE.into(),
+        query: String::new(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(&serde_json::json!({ "sentences": sentences }))?,
+    };
+    let response = plugins.handle(&tenant, 0, request).await?;
+    let answer: serde_json::Value = serde_json::from_slice(&response.body)
+        .with_context(|| format!("tenant {tenant} answered {} with a body that is not JSON", response.status))?;
+    anyhow::ensure!(response.status == 200, "tenant {tenant} answered {}: {answer}", response.status);
+    let rows = answer["predictions"].as_array().zip(answer["probabilities"].as_array());
+    let (predictions, probabilities) =
+        rows.with_context(|| format!("tenant {tenant}'s answer has no predictions and probabilities: {answer}"))?;
+    let truncated = &answer["metadata"]["truncated"];
+    for (i, ((sentence, label), row)) in sentences.iter().zip(predictions).zip(probabilities).enumerate() {
+        let p = row.as_array().into_iter().flatten().filter_map(serde_json::Value::as_f64).fold(0.0, f64::max);
+        let flag = if truncated.as_array().is_some_and(|t| t.contains(&i.into())) { " (truncated)" } else { "" };
+        println!("{:<14} {p:.3}  {sentence}{flag}", label.as_str().unwrap_or("?"));
     }
+    let metadata = &answer["metadata"];
     eprintln!(
-        "{} sentences, {} tokens ({} padded) in {} forward passes: tokenize {:.1} ms, model {:.1} ms",
+        "{} sentences, {} tokens in {} forward passes, {} ms",
         sentences.len(),
-        inference.stats.real_tokens,
-        inference.stats.padded_tokens,
-        inference.stats.forward_passes,
-        tokenized.as_secs_f64() * 1e3,
-        inference.computed.as_secs_f64() * 1e3,
+        metadata["total_tokens"],
+        metadata["forward_passes"],
+        metadata["processing_time_ms"],
     );
     Ok(())
-}
-
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.into_iter().map(|x| x / sum).collect()
 }
