@@ -13,14 +13,13 @@ mod backend;
 pub mod cache;
 pub mod manifest;
 mod precision;
+mod queue;
 pub mod tokenize;
 mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
 
 pub use backend::{Backend, LoadedBackend, Pad, warm_up};
 pub use manifest::{Manifest, Task};
@@ -29,8 +28,9 @@ pub use tokenize::{Encoding, TextTokenizer};
 
 use batchbox_batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
 use batchbox_batcher::{BatchLimits, ChunkOrder};
+use queue::{Queue, Reply};
 pub use worker::Counters;
-use worker::{Job, Queue, Shared};
+use worker::Shared;
 
 /// Everything loading or running a model can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -261,13 +261,7 @@ impl Model {
             &options.queue_shares,
         )?;
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                scheduler,
-                jobs: Default::default(),
-                next_request: 1,
-                next_batch: 1,
-                stopped: false,
-            }),
+            queue: Mutex::new(Queue::new(scheduler)),
             wakeup: Condvar::new(),
             counters: Counters::default(),
         });
@@ -330,8 +324,7 @@ impl Model {
 
     /// Queue depth right now: (sequences, tokens).
     pub fn queue_depth(&self) -> (usize, usize) {
-        let queue = self.shared.lock();
-        (queue.scheduler.queued_sequences(), queue.scheduler.queued_tokens())
+        self.shared.lock().depth()
     }
 
     /// What the model has done since it started.
@@ -339,42 +332,15 @@ impl Model {
         &self.shared.counters
     }
 
-    fn submit(
-        &self,
-        tenant: &str,
-        sequences: Vec<Vec<u32>>,
-        deadline: Option<Instant>,
-    ) -> Result<oneshot::Receiver<Result<Inference, ModelError>>, ModelError> {
+    fn submit(&self, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Reply, ModelError> {
         validate(&sequences, &self.info.manifest)?;
-        let (reply, answer) = oneshot::channel();
-        let real_tokens = sequences.iter().map(Vec::len).sum();
-        if sequences.is_empty() {
-            let _ = reply.send(Ok(Inference::nothing_computed()));
-            return Ok(answer);
-        }
-        let now = Instant::now();
-        let lengths: Vec<usize> = sequences.iter().map(Vec::len).collect();
-        let mut queue = self.shared.lock();
-        let id = queue.next_request;
-        queue.next_request += 1;
-        if let Err(rejected) = queue.scheduler.submit(id, tenant, &lengths, deadline, now) {
+        let submitted = self.shared.lock().submit(tenant, sequences, deadline, Instant::now());
+        let reply = submitted.map_err(|rejected| {
             Counters::add(&self.shared.counters.rejected, 1);
-            return Err(ModelError::Overloaded(rejected));
-        }
-        let job = Job {
-            outputs: vec![None; sequences.len()],
-            sequences,
-            enqueued: now,
-            first_batch: None,
-            computed: Duration::ZERO,
-            batch_ids: Vec::new(),
-            stats: RunStats { real_tokens, ..RunStats::default() },
-            reply,
-        };
-        queue.jobs.insert(id, job);
-        drop(queue);
+            ModelError::Overloaded(rejected)
+        })?;
         self.shared.wakeup.notify_one();
-        Ok(answer)
+        Ok(reply)
     }
 }
 
@@ -383,7 +349,7 @@ impl Drop for Model {
     /// `main` returns. A thread left running frees them while the process exits, after libtorch's
     /// CUDA allocator is gone: the GPU check saw that abort the process ("invalid device pointer").
     fn drop(&mut self) {
-        self.shared.lock().stopped = true;
+        self.shared.lock().stop();
         self.shared.wakeup.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

@@ -1,46 +1,24 @@
-//! The model thread and the queue in front of it.
+//! The model thread, and the [`Queue`] it shares with callers under one mutex.
 //!
-//! Callers submit their sequences to the shared [`Scheduler`] (refused at once when the queue is
-//! full) and wait on a oneshot. On CUDA a preparing thread takes the next batch from the
-//! scheduler and pads it (pinned) while the model thread runs the current one; on CPU the model
-//! thread takes each batch when it is free. It answers each caller as soon as all of its
-//! sequences are done, and reports each pass's shape and time to the scheduler, which sizes later
-//! batches from them (`api.max_batch_ms`).
+//! Callers submit their sequences to the queue (refused at once when it is full) and wait on a
+//! oneshot. When the backend wants batches prepared ahead (CUDA) a preparing thread takes the
+//! next batch from the queue and pads it (pinned) while the model thread runs the current one;
+//! otherwise the model thread takes each batch when it is free. Each pass's results go back to
+//! the queue, which answers each caller as soon as all of its sequences are done and tells the
+//! scheduler the pass's shape and time, from which it sizes later batches (`api.max_batch_ms`).
 //! A forward pass that runs out of memory is split in halves and retried, down to single
 //! sequences; a sequence that fails alone fails only its own request.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::sync::oneshot;
-
-use batchbox_batcher::scheduler::{Next, RequestId, Row, Scheduler};
+use batchbox_batcher::scheduler::Row;
 
 use crate::cache::CacheStats;
-use crate::{Backend, Inference, ModelError, Output, Pad, RunStats};
-
-/// One caller's request while it is in the queue or being computed.
-pub(super) struct Job {
-    pub sequences: Vec<Vec<u32>>,
-    pub outputs: Vec<Option<Output>>,
-    pub enqueued: Instant,
-    pub first_batch: Option<Instant>,
-    pub computed: Duration,
-    pub batch_ids: Vec<u64>,
-    pub stats: RunStats,
-    pub reply: oneshot::Sender<Result<Inference, ModelError>>,
-}
-
-pub(super) struct Queue {
-    pub scheduler: Scheduler,
-    pub jobs: HashMap<RequestId, Job>,
-    pub next_request: RequestId,
-    pub next_batch: u64,
-    pub stopped: bool,
-}
+use crate::queue::{Pass, Queue, Step, Taken};
+use crate::{Backend, ModelError, Output, Pad};
 
 /// What callers and the model thread share.
 pub(super) struct Shared {
@@ -108,7 +86,7 @@ type BatchOf<B> = <<B as Backend>::Padder as Pad>::Batch;
 /// is free, so a request that arrives mid-pass waits for that pass alone.
 pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
     let (padder, prepare_ahead) = (backend.padder(), backend.prepare_ahead());
-    let prepare = move |(id, rows, inputs): (u64, Vec<Row>, Vec<Vec<u32>>)| {
+    let prepare = move |Taken { id, rows, inputs }: Taken| {
         let padded = padder.pad(&inputs.iter().map(Vec::as_slice).collect::<Vec<_>>());
         Prepared { id, rows, inputs, padded }
     };
@@ -149,47 +127,9 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
         Counters::add(&counters.sequences, rows.len());
         Counters::add(&counters.real_tokens, rows.iter().map(|r| r.len).sum());
         Counters::add(&counters.padded_tokens, rows.len() * padded_len);
-        let mut queue = shared.lock();
-        if whole {
-            let predicted_ms = queue.scheduler.predict(rows.len(), padded_len).map(|p| p.as_secs_f64() * 1e3);
-            tracing::debug!(
-                rows = rows.len(),
-                padded_len,
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                ?predicted_ms,
-                "forward pass"
-            );
-            queue.scheduler.observe(rows.len(), padded_len, elapsed);
-        }
-        let mut failed: Vec<(RequestId, ModelError)> = Vec::new();
-        for (row, result) in rows.iter().zip(results) {
-            let Some(job) = queue.jobs.get_mut(&row.request) else { continue }; // cancelled meanwhile
-            if job.batch_ids.last() != Some(&batch_id) {
-                job.batch_ids.push(batch_id);
-                job.computed += elapsed;
-                job.stats.forward_passes += 1;
-            }
-            job.first_batch.get_or_insert(started);
-            job.stats.padded_tokens += padded_len;
-            match result {
-                Ok(output) => job.outputs[row.index] = Some(output),
-                Err(e) => {
-                    Counters::add(&counters.failed_sequences, 1);
-                    failed.push((row.request, e));
-                }
-            }
-        }
-        for (request, error) in failed {
-            queue.scheduler.cancel(request);
-            if let Some(job) = queue.jobs.remove(&request) {
-                let _ = job.reply.send(Err(error));
-            }
-        }
-        for request in queue.scheduler.complete(&rows) {
-            if let Some(job) = queue.jobs.remove(&request) {
-                answer(job);
-            }
-        }
+        let pass = Pass { id: batch_id, rows: &rows, started, elapsed, padded_len, whole };
+        let failed = shared.lock().finish(&pass, results);
+        Counters::add(&counters.failed_sequences, failed);
     }
     if let Some(preparer) = preparer {
         let _ = preparer.join();
@@ -201,52 +141,28 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
 }
 
 /// Waits for the next batch and copies its rows out; `None` once the model is dropped.
-fn next_batch(shared: &Shared) -> Option<(u64, Vec<Row>, Vec<Vec<u32>>)> {
+fn next_batch(shared: &Shared) -> Option<Taken> {
     let mut queue = shared.lock();
     loop {
-        if queue.stopped {
+        if queue.is_stopped() {
             return None;
         }
         let now = Instant::now();
-        // Callers that went away (client disconnected, plugin stopped) lose their place.
-        let gone: Vec<RequestId> = queue.jobs.iter().filter(|(_, j)| j.reply.is_closed()).map(|(&id, _)| id).collect();
-        Counters::add(&shared.counters.abandoned, gone.len());
-        for id in gone {
-            queue.scheduler.cancel(id);
-            queue.jobs.remove(&id);
-        }
-        let expired = queue.scheduler.expire(now);
-        Counters::add(&shared.counters.expired, expired.len());
-        for id in expired {
-            if let Some(job) = queue.jobs.remove(&id) {
-                let waited = now - job.enqueued;
-                let _ = job.reply.send(Err(ModelError::TimedOut(waited)));
-            }
-        }
-        match queue.scheduler.next(now) {
-            Next::Run(batch) => {
-                let id = queue.next_batch;
-                queue.next_batch += 1;
-                let inputs = batch.rows.iter().map(|r| queue.jobs[&r.request].sequences[r.index].clone()).collect();
-                return Some((id, batch.rows, inputs));
-            }
-            Next::WaitUntil(at) => {
+        let (abandoned, expired) = queue.sweep(now);
+        Counters::add(&shared.counters.abandoned, abandoned);
+        Counters::add(&shared.counters.expired, expired);
+        match queue.next(now) {
+            Step::Run(taken) => return Some(taken),
+            Step::WaitUntil(at) => {
                 queue = shared
                     .wakeup
                     .wait_timeout(queue, at.saturating_duration_since(now))
                     .map(|(q, _)| q)
                     .unwrap_or_else(|p| p.into_inner().0);
             }
-            Next::Idle => queue = shared.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner()),
+            Step::Idle => queue = shared.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner()),
         }
     }
-}
-
-fn answer(job: Job) {
-    let outputs = job.outputs.into_iter().map(|o| o.expect("a complete request has every output")).collect();
-    let queued = job.first_batch.map_or(Duration::ZERO, |t| t.saturating_duration_since(job.enqueued));
-    let inference = Inference { outputs, queued, computed: job.computed, batch_ids: job.batch_ids, stats: job.stats };
-    let _ = job.reply.send(Ok(inference));
 }
 
 /// Runs rows in one pass (`padded`, if they were prepared already); if that runs out of memory,
