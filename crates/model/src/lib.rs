@@ -311,7 +311,7 @@ impl Model {
         self.infer_for(DEFAULT_TENANT, sequences, None).await
     }
 
-    /// [`Model::infer`] for callers outside an async runtime (CLI, tests, benchmarks).
+    /// [`Model::infer`] for callers outside an async runtime (tests, benchmarks).
     pub fn infer_blocking(&self, sequences: Vec<Vec<u32>>) -> Result<Inference, ModelError> {
         self.submit(DEFAULT_TENANT, sequences, None)?.blocking_recv().map_err(|_| ModelError::Stopped)?
     }
