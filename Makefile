@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.requirements-installed
 DEFAULT_MODEL := models/minilm-topics
+PY_PLUGINS := plugins/target/python/sentence_classifier.wasm
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
@@ -42,8 +43,17 @@ test-models: $(TEST_MODELS)
 
 # The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target), and
 # examples/plugin-echo, a member of their workspace.
-plugins: wasm-target
+plugins: wasm-target $(PY_PLUGINS)
 	cd plugins && cargo build --release
+
+# Python plugins: componentize-py (pinned in tools/requirements.txt) turns a plugin's module, the
+# Python SDK (plugins/python/batchbox_sdk) and CPython into one component, rebuilt only when one
+# of their sources or the WIT changes.
+PY_SDK := $(wildcard plugins/python/batchbox_sdk/*.py)
+plugins/target/python/%.wasm: plugins/python/%/app.py $(PY_SDK) wit/batchbox.wit $(VENV_STAMP)
+	@mkdir -p $(@D)
+	$(VENV)/bin/componentize-py -d wit/batchbox.wit -w plugin componentize \
+		-p plugins/python -p plugins/python/$* app -o $@
 
 # Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
 # compile faster with an optimised Cranelift.
