@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchbox::config::Config;
-use batchbox_plugins::{PluginRuntime, Request, with_caches};
+use batchbox_plugins::{PluginRuntime, json_post, with_caches};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -62,13 +62,7 @@ fn main() -> anyhow::Result<()> {
             &config.server.plugin_cache_dir,
         )
         .await?;
-        let request = |path: &str, body: &[u8]| Request {
-            method: "POST".into(),
-            path: path.into(),
-            query: String::new(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: body.to_vec(),
-        };
+        let request = |path: &str, body: &[u8]| json_post(path, body.to_vec());
 
         // Instantiation with pooling: a request that does nothing but exist.
         let mut noop = Histogram::<u64>::new(3)?;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use batchbox::config::Config;
 use batchbox_model::Model;
 use batchbox_model_tch::DeviceSpec;
-use batchbox_plugins::{PluginRuntime, Request, with_caches};
+use batchbox_plugins::{PluginRuntime, json_post, with_caches};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
 use batchbox_tenants::Tenants;
 use clap::{Parser, Subcommand};
@@ -197,13 +197,7 @@ async fn predict(config: &Config, mut sentences: Vec<String>) -> anyhow::Result<
         sentences = std::io::stdin().lock().lines().collect::<Result<_, _>>().context("reading stdin")?;
     }
     let (_models, plugins) = load(config).await?;
-    let request = Request {
-        method: "POST".into(),
-        path: PREDICT_ROUTE.into(),
-        query: String::new(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: serde_json::to_vec(&serde_json::json!({ "sentences": sentences }))?,
-    };
+    let request = json_post(PREDICT_ROUTE, serde_json::to_vec(&serde_json::json!({ "sentences": sentences }))?);
     let response = plugins.handle(&tenant, 0, request).await?;
     let answer: serde_json::Value = serde_json::from_slice(&response.body)
         .with_context(|| format!("tenant {tenant} answered {} with a body that is not JSON", response.status))?;

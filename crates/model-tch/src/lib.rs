@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use batchbox_model::{LoadedBackend, Model, ModelError, QueueOptions};
+use batchbox_model::{Model, ModelError, QueueOptions};
 use serde::Deserialize;
 
 /// Everything needed to load a model on libtorch; usually built from the config file.
@@ -37,8 +37,7 @@ pub fn load(options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
     let device = device::resolve(options.device)?;
     let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
     Model::start(&options.path, &options.queue, move |dir, manifest| {
-        let (backend, precision, precision_choice) = precision::choose(dir, manifest, device, use_fp16, cpu_dtype)?;
-        Ok(LoadedBackend { backend, device: format!("{device:?}").to_lowercase(), precision, precision_choice })
+        precision::choose(dir, manifest, device, use_fp16, cpu_dtype)
     })
 }
 

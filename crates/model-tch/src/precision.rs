@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use batchbox_model::{Backend, Candidate, Manifest, ModelError, Output, Pad, Precision, PrecisionChoice, warm_up};
+use batchbox_model::{
+    Backend, Candidate, LoadedBackend, Manifest, ModelError, Output, Pad, Precision, PrecisionChoice, warm_up,
+};
 
 use crate::CpuDtype;
 use crate::engine::Engine;
@@ -60,18 +62,19 @@ const TIMING_MAX_LEN: usize = 48;
 const TIMING_ROUNDS: usize = 3;
 
 /// Loads the engine at the configured precision, or measures the candidates for `auto`.
-/// Every engine returned is warmed up.
+/// The engine returned is warmed up.
 pub(crate) fn choose(
     dir: &Path,
     manifest: &Manifest,
     device: tch::Device,
     use_fp16: bool,
     cpu_dtype: CpuDtype,
-) -> Result<(Engine, Precision, PrecisionChoice), ModelError> {
+) -> Result<LoadedBackend<Engine>, ModelError> {
+    let device_name = format!("{device:?}").to_lowercase();
     if let Some(precision) = Precision::configured(device, use_fp16, cpu_dtype) {
         let mut engine = Engine::load(dir, manifest, device, precision)?;
         warm_up(&mut engine, manifest)?;
-        return Ok((engine, precision, PrecisionChoice { mode: "configured", candidates: Vec::new(), batch: None }));
+        return Ok(LoadedBackend::configured(engine, device_name, precision));
     }
 
     let golden = Golden::load(dir)?;
@@ -133,7 +136,8 @@ pub(crate) fn choose(
     let (precision, engine) = engines.swap_remove(best);
     tracing::info!(?precision, "cpu_dtype auto: chose the fastest precision that agrees with fp32");
     let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
-    Ok((engine, precision, PrecisionChoice { mode: "auto", candidates, batch }))
+    let precision_choice = PrecisionChoice { mode: "auto", candidates, batch };
+    Ok(LoadedBackend { backend: engine, device: device_name, precision, precision_choice })
 }
 
 /// The export's golden texts, as token ids (`golden.json`, written by tools/export_model.py).

@@ -180,6 +180,18 @@ struct LoadedPlugin {
     model: Arc<dyn PluginModel>,
 }
 
+/// A `POST` of JSON `body` to `path`, as a client would send it: for callers that hand a plugin a
+/// request in process (`batchbox predict`, benchmarks, tests) rather than over HTTP.
+pub fn json_post(path: &str, body: Vec<u8>) -> Request {
+    Request {
+        method: "POST".into(),
+        path: path.into(),
+        query: String::new(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body,
+    }
+}
+
 /// Every tenant's plugin, ready to instantiate.
 pub struct PluginRuntime {
     engine: Engine,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use batchbox_model::{Encoding, Inference, Manifest, ModelError, Output, RunStats};
-use batchbox_plugins::{InferFuture, PluginModel, PluginRuntime, Request};
+use batchbox_plugins::{InferFuture, PluginModel, PluginRuntime, json_post};
 use batchbox_tenants::TenantConfig;
 use serde_json::{Value, json};
 
@@ -61,13 +61,7 @@ async fn a_real_plugin_is_served_by_a_fake_model_through_the_trait() {
     let runtime = PluginRuntime::load(std::slice::from_ref(&tenant), |_| model.clone(), 4, &cache).await.unwrap();
 
     let body = json!({ "sentences": ["first", "second", "third"] }).to_string().into_bytes();
-    let request = Request {
-        method: "POST".into(),
-        path: "/api/v1/predict/sentences".into(),
-        query: String::new(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body,
-    };
+    let request = json_post("/api/v1/predict/sentences", body);
     let response = runtime.handle("classifier", 1, request).await.unwrap();
     let answer: Value = serde_json::from_slice(&response.body).unwrap();
     assert_eq!(response.status, 200, "{answer}");
