@@ -6,15 +6,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.requirements-installed
+JS_STAMP := plugins/js/node_modules/.installed
 DEFAULT_MODEL := models/minilm-topics
-PY_PLUGINS := plugins/target/python/sentence_classifier.wasm
+PY_PLUGINS := plugins/target/python/sentence_classifier.wasm plugins/target/python/document_classifier.wasm \
+	plugins/target/python/hostile.wasm
+JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 
 .PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check clean
 
-setup: $(VENV_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
+setup: $(VENV_STAMP) $(JS_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
 
 # The venv, and `.venv/torch`: the link .cargo/config.toml points torch-sys at.
 $(VENV_STAMP): tools/requirements.txt
@@ -43,7 +46,7 @@ test-models: $(TEST_MODELS)
 
 # The plugins: wasm32-wasip2 components (plugins/.cargo/config.toml sets the target), and
 # examples/plugin-echo, a member of their workspace.
-plugins: wasm-target $(PY_PLUGINS)
+plugins: wasm-target $(PY_PLUGINS) $(JS_PLUGINS)
 	cd plugins && cargo build --release
 
 # Python plugins: componentize-py (pinned in tools/requirements.txt) turns a plugin's module, the
@@ -54,6 +57,20 @@ plugins/target/python/%.wasm: plugins/python/%/app.py $(PY_SDK) wit/batchbox.wit
 	@mkdir -p $(@D)
 	$(VENV)/bin/componentize-py -d wit/batchbox.wit -w plugin componentize \
 		-p plugins/python -p plugins/python/$* app -o $@
+
+# The JavaScript toolchain: componentize-js and what it runs (jco among them), pinned by
+# plugins/js/package-lock.json and installed by `npm ci` into plugins/js/node_modules.
+$(JS_STAMP): plugins/js/package.json plugins/js/package-lock.json
+	cd plugins/js && npm ci --no-audit --no-fund
+	touch $@
+
+# JavaScript plugins: componentize-js turns a plugin's app.js, the SDK it imports
+# (plugins/js/batchbox_sdk.js) and SpiderMonkey into one component (see plugins/js/componentize.mjs),
+# rebuilt only when one of their sources or the WIT changes.
+plugins/target/js/%.wasm: plugins/js/%/app.js plugins/js/batchbox_sdk.js plugins/js/componentize.mjs \
+		wit/batchbox.wit $(JS_STAMP)
+	@mkdir -p $(@D)
+	node plugins/js/componentize.mjs plugins/js/$*/app.js $@
 
 # Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
 # compile faster with an optimised Cranelift.
@@ -125,4 +142,4 @@ gpu-check: gpu-bundle
 
 clean:
 	cargo clean
-	rm -rf models $(VENV)
+	rm -rf models $(VENV) plugins/js/node_modules

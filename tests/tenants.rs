@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{PREDICT, Server, assert_json_error, workspace, write_config};
+use common::{PREDICT, Server, assert_json_error, predict_body, workspace, write_config};
 use serde_json::{Value, json};
 
 const ALPHA_KEY: &str = "alpha-secret-key";
@@ -85,15 +85,9 @@ fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
-fn predict_body() -> String {
-    json!({ "sentences": ["The striker scored twice.", "Parliament passed the budget."] }).to_string()
-}
-
 /// Alpha's normal request: what every attack must leave working.
 fn assert_alpha_served(server: &Server, after: &str) {
-    let (status, body) = server.post_with(PREDICT, predict_body(), &[("authorization", &bearer(ALPHA_KEY))]);
-    assert_eq!(status, 200, "alpha after {after}: {body}");
-    assert_eq!(body["predictions"], json!(["sports", "politics"]), "after {after}");
+    common::assert_served(server, &[("authorization", &bearer(ALPHA_KEY))], after);
 }
 
 fn hostile(server: &Server, path: &str) -> (u16, Value) {

@@ -27,6 +27,13 @@ pub fn wasm(name: &str) -> PathBuf {
     path
 }
 
+/// A Python plugin, built by `make plugins` with componentize-py.
+pub fn python_wasm(name: &str) -> PathBuf {
+    let path = workspace().join("plugins/target/python").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run `make plugins`", path.display());
+    path
+}
+
 pub fn fixture_sentences() -> Vec<String> {
     let text = std::fs::read_to_string(workspace().join("tests/fixtures/test_120_sentences.json")).unwrap();
     let value: Value = serde_json::from_str(&text).unwrap();
@@ -179,6 +186,19 @@ pub fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap();
     (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}")))
+}
+
+/// Two sentences whose topics the default model gets right: a well-behaved tenant's request.
+pub fn predict_body() -> String {
+    serde_json::json!({ "sentences": ["The striker scored twice.", "Parliament passed the budget."] }).to_string()
+}
+
+/// A well-behaved tenant's request on `PREDICT` (with `headers`, e.g. its key) is answered as
+/// usual: what every attack by another tenant must leave working.
+pub fn assert_served(server: &Server, headers: &[(&str, &str)], after: &str) {
+    let (status, body) = server.post_with(PREDICT, predict_body(), headers);
+    assert_eq!(status, 200, "served after {after}: {body}");
+    assert_eq!(body["predictions"], serde_json::json!(["sports", "politics"]), "after {after}");
 }
 
 pub fn assert_json_error(status: u16, body: &Value, want_status: u16, want_code: &str, what: &str) {

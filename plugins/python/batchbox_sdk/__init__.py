@@ -4,9 +4,12 @@ The Python twin of the Rust SDK (plugins/sdk): the same JSON shapes, error codes
 
 - `json_response`, `error`: responses, errors in the host's shape `{"error": {"code", "message"}}`;
 - `TextList`: the usual body of a text model, `{"<field>": [...]}` or a bare array, checked item
-  by item (400 naming the item, 413 naming the limit);
+  by item (400 naming the item, 413 naming the limit); `list_body`, `check_count` and `check_text`
+  are its parts, for bodies whose items are more than strings;
 - `Settings`: the plugin's config, parsed in `configure` (with the model's task checked);
 - `host_call`: a host call whose failure becomes the HTTP answer it stands for (see the WIT);
+- `Classified`: texts through the model in one `tokenize` and one `infer` call, with the metadata
+  every classifier reports (timings, tokens, truncations, forward passes);
 - `softmax`, `argmax`, `ms`, `round_ms`: the arithmetic every classifier repeats.
 
 Bindings come from `componentize-py bindings` (the `wit_world` package), generated at build time.
@@ -18,7 +21,9 @@ import time
 
 from componentize_py_types import Err
 from wit_world.exports.handler import Response
-from wit_world.imports import types
+# Imported here, not where used: a plugin has no files at run time (no preopens), so only the
+# modules imported while componentize-py builds it can be imported at all.
+from wit_world.imports import host, types
 
 
 class Respond(Exception):
@@ -58,7 +63,8 @@ def require_method(request, method: str) -> None:
         raise Respond(response)
 
 
-def _kind(value) -> str:
+def json_kind(value) -> str:
+    """How error messages name a JSON value's type: "a string", "an object", "null" and so on."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -72,6 +78,48 @@ def _kind(value) -> str:
     return "an object"
 
 
+def list_body(body: bytes, field: str, of: str = "strings") -> list:
+    """The items of `{"<field>": [...]}` or of a bare array; anything else is a 400 naming what
+    was wrong (`of` says what the array holds, for the messages)."""
+
+    def bad(message):
+        return Respond(error(400, "invalid_request", message))
+
+    value = parse_json(body)
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, dict):
+        raise bad(f'expected {{"{field}": [...]}} or an array of {of}, not {json_kind(value)}')
+    if field not in value:
+        raise bad(f"missing field `{field}`")
+    unknown = [key for key in value if key != field]
+    if unknown:
+        raise bad(f'unknown field `{unknown[0]}`; the body is {{"{field}": [...]}}')
+    items = value[field]
+    if not isinstance(items, list):
+        raise bad(f"`{field}` must be an array of {of}, not {json_kind(items)}")
+    return items
+
+
+def check_count(count: int, item: str, limit: int) -> None:
+    """Raises 413 `too_many_<item>s` when `count` is over `limit`."""
+    if count > limit:
+        raise Respond(error(413, f"too_many_{item}s", f"{count} {item}s in one request; the limit is {limit}"))
+
+
+def check_text(text, where: str, item: str, max_chars: int) -> str:
+    """`text` if it is a non-blank string of at most `max_chars` characters; else a 400 naming
+    `where` (e.g. `sentences[3]`), or 413 `<item>_too_long`."""
+    if not isinstance(text, str):
+        raise Respond(error(400, "invalid_request", f"{where} must be a string, not {json_kind(text)}"))
+    if not text.strip():
+        raise Respond(error(400, "invalid_request", f"{where} is empty"))
+    if len(text) > max_chars:
+        message = f"{where} has {len(text)} characters; the limit is {max_chars}"
+        raise Respond(error(413, f"{item}_too_long", message))
+    return text
+
+
 class TextList:
     """A list of texts in a request body, `{"<field>": [...]}` or a bare array of strings."""
 
@@ -79,37 +127,9 @@ class TextList:
         self.field, self.item, self.max_items, self.max_chars = field, item, max_items, max_chars
 
     def parse(self, body: bytes) -> list:
-        field, item = self.field, self.item
-
-        def bad(message):
-            return Respond(error(400, "invalid_request", message))
-
-        value = parse_json(body)
-        if isinstance(value, dict):
-            if field not in value:
-                raise bad(f"missing field `{field}`")
-            unknown = [key for key in value if key != field]
-            if unknown:
-                raise bad(f'unknown field `{unknown[0]}`; the body is {{"{field}": [...]}}')
-            items = value[field]
-            if not isinstance(items, list):
-                raise bad(f"`{field}` must be an array of strings, not {_kind(items)}")
-        elif isinstance(value, list):
-            items = value
-        else:
-            raise bad(f'expected {{"{field}": [...]}} or an array of strings, not {_kind(value)}')
-        if len(items) > self.max_items:
-            message = f"{len(items)} {item}s in one request; the limit is {self.max_items}"
-            raise Respond(error(413, f"too_many_{item}s", message))
-        for i, text in enumerate(items):
-            if not isinstance(text, str):
-                raise bad(f"{field}[{i}] must be a string, not {_kind(text)}")
-            if not text.strip():
-                raise bad(f"{field}[{i}] is empty")
-            if len(text) > self.max_chars:
-                message = f"{field}[{i}] has {len(text)} characters; the limit is {self.max_chars}"
-                raise Respond(error(413, f"{item}_too_long", message))
-        return items
+        items = list_body(body, self.field)
+        check_count(len(items), self.item, self.max_items)
+        return [check_text(text, f"{self.field}[{i}]", self.item, self.max_chars) for i, text in enumerate(items)]
 
 
 class Settings:
@@ -122,19 +142,17 @@ class Settings:
     def configure(self, config: str, task: types.Task) -> None:
         """Parses `config` (unknown keys refused) and checks the model's task; raises `Err` to
         stop startup with the reason."""
-        from wit_world.imports import host
-
         try:
             given = json.loads(config)
         except ValueError as e:
             raise Err(f"invalid config: {e}") from None
         if not isinstance(given, dict):
-            raise Err(f"invalid config: expected an object, not {_kind(given)}")
+            raise Err(f"invalid config: expected an object, not {json_kind(given)}")
         for key, value in given.items():
             if key not in self.defaults:
                 raise Err(f"invalid config: unknown field `{key}`, expected one of {sorted(self.defaults)}")
             if type(value) is not type(self.defaults[key]):
-                raise Err(f"invalid config: {key}: expected {_kind(self.defaults[key])}, not {_kind(value)}")
+                raise Err(f"invalid config: {key}: expected {json_kind(self.defaults[key])}, not {json_kind(value)}")
         info = host.model()
         if info.task != task:
             raise Err(f"model {info.name} does {info.task.name}; this plugin needs {task.name}")
@@ -169,6 +187,59 @@ def host_call(function, *args):
         return function(*args)
     except Err as e:
         raise Respond(into_response(e.value)) from None
+
+
+class Classified:
+    """`texts` through the route's sequence-classification model: one `tokenize` call and one
+    `infer` call for all of them (the host batches their sequences, with other requests' too),
+    the softmax of each output, and the metadata every classifier reports. A host refusal raises
+    the response it stands for. `started` is the request's `time.perf_counter()` at arrival."""
+
+    def __init__(self, texts: list, started: float):
+        self.started = started
+        self.info = host.model()
+        self.total_words = sum(len(text.split()) for text in texts)
+        tokenize_started = time.perf_counter()
+        self.encodings = host_call(host.tokenize, texts)
+        self.tokenize_ms = ms(tokenize_started)
+        ids = [e.ids for e in self.encodings]
+        self.inference, self.infer_ms = None, 0.0
+        if ids:  # nothing to compute: no call, no model time
+            infer_started = time.perf_counter()
+            self.inference = host_call(host.infer, ids)
+            self.infer_ms = ms(infer_started)
+        self.probabilities = [softmax(t.data) for t in self.inference.outputs] if self.inference else []
+        self.labels = self.info.labels
+        self.predictions = [self.labels[argmax(p)] for p in self.probabilities]
+
+    def metadata(self, **counts) -> dict:
+        """The response's `metadata`, with `counts` (e.g. `num_sentences=3`) after the token count.
+        Call it last: its processing time ends now."""
+        inference = self.inference
+        queue_ms = inference.queue_us / 1e3 if inference else 0.0
+        compute_ms = inference.compute_us / 1e3 if inference else 0.0
+        total_ms = ms(self.started)
+        # Everything that is neither the host's tokenizer nor the model: parsing, softmax, the
+        # plugin's own work, and the crossing of the boundary.
+        plugin_ms = max(total_ms - self.tokenize_ms - self.infer_ms, 0.0) + max(
+            self.infer_ms - queue_ms - compute_ms, 0.0
+        )
+        return {
+            "processing_time_ms": round_ms(total_ms),
+            "total_words": self.total_words,
+            "total_tokens": sum(len(e.ids) for e in self.encodings),
+            **counts,
+            "model_version": self.info.version,
+            "truncated": [i for i, e in enumerate(self.encodings) if e.truncated],
+            "forward_passes": inference.forward_passes if inference else 0,
+            "batch_ids": list(inference.batch_ids) if inference else [],
+            "breakdown_ms": {
+                "tokenize": round_ms(self.tokenize_ms),
+                "queue": round_ms(queue_ms),
+                "inference": round_ms(compute_ms),
+                "plugin": round_ms(plugin_ms),
+            },
+        }
 
 
 def softmax(logits) -> list:

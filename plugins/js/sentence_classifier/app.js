@@ -1,0 +1,32 @@
+/**
+ * `POST /api/v1/predict/sentences` in JavaScript: the Rust sentence-classifier's API, errors and
+ * metadata, on the JavaScript SDK (plugins/js/batchbox_sdk.js).
+ */
+
+import { Classified, Settings, TextList, jsonResponse, requireMethod, respond } from "../batchbox_sdk.js";
+
+const SETTINGS = new Settings({ max_sentences: 1000, max_sentence_chars: 10_000 });
+
+export const handler = {
+  configure: (config) => SETTINGS.configure(config, "sequence-classification"),
+  handle: (request) => respond(() => classify(request)),
+};
+
+function classify(request) {
+  const started = performance.now();
+  requireMethod(request, "POST");
+  const config = SETTINGS.get();
+  const sentences = new TextList({
+    field: "sentences",
+    item: "sentence",
+    maxItems: config.max_sentences,
+    maxChars: config.max_sentence_chars,
+  }).parse(request.body);
+  const result = new Classified(sentences, started);
+  return jsonResponse(200, {
+    probabilities: result.probabilities,
+    labels: result.labels,
+    predictions: result.predictions,
+    metadata: result.metadata({ num_sentences: sentences.length }),
+  });
+}
