@@ -54,6 +54,7 @@ tenants:
     routes: [/hostile]
     keys: ["file:{keys}"]
     limits:
+      memory_bytes: 67108864
       cpu_ms: {HOSTILE_CPU_MS}
       wall_ms: 5000
       max_concurrent: 8
@@ -194,7 +195,8 @@ fn traps_are_contained_and_the_host_memory_stays_bounded() {
     assert_alpha_served(&server, "start");
     let before = server.rss_bytes();
     for _ in 0..3 {
-        // Four at once, each trying to take all memory: each is trapped at its 64 MiB.
+        // Four at once, each trying to take all memory: each is trapped at its 64 MiB. Their
+        // freed pool slots keep at most 8 MiB each resident for the next instances.
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4).map(|_| scope.spawn(|| hostile(&server, "memory-bomb"))).collect();
             for handle in handles {

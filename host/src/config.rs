@@ -14,7 +14,7 @@ use batchbox_batcher::{BatchLimits, ChunkOrder};
 use batchbox_model::QueueOptions;
 use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use batchbox_server::ServerConfig;
-use batchbox_tenants::{CacheConfig, KeySource, TenantConfig};
+use batchbox_tenants::{CacheConfig, KeySource, TenantConfig, TenantLimits};
 use serde::Deserialize;
 
 /// Why the config file stops startup; every error names the file.
@@ -274,8 +274,10 @@ impl Config {
                 }
             }
             let l = tenant.limits;
-            if l.memory_bytes < (1 << 20) {
-                return Err(("tenants.limits.memory_bytes", format!("tenant {name}: must be at least 1 MiB")));
+            if let Some(bytes) = l.memory_bytes
+                && !((1 << 20)..=TenantLimits::MAX_MEMORY_BYTES).contains(&bytes)
+            {
+                return Err(("tenants.limits.memory_bytes", format!("tenant {name}: must be 1 MiB to 4 GiB")));
             }
             let positive = [
                 ("cpu_ms", l.cpu_ms as usize),
@@ -305,6 +307,18 @@ impl Config {
                     ),
                 ));
             }
+        }
+        // Idle instances hold pool slots: however many wait, requests must still find one.
+        let reused: u64 = self.tenants.iter().map(|t| u64::from(t.reuse_instances)).sum();
+        if reused >= u64::from(self.server.max_instances) {
+            return Err((
+                "tenants.reuse_instances",
+                format!(
+                    "the tenants' reuse_instances add up to {reused}, which leaves none of server.max_instances ({}) \
+                     for requests; lower them or raise max_instances",
+                    self.server.max_instances
+                ),
+            ));
         }
         self.validate_queue_shares()
     }

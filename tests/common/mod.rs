@@ -34,6 +34,13 @@ pub fn python_wasm(name: &str) -> PathBuf {
     path
 }
 
+/// A JavaScript plugin, built by `make plugins` with componentize-js.
+pub fn js_wasm(name: &str) -> PathBuf {
+    let path = workspace().join("plugins/target/js").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run `make plugins`", path.display());
+    path
+}
+
 pub fn fixture_sentences() -> Vec<String> {
     let text = std::fs::read_to_string(workspace().join("tests/fixtures/test_120_sentences.json")).unwrap();
     let value: Value = serde_json::from_str(&text).unwrap();

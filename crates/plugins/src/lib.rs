@@ -21,7 +21,7 @@ mod model;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -58,6 +58,11 @@ mod bindings {
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// What a plugin may print per request before further output is dropped.
 const OUTPUT_CAPACITY: usize = 64 << 10;
+/// Bytes of written linear memory a freed pool slot keeps resident for its next instance.
+const KEEP_RESIDENT: usize = 8 << 20;
+/// Requests a reused instance serves before it is replaced by a fresh one: a bound on how long
+/// state a plugin leaves behind (and memory it leaks) can live.
+const REUSE_REQUESTS: u32 = 1_000;
 /// Plugins see time only to this precision.
 pub const CLOCK_RESOLUTION: Duration = Duration::from_micros(100);
 
@@ -100,6 +105,22 @@ pub enum PluginError {
         tenant: String,
         /// The plugin's own words.
         message: String,
+    },
+    /// At startup: the plugin's linear memory starts larger than `limits.memory_bytes`, so it
+    /// could never be instantiated (an interpreter's snapshot heap, say, in a limit set for Rust).
+    #[error(
+        "tenant {tenant}: the plugin needs {need} bytes ({:.1} MiB) of linear memory to start, more than \
+         its limits.memory_bytes of {limit} bytes ({:.1} MiB); raise the limit",
+        mib(*need),
+        mib(*limit)
+    )]
+    MemoryTooSmall {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// The plugin's initial linear memory, in bytes.
+        need: usize,
+        /// The limit, in bytes.
+        limit: usize,
     },
     /// The plugin asked for more linear memory than `limits.memory_bytes`.
     #[error("tenant {tenant}: the plugin ran out of its memory limit of {limit} bytes")]
@@ -177,7 +198,28 @@ struct LoadedPlugin {
     pre: bindings::PluginPre<RequestState>,
     config_json: String,
     limits: TenantLimits,
+    /// `limits.memory_bytes`, or its default for this plugin.
+    memory_limit: usize,
     model: Arc<dyn PluginModel>,
+    /// `reuse_instances`: how many configured instances may wait here for the next request.
+    reuse: usize,
+    /// Instances that served a request and wait for the next, with their stores.
+    idle: Mutex<Vec<(Sandbox, bindings::Plugin)>>,
+}
+
+impl LoadedPlugin {
+    /// Keeps an instance that served a request for the next one, if the tenant reuses instances
+    /// and it has not served its share: [`REUSE_REQUESTS`] requests, or a request's worth of
+    /// output. Otherwise it is dropped here, and its pool slot and permit are freed.
+    fn keep_idle(&self, sandbox: Sandbox, instance: bindings::Plugin) {
+        let printed = sandbox.stdout.logged.max(sandbox.stderr.logged);
+        if sandbox.requests < REUSE_REQUESTS && printed <= OUTPUT_CAPACITY {
+            let mut idle = self.idle.lock().expect("idle instances");
+            if idle.len() < self.reuse {
+                idle.push((sandbox, instance));
+            }
+        }
+    }
 }
 
 /// A `POST` of JSON `body` to `path`, as a client would send it: for callers that hand a plugin a
@@ -210,7 +252,7 @@ impl PluginRuntime {
         max_instances: u32,
         cache_dir: &Path,
     ) -> Result<Self, PluginError> {
-        let engine = new_engine(tenants, max_instances)
+        let engine = new_engine(max_instances)
             .map_err(|e| PluginError::Compile { tenant: "*".into(), message: e.to_string() })?;
         let mut linker: Linker<RequestState> = Linker::new(&engine);
         let link_error = |e: wasmtime::Error| PluginError::Compile { tenant: "*".into(), message: e.to_string() };
@@ -224,6 +266,7 @@ impl PluginRuntime {
         for tenant in tenants {
             let name = || tenant.name.clone();
             let component = load_component(&runtime.engine, tenant, cache_dir)?;
+            let memory_limit = memory_limit(&component, tenant)?;
             // Imports the host does not offer fail here; missing exports in `PluginPre::new`.
             let pre = linker
                 .instantiate_pre(&component)
@@ -243,7 +286,10 @@ impl PluginRuntime {
                 pre,
                 config_json,
                 limits: tenant.limits,
+                memory_limit,
                 model: model_for(tenant),
+                reuse: tenant.reuse_instances as usize,
+                idle: Mutex::new(Vec::new()),
             };
             // Configure once now, so a bad config stops startup instead of failing every request.
             runtime.configure(&plugin).await?;
@@ -252,31 +298,46 @@ impl PluginRuntime {
         Ok(runtime)
     }
 
-    /// Handles one request with a fresh instance of the tenant's plugin, configured first.
+    /// Handles one request: in an idle instance of the tenant's plugin if the tenant reuses
+    /// instances and one is idle, else in a fresh instance, configured first.
     pub async fn handle(&self, tenant: &str, request_id: u64, request: Request) -> Result<Response, PluginError> {
         let plugin = self.plugins.get(tenant).expect("routes only name loaded tenants");
-        self.sandbox(plugin, request_id)?
-            .run(async |store, plugin| {
-                let instance = match configured(store, plugin).await? {
-                    Ok(instance) => instance,
-                    Err(message) => return Ok(Err(message)),
+        let (mut sandbox, idle) = match plugin.idle.lock().expect("idle instances").pop() {
+            Some((sandbox, instance)) => (sandbox, Some(instance)),
+            None => (self.sandbox(plugin)?, None),
+        };
+        let (response, instance) = sandbox
+            .run(plugin, request_id, async |store, plugin| {
+                let instance = match idle {
+                    Some(instance) => instance,
+                    None => match configured(store, plugin).await? {
+                        Ok(instance) => instance,
+                        Err(message) => return Ok(Err(message)),
+                    },
                 };
-                instance.batchbox_plugin_handler().call_handle(store, &request).await.map(Ok)
+                let response = instance.batchbox_plugin_handler().call_handle(&mut *store, &request).await?;
+                Ok(Ok((response, instance)))
             })
-            .await
+            .await?;
+        plugin.keep_idle(sandbox, instance);
+        Ok(response)
     }
 
     /// Instantiates the plugin and runs its `configure` alone: what startup checks.
     async fn configure(&self, plugin: &LoadedPlugin) -> Result<(), PluginError> {
-        self.sandbox(plugin, 0)?.run(async |store, plugin| Ok(configured(store, plugin).await?.map(drop))).await
+        self.sandbox(plugin)?.run(plugin, 0, async |store, plugin| Ok(configured(store, plugin).await?.map(drop))).await
     }
 
-    /// A fresh store for one call, within the tenant's limits; `NoCapacity` when every instance
-    /// the pool holds is in use.
-    fn sandbox<'p>(&self, plugin: &'p LoadedPlugin, request_id: u64) -> Result<Sandbox<'p>, PluginError> {
+    /// A fresh store, within the tenant's limits; `NoCapacity` when every instance the pool holds
+    /// is in use.
+    fn sandbox(&self, plugin: &LoadedPlugin) -> Result<Sandbox, PluginError> {
         let permit = self.instances.clone().try_acquire_owned().map_err(|_| PluginError::NoCapacity)?;
-        let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-        let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        // An instance that is reused keeps its pipes: twice the room, and it retires once a
+        // request's worth is used (`LoadedPlugin::keep_idle`), so each request has at least
+        // `OUTPUT_CAPACITY`.
+        let capacity = if plugin.reuse == 0 { OUTPUT_CAPACITY } else { 2 * OUTPUT_CAPACITY };
+        let stdout = MemoryOutputPipe::new(capacity);
+        let stderr = MemoryOutputPipe::new(capacity);
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -287,64 +348,96 @@ impl PluginRuntime {
             wasi,
             table: ResourceTable::new(),
             limits: MemoryLimit {
-                limits: StoreLimitsBuilder::new().memory_size(plugin.limits.memory_bytes).instances(16).build(),
+                limits: StoreLimitsBuilder::new().memory_size(plugin.memory_limit).instances(16).build(),
                 reached: false,
             },
             model: plugin.model.clone(),
             tenant: plugin.tenant.clone(),
-            request_id,
+            request_id: 0,
             started: Instant::now(),
-            deadline: Instant::now() + Duration::from_millis(plugin.limits.wall_ms),
+            deadline: Instant::now(),
             host_time: Duration::ZERO,
             usage: host_api::Usage::default(),
             quotas: plugin.limits,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        store.set_hostcall_fuel(plugin.limits.max_hostcall_bytes);
         let cpu_limit = Duration::from_millis(plugin.limits.cpu_ms);
-        store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
             let state = store.data();
             let guest_time = state.started.elapsed().saturating_sub(state.host_time);
             // Over the limit: trap. Otherwise let other tasks run, then check again next tick.
             Ok(if guest_time > cpu_limit { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
-        Ok(Sandbox { plugin, store, stdout, stderr, request_id, _permit: permit })
+        Ok(Sandbox { store, stdout: Output::new(stdout), stderr: Output::new(stderr), requests: 0, _permit: permit })
     }
 }
 
-/// One call's store, the plugin's captured output, and the instance permit it holds until the
-/// store is gone (fields drop in order: the store first).
-struct Sandbox<'p> {
-    plugin: &'p LoadedPlugin,
+/// A store, the plugin's captured output, and the instance permit it holds until the store is
+/// gone (fields drop in order: the store first). One request's, or a reused instance's.
+struct Sandbox {
     store: Store<RequestState>,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
-    request_id: u64,
+    stdout: Output,
+    stderr: Output,
+    /// Requests this store has begun.
+    requests: u32,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Sandbox<'_> {
-    /// Runs `work` under the tenant's wall-time limit, logs what the plugin printed, and names
-    /// what stopped it: a trap, a limit, or a config the plugin refused (`Err(message)`).
+impl Sandbox {
+    /// Runs `work` as request `request_id` under the tenant's limits (each request's own, on a
+    /// reused instance too), logs what the plugin printed, and names what stopped it: a trap, a
+    /// limit, or a config the plugin refused (`Err(message)`).
     async fn run<T>(
-        mut self,
+        &mut self,
+        plugin: &LoadedPlugin,
+        request_id: u64,
         work: impl AsyncFnOnce(&mut Store<RequestState>, &LoadedPlugin) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, PluginError> {
-        let plugin = self.plugin;
         let limit = Duration::from_millis(plugin.limits.wall_ms);
+        let state = self.store.data_mut();
+        state.request_id = request_id;
+        state.started = Instant::now();
+        state.deadline = state.started + limit;
+        state.host_time = Duration::ZERO;
+        state.usage = host_api::Usage::default();
+        state.limits.reached = false;
+        self.store.set_hostcall_fuel(plugin.limits.max_hostcall_bytes);
+        self.store.set_epoch_deadline(1);
+        self.requests += 1;
+
         let outcome = tokio::time::timeout(limit, work(&mut self.store, plugin)).await;
         let memory_reached = self.store.data().limits.reached;
-        log_output(&plugin.tenant, self.request_id, "stdout", &self.stdout);
-        log_output(&plugin.tenant, self.request_id, "stderr", &self.stderr);
+        self.stdout.log(&plugin.tenant, request_id, "stdout");
+        self.stderr.log(&plugin.tenant, request_id, "stderr");
         let tenant = || plugin.tenant.to_string();
         match outcome {
             Err(_) => Err(PluginError::WallTimeout { tenant: tenant(), limit_ms: plugin.limits.wall_ms }),
-            Ok(Err(trap)) => Err(classify_trap(trap, tenant(), &plugin.limits, memory_reached)),
+            Ok(Err(trap)) => Err(classify_trap(trap, tenant(), plugin, memory_reached)),
             Ok(Ok(Err(message))) => Err(PluginError::Configure { tenant: tenant(), message }),
             Ok(Ok(Ok(value))) => Ok(value),
         }
+    }
+}
+
+/// A pipe the plugin prints to, and how much of it has been logged.
+struct Output {
+    pipe: MemoryOutputPipe,
+    logged: usize,
+}
+
+impl Output {
+    fn new(pipe: MemoryOutputPipe) -> Self {
+        Self { pipe, logged: 0 }
+    }
+
+    /// Logs, line by line, what was printed since the last call.
+    fn log(&mut self, tenant: &str, request_id: u64, stream: &str) {
+        let contents = self.pipe.contents();
+        for line in String::from_utf8_lossy(&contents[self.logged..]).lines().filter(|l| !l.is_empty()) {
+            tracing::info!(tenant, request_id, stream, "{line}");
+        }
+        self.logged = contents.len();
     }
 }
 
@@ -357,10 +450,11 @@ async fn configured(
     Ok(instance.batchbox_plugin_handler().call_configure(&mut *store, &plugin.config_json).await?.map(|()| instance))
 }
 
-/// One engine for every plugin. Pool slots are sized for the most generous tenant; each store's
-/// limiter then holds its plugin to its own limit.
-fn new_engine(tenants: &[TenantConfig], max_instances: u32) -> wasmtime::Result<Engine> {
-    let max_memory = tenants.iter().map(|p| p.limits.memory_bytes).max().unwrap_or(64 << 20);
+/// One engine for every plugin. A pool slot holds the largest memory any tenant may have; each
+/// store's limiter then holds its plugin to its own limit. The slot's size costs address space
+/// only, and no more than wasmtime reserves per memory anyway (4 GiB, so that bounds checks can be
+/// elided): what is resident is what plugins touch.
+fn new_engine(max_instances: u32) -> wasmtime::Result<Engine> {
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(max_instances)
         // A wasip2 component holds a few core instances, memories and tables of its own.
@@ -368,7 +462,15 @@ fn new_engine(tenants: &[TenantConfig], max_instances: u32) -> wasmtime::Result<
         .total_memories(max_instances * 2)
         .total_tables(max_instances * 4)
         .total_stacks(max_instances)
-        .max_memory_size(max_memory);
+        .max_memory_size(TenantLimits::MAX_MEMORY_BYTES);
+    // A freed slot keeps the pages its plugin wrote resident, and copies the image back over
+    // them, rather than dropping them for the next instance to fault in again: a CPython or
+    // SpiderMonkey plugin writes to megabytes of its snapshot heap per request. The pages are
+    // found with the PAGEMAP_SCAN ioctl (Linux 6.7+); without it wasmtime would reset the whole
+    // kept region each time, so then nothing is kept.
+    if PoolingAllocationConfig::is_pagemap_scan_available() {
+        pool.pagemap_scan(wasmtime::Enabled::Yes).linear_memory_keep_resident(KEEP_RESIDENT);
+    }
     let mut config = wasmtime::Config::new();
     config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
@@ -430,6 +532,31 @@ fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> R
     unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)
 }
 
+/// The tenant's memory limit for this plugin: `limits.memory_bytes`, or by default the plugin's
+/// initial linear memory plus [`TenantLimits::DEFAULT_MEMORY_ROOM`]. A plugin whose memory starts
+/// larger than an explicit limit is refused: instantiating it would fail on every request, with a
+/// message that says less.
+fn memory_limit(component: &Component, tenant: &TenantConfig) -> Result<usize, PluginError> {
+    /// A WebAssembly page.
+    const PAGE: u64 = 64 << 10;
+    // `None` only for components that import core modules, which the host does not offer.
+    let pages = component.resources_required().and_then(|r| r.max_initial_memory_size).unwrap_or(0);
+    let need = usize::try_from(pages * PAGE).unwrap_or(usize::MAX);
+    let limit = match tenant.limits.memory_bytes {
+        Some(limit) if need > limit => {
+            return Err(PluginError::MemoryTooSmall { tenant: tenant.name.clone(), need, limit });
+        }
+        Some(limit) => limit,
+        None => need.saturating_add(TenantLimits::DEFAULT_MEMORY_ROOM).min(TenantLimits::MAX_MEMORY_BYTES),
+    };
+    tracing::info!(tenant = tenant.name, initial_mib = mib(need), limit_mib = mib(limit), "plugin memory");
+    Ok(limit)
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
 /// The store's memory limit, remembering whether the plugin ran into it, so its trap (Rust aborts
 /// when an allocation fails) can be named.
 struct MemoryLimit {
@@ -461,22 +588,16 @@ impl ResourceLimiter for MemoryLimit {
     }
 }
 
-fn classify_trap(error: wasmtime::Error, tenant: String, limits: &TenantLimits, memory_reached: bool) -> PluginError {
+fn classify_trap(error: wasmtime::Error, tenant: String, plugin: &LoadedPlugin, memory_reached: bool) -> PluginError {
     let message = format!("{error:#}");
+    let limits = &plugin.limits;
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => PluginError::CpuLimit { tenant, limit_ms: limits.cpu_ms },
-        _ if memory_reached => PluginError::MemoryLimit { tenant, limit: limits.memory_bytes },
+        _ if memory_reached => PluginError::MemoryLimit { tenant, limit: plugin.memory_limit },
         // wasmtime's error type for this is private; its message is stable and documented.
         _ if message.contains("fuel allocated for hostcalls has been exhausted") => {
             PluginError::HostcallBytes { tenant, limit: limits.max_hostcall_bytes }
         }
         _ => PluginError::Trapped { tenant, message },
-    }
-}
-
-fn log_output(tenant: &str, request_id: u64, stream: &str, pipe: &MemoryOutputPipe) {
-    let contents = pipe.contents();
-    for line in String::from_utf8_lossy(&contents).lines().filter(|l| !l.is_empty()) {
-        tracing::info!(tenant, request_id, stream, "{line}");
     }
 }

@@ -126,6 +126,7 @@ impl ApiError {
                 | PluginError::Read { .. }
                 | PluginError::Compile { .. }
                 | PluginError::MissingExport { .. }
+                | PluginError::MemoryTooSmall { .. }
                 | PluginError::Configure { .. },
             ) => (S::INTERNAL_SERVER_ERROR, "plugin_failed"),
             Self::BadPluginResponse(_) => (S::INTERNAL_SERVER_ERROR, "bad_plugin_response"),
@@ -504,6 +505,7 @@ mod tests {
                 None,
             ),
             (PluginError::Configure { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
+            (PluginError::MemoryTooSmall { tenant: tenant(), need: 2, limit: 1 }.into(), 500, "plugin_failed", None),
             (ApiError::BadPluginResponse("status 101".into()), 500, "bad_plugin_response", None),
         ];
         for (error, status, code, header) in table {

@@ -170,6 +170,7 @@ mod tests {
             key_hashes: keys.iter().map(|k| KeyHash::of(k)).collect(),
             limits: TenantLimits { max_concurrent: 2, max_body_bytes: 100, ..TenantLimits::default() },
             cache: None,
+            reuse_instances: 0,
         }
     }
 

@@ -1,7 +1,10 @@
 //! A hostile tenant's plugin, for the host's isolation tests: each path attacks the host in one
-//! way (see tests/tenants.rs). `/ok` behaves, for the fast path and the instantiation benchmark.
+//! way (see tests/tenants.rs). `/ok` behaves, for the fast path and the instantiation benchmark;
+//! `/count` says how many requests this instance has served, which shows whether instances are
+//! reused (tests/plugin_instances.rs).
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use batchbox_sdk::{Plugin, Request, Response, host, json};
@@ -18,6 +21,10 @@ impl Plugin for Hostile {
         let n = |default: usize| param(&request, "n").unwrap_or(default);
         match request.path.rsplit('/').next().unwrap_or_default() {
             "panic" => panic!("this plugin panics on purpose"),
+            "count" => {
+                static SERVED: AtomicU64 = AtomicU64::new(0);
+                json(200, &(SERVED.fetch_add(1, Ordering::Relaxed) + 1))
+            }
             "loop" => {
                 // Spins without calling the host: only the CPU deadline can stop it.
                 let mut x: u64 = 0;
