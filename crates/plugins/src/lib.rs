@@ -263,9 +263,11 @@ impl PluginRuntime {
 
         let instances = Arc::new(Semaphore::new(max_instances as usize));
         let mut runtime = Self { engine, plugins: HashMap::new(), instances };
+        // Tenants that run the same .wasm share its compiled code.
+        let mut components = HashMap::new();
         for tenant in tenants {
             let name = || tenant.name.clone();
-            let component = load_component(&runtime.engine, tenant, cache_dir)?;
+            let component = load_component(&runtime.engine, tenant, cache_dir, &mut components)?;
             let memory_limit = memory_limit(&component, tenant)?;
             // Imports the host does not offer fail here; missing exports in `PluginPre::new`.
             let pre = linker
@@ -491,8 +493,15 @@ fn start_epoch_ticker(engine: &Engine) {
         .expect("spawning the epoch ticker");
 }
 
-/// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before.
-fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> Result<Component, PluginError> {
+/// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before:
+/// by another tenant of this process (`components`, by key), or by any process (the cache
+/// directory, whose file names are the keys).
+fn load_component(
+    engine: &Engine,
+    tenant: &TenantConfig,
+    cache_dir: &Path,
+    components: &mut HashMap<String, Component>,
+) -> Result<Component, PluginError> {
     let plugin = tenant.name.clone();
     let wasm = std::fs::read(&tenant.wasm).map_err(|source| PluginError::Read {
         tenant: plugin.clone(),
@@ -505,13 +514,16 @@ fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> R
     key.update(&wasm);
     key.update(engine_hash.finish().to_le_bytes());
     let key: String = key.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
-    let cached = cache_dir.join(format!("{plugin}-{key}.cwasm"));
+    if let Some(component) = components.get(&key) {
+        return Ok(component.clone());
+    }
+    let cached = cache_dir.join(format!("{key}.cwasm"));
 
     if cached.is_file() {
         // SAFETY: the cache directory is the operator's (like the .wasm files) and the file name
         // carries the hash of both the source and the engine's settings.
         match unsafe { Component::deserialize_file(engine, &cached) } {
-            Ok(component) => return Ok(component),
+            Ok(component) => return Ok(components.entry(key).or_insert(component).clone()),
             Err(e) => tracing::warn!(tenant = plugin, error = %e, "ignoring unusable cached plugin code"),
         }
     }
@@ -521,7 +533,8 @@ fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> R
     tracing::info!(tenant = plugin, elapsed_ms = started.elapsed().as_millis() as u64, "compiled plugin");
     // The cache only saves time: failing to write it is worth a warning, not an error.
     let write = std::fs::create_dir_all(cache_dir).and_then(|()| {
-        let partial = cached.with_extension("partial");
+        // Named for this process: servers sharing the directory may compile the same plugin at once.
+        let partial = cached.with_extension(format!("{}.partial", std::process::id()));
         std::fs::write(&partial, &compiled)?;
         std::fs::rename(&partial, &cached)
     });
@@ -529,7 +542,8 @@ fn load_component(engine: &Engine, tenant: &TenantConfig, cache_dir: &Path) -> R
         tracing::warn!(tenant = plugin, path = %cached.display(), error = %e, "cannot cache compiled plugin");
     }
     // SAFETY: `compiled` was produced by this engine a moment ago.
-    unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)
+    let component = unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)?;
+    Ok(components.entry(key).or_insert(component).clone())
 }
 
 /// The tenant's memory limit for this plugin: `limits.memory_bytes`, or by default the plugin's
