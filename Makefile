@@ -49,14 +49,16 @@ test-models: $(TEST_MODELS)
 plugins: wasm-target $(PY_PLUGINS) $(JS_PLUGINS)
 	cd plugins && cargo build --release
 
+# Python and JavaScript plugins are built by tools/build_plugin.sh, which Make always asks: it
+# hashes what goes into a component and builds only a key it has not built before (cached in
+# plugins/target/<lang>/cache), so content decides, not timestamps. FORCE makes a rule always run.
+.PHONY: FORCE
+FORCE:
+
 # Python plugins: componentize-py (pinned in tools/requirements.txt) turns a plugin's module, the
-# Python SDK (plugins/python/batchbox_sdk) and CPython into one component, rebuilt only when one
-# of their sources or the WIT changes.
-PY_SDK := $(wildcard plugins/python/batchbox_sdk/*.py)
-plugins/target/python/%.wasm: plugins/python/%/app.py $(PY_SDK) wit/batchbox.wit $(VENV_STAMP)
-	@mkdir -p $(@D)
-	$(VENV)/bin/componentize-py -d wit/batchbox.wit -w plugin componentize \
-		-p plugins/python -p plugins/python/$* app -o $@
+# Python SDK (plugins/python/batchbox_sdk) and CPython into one component.
+plugins/target/python/%.wasm: $(VENV_STAMP) FORCE
+	@tools/build_plugin.sh python plugins/python/$* $@
 
 # The JavaScript toolchain: componentize-js and what it runs (jco among them), pinned by
 # plugins/js/package-lock.json and installed by `npm ci` into plugins/js/node_modules.
@@ -65,12 +67,20 @@ $(JS_STAMP): plugins/js/package.json plugins/js/package-lock.json
 	touch $@
 
 # JavaScript plugins: componentize-js turns a plugin's app.js, the SDK it imports
-# (plugins/js/batchbox_sdk.js) and SpiderMonkey into one component (see plugins/js/componentize.mjs),
-# rebuilt only when one of their sources or the WIT changes.
-plugins/target/js/%.wasm: plugins/js/%/app.js plugins/js/batchbox_sdk.js plugins/js/componentize.mjs \
-		wit/batchbox.wit $(JS_STAMP)
-	@mkdir -p $(@D)
-	node plugins/js/componentize.mjs plugins/js/$*/app.js $@
+# (plugins/js/batchbox_sdk.js) and SpiderMonkey into one component (see plugins/js/componentize.mjs).
+plugins/target/js/%.wasm: $(JS_STAMP) FORCE
+	@tools/build_plugin.sh js plugins/js/$* $@
+
+# examples/plugin-echo's twins in Python and JavaScript (docs/plugins.md walks through all three),
+# built like the plugins above from their folders in examples/.
+ECHO_PLUGINS := plugins/target/python/plugin_echo.wasm plugins/target/js/plugin_echo.wasm
+plugins: $(ECHO_PLUGINS)
+
+plugins/target/python/plugin_echo.wasm: $(VENV_STAMP) FORCE
+	@tools/build_plugin.sh python examples/plugin-echo-py $@
+
+plugins/target/js/plugin_echo.wasm: $(JS_STAMP) FORCE
+	@tools/build_plugin.sh js examples/plugin-echo-js $@
 
 # Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
 # compile faster with an optimised Cranelift.

@@ -48,18 +48,19 @@ fn route(language: &Language, limits: Limits) -> String {
     }
 }
 
-/// The server's config: two tenants per language, one per `Limits`. `max_batch_ms` at its
-/// largest so that the pass-time target never splits a batch: forward passes then depend on the
-/// sentences alone, and can be compared between requests.
-fn config(name: &str, languages: &[Language], config_of: impl Fn(Limits) -> String) -> PathBuf {
-    let mut yaml = String::from(
-        r#"
+/// The server's config up to its tenants.
+const HEAD: &str = r#"
 models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: fp32 }]
 api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192, max_batch_ms: 60000 }
 server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}" }
 tenants:
-"#,
-    );
+"#;
+
+/// The server's config: two tenants per language, one per `Limits`. `max_batch_ms` at its
+/// largest so that the pass-time target never splits a batch: forward passes then depend on the
+/// sentences alone, and can be compared between requests.
+fn config(name: &str, languages: &[Language], config_of: impl Fn(Limits) -> String) -> PathBuf {
+    let mut yaml = String::from(HEAD);
     for language in languages {
         for (limits, suffix) in [(Limits::Default, ""), (Limits::Small, "-small")] {
             yaml += &format!(
@@ -148,12 +149,22 @@ fn mistakes() -> Vec<Mistake> {
     };
     let sentences = |n: usize| json!(vec!["a"; n]).to_string().into_bytes();
     let sentence = |text: String| json!([text]).to_string().into_bytes();
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes();
     use Limits::{Default, Small};
     vec![
         post("an empty body", Default, b"", 400, "invalid_json"),
         post("not JSON", Default, b"{not json", 400, "invalid_json"),
         post("JSON and more", Default, br#"["a"] x"#, 400, "invalid_json"),
         post("not UTF-8", Default, b"[\"\xff\"]", 400, "invalid_json"),
+        // What some parsers take and serde_json does not: a byte order mark, an escaped lone
+        // surrogate (not Unicode text), nesting 128 deep, and NaN.
+        post("a byte order mark", Default, b"\xef\xbb\xbf[\"a\"]", 400, "invalid_json"),
+        post("a lone surrogate escape", Default, br#"["\ud800"]"#, 400, "invalid_json"),
+        post("a lone surrogate escape in a key", Default, br#"{"\udc00": ["a"]}"#, 400, "invalid_json"),
+        post("arrays nested 127 deep", Default, &nested(127), 400, "invalid_request"),
+        post("arrays nested 128 deep", Default, &nested(128), 400, "invalid_json"),
+        post("arrays nested 100,000 deep", Default, &nested(100_000), 400, "invalid_json"),
+        post("NaN", Default, br#"["a", NaN]"#, 400, "invalid_json"),
         post("a string", Default, br#""a string""#, 400, "invalid_request"),
         post("a number", Default, b"3", 400, "invalid_request"),
         post("null", Default, b"null", 400, "invalid_request"),
@@ -238,5 +249,37 @@ fn a_config_the_plugin_cannot_take_stops_startup_in_every_language() {
         assert!(!output.status.success(), "{text}");
         assert!(text.contains(&format!("tenant {name}: the plugin rejected its config")), "{text}");
         assert!(text.contains("max_sentences"), "{text}");
+    }
+}
+
+/// A body the plugin has no memory to parse is not the client's mistake: it gets 500
+/// `plugin_memory_limit` in every language, never 400 `invalid_json` (the JavaScript SDK once took
+/// SpiderMonkey's "out of memory" for a parse error). Each limit leaves a few MiB over the
+/// plugin's initial memory (Rust 1.1 MiB of 5, Python 12.3 of 15, JavaScript 9.1 of 17): the body
+/// fits, what parsing it builds does not. The 400,000 numbers are the body that tells: at these
+/// limits, SDKs that took any exception for a parse error answered it with 400 (tried by hand; the
+/// ranges that do were 14 to 16 MiB for Python and 13 to 21 for JavaScript).
+#[test]
+fn a_body_the_plugin_has_no_memory_to_parse_gets_500_in_every_language() {
+    let languages = languages();
+    let mut yaml = String::from(HEAD);
+    for (language, mib) in languages.iter().zip([5, 15, 17]) {
+        yaml += &format!(
+            "  - {{ name: {}, wasm: \"{}\", routes: [\"{}\"], limits: {{ memory_bytes: {}, wall_ms: 120000 }} }}\n",
+            language.name,
+            language.wasm.display(),
+            route(language, Limits::Default),
+            mib << 20,
+        );
+    }
+    let server = Server::launch(&write_config("plugin-languages-memory", &yaml));
+    let numbers = format!("[{}1]", "1,".repeat(400_000));
+    let sentences = json!(vec!["word ".repeat(350); 1000]).to_string();
+    for (what, body) in [("400,000 numbers", numbers), ("1,000 sentences of 1,750 characters", sentences)] {
+        for language in &languages {
+            let (status, answer) = server.post(&route(language, Limits::Default), &body);
+            let code = answer["error"]["code"].as_str();
+            assert_eq!((status, code), (500, Some("plugin_memory_limit")), "{}, {what}: {answer}", language.name);
+        }
     }
 }

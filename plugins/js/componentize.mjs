@@ -5,11 +5,11 @@
 // It calls componentize-js's API rather than `jco componentize`, which fails here with "failed to
 // get path metadata".
 //
-// Modules: an app imports the SDK by a relative path (`../batchbox_sdk.js`), and nothing is
-// bundled. componentize-js evaluates the module graph at build time (a Wizer snapshot of
-// SpiderMonkey) with the current directory mapped to `/`, reading each imported file from there,
-// so this script runs from plugins/js, the folder that holds the SDK and every app. A module
-// outside it cannot be imported.
+// Modules: an app imports the SDK by a relative path (`../batchbox_sdk.js`, or
+// `../../plugins/js/batchbox_sdk.js` from examples/plugin-echo-js), and nothing is bundled.
+// componentize-js evaluates the module graph at build time (a Wizer snapshot of SpiderMonkey)
+// with the current directory mapped to `/`, reading each imported file from there, so this script
+// runs from the repository root: an app and the modules it imports must lie inside it.
 //
 // Features: `http` and `fetch-event` are off, so the component does not import wasi:http, which
 // the host does not offer (plugins have no network). stdio (console, to the host's log), clocks
@@ -28,11 +28,11 @@ if (!source || !output) {
 }
 const sourcePath = resolve(source);
 const out = resolve(output);
-process.chdir(dirname(fileURLToPath(import.meta.url)));
+process.chdir(resolve(dirname(fileURLToPath(import.meta.url)), "../.."));
 
 const { component } = await componentize({
   sourcePath,
-  witPath: resolve("../../wit/batchbox.wit"),
+  witPath: resolve("wit/batchbox.wit"),
   worldName: "plugin",
   disableFeatures: ["http", "fetch-event"],
 });

@@ -1,7 +1,7 @@
 //! The smallest batchbox plugin: it answers each request with the request itself, and with the
 //! token ids the tenant's model gives its body, to show a call to the host.
 
-use batchbox_sdk::{Plugin, Request, Response, host, json};
+use batchbox_sdk::{Level, Plugin, Request, Response, host, json};
 
 struct Echo;
 
@@ -12,7 +12,8 @@ impl Plugin for Echo {
         Ok(())
     }
 
-    // Every request gets a fresh instance: nothing kept here outlives the response.
+    // Every request gets a fresh instance (unless its tenant sets `reuse_instances`): nothing kept
+    // here outlives the response.
     fn handle(request: Request) -> Response {
         // The body arrives as bytes; the tokenizer takes text.
         let text = String::from_utf8_lossy(&request.body).into_owned();
@@ -24,6 +25,8 @@ impl Plugin for Echo {
             // A refused call (a tenant quota, say) becomes the HTTP answer it stands for.
             Err(error) => return error.into_response(),
         };
+        // One line in the host's log, which tags it with the tenant and the request's id.
+        host::log(Level::Info, &format!("echoing {} bytes as {} tokens", request.body.len(), ids.len()));
 
         json(
             200,

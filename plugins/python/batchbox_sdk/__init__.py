@@ -10,17 +10,31 @@ The Python twin of the Rust SDK (plugins/sdk): the same JSON shapes, error codes
 - `host_call`: a host call whose failure becomes the HTTP answer it stands for (see the WIT);
 - `Classified`: texts through the model in one `tokenize` and one `infer` call, with the metadata
   every classifier reports (timings, tokens, truncations, forward passes);
-- `softmax`, `argmax`, `ms`, `round_ms`: the arithmetic every classifier repeats.
+- `softmax`, `argmax`, `ms`, `round_ms`: the arithmetic every classifier repeats;
+- `warm`: runs a plugin's pure code at build time, so requests start with it warm (below).
 
 Bindings come from `componentize-py bindings` (the `wit_world` package), generated at build time.
+
+Warm-up. componentize-py imports the plugin at build time and snapshots the interpreter, and every
+request gets a fresh instance of that snapshot: what CPython does on the first runs of code (it
+specialises bytecode to the types it sees) is otherwise redone by every request. So importing
+this module runs the SDK's own pure paths a few dozen times (`_warm_up`: parsing sample bodies,
+good and bad, the checks and their errors, settings, softmax and argmax, a classification's
+results and metadata on a stand-in host, responses), and a plugin may do the same for its own
+helpers with `warm(function)` at module level. Two rules: nothing at build time may call the host
+(its imports trap there), which is why `Settings.configure` and `Classified` take the host as an
+argument; and the warm-up must leave no state behind (its settings, for one, are its own), so a
+request behaves as it would without it.
 """
 
 import json
 import math
+import re
 import time
+from types import SimpleNamespace
 
 from componentize_py_types import Err
-from wit_world.exports.handler import Response
+from wit_world.exports.handler import Request, Response
 # Imported here, not where used: a plugin has no files at run time (no preopens), so only the
 # modules imported while componentize-py builds it can be imported at all.
 from wit_world.imports import host, types
@@ -45,14 +59,63 @@ def error(status: int, code: str, message: str, **extra) -> Response:
     return json_response(status, {"error": {"code": code, "message": message, **extra}})
 
 
+# serde_json, the Rust SDK's parser, refuses JSON nested this deep; json.loads goes on, and deep
+# enough it crashes the interpreter.
+NESTING_LIMIT = 128
+# A string, or a bracket outside strings: what counting the nesting needs.
+JSON_TOKEN = re.compile(r'"(?:[^"\\]+|\\.)*"|[\[\]{}]')
+# The escape of a UTF-16 surrogate, which is Unicode text only as half of a pair.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_json(body: bytes):
-    """Parses a JSON body; on failure, raises the 400 that says what was wrong and where."""
+    """Parses a JSON body as serde_json would; on failure, raises the 400 that says what was wrong
+    and where. Only a body that is not JSON is the client's fault: anything else raised (a
+    MemoryError) traps, and the host answers 500."""
     if not body:
         raise Respond(error(400, "invalid_json", "the request body is empty; expected JSON"))
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        # UTF-8 and nothing else: json.loads would take bytes in UTF-16 or 32 too, and skip a byte
+        # order mark with a codec the component does not hold (a trap). A BOM stays in the text,
+        # and json.loads refuses it, as serde_json does.
+        text = body.decode()
+        if too_deep(text):
+            raise ValueError(f"recursion limit exceeded: nested {NESTING_LIMIT} deep")
+        value = json.loads(text, parse_constant=not_json)
+        # json.loads takes an escaped lone surrogate ("\ud800") into a string, which is not
+        # Unicode text (the host could not take it). Encoding finds one; the search keeps that
+        # rare.
+        if SURROGATE_ESCAPE.search(text):
+            try:
+                json.dumps(value, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise ValueError("a string holds a lone surrogate escape, which is not Unicode text") from None
+    # UnicodeDecodeError and json.JSONDecodeError are ValueErrors; MemoryError and RecursionError
+    # are not.
+    except ValueError as e:
         raise Respond(error(400, "invalid_json", f"invalid JSON body: {e}")) from None
+    return value
+
+
+def too_deep(text: str) -> bool:
+    """Whether `text` nests arrays and objects `NESTING_LIMIT` deep."""
+    if text.count("[") + text.count("{") < NESTING_LIMIT:  # most bodies: no need to look closer
+        return False
+    depth = 0
+    for token in JSON_TOKEN.finditer(text):
+        bracket = token.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth >= NESTING_LIMIT:
+                return True
+        elif bracket in ("]", "}"):
+            depth -= 1
+    return False
+
+
+def not_json(constant: str):
+    """json.loads takes `NaN`, `Infinity` and `-Infinity`; JSON has no such values."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def require_method(request, method: str) -> None:
@@ -139,9 +202,9 @@ class Settings:
         self.defaults = defaults
         self.values = None
 
-    def configure(self, config: str, task: types.Task) -> None:
+    def configure(self, config: str, task: types.Task, host=host) -> None:
         """Parses `config` (unknown keys refused) and checks the model's task; raises `Err` to
-        stop startup with the reason."""
+        stop startup with the reason. `host`: the host's imports (the warm-up's stand-in)."""
         try:
             given = json.loads(config)
         except ValueError as e:
@@ -193,9 +256,10 @@ class Classified:
     """`texts` through the route's sequence-classification model: one `tokenize` call and one
     `infer` call for all of them (the host batches their sequences, with other requests' too),
     the softmax of each output, and the metadata every classifier reports. A host refusal raises
-    the response it stands for. `started` is the request's `time.perf_counter()` at arrival."""
+    the response it stands for. `started` is the request's `time.perf_counter()` at arrival;
+    `host`: the host's imports (the warm-up's stand-in)."""
 
-    def __init__(self, texts: list, started: float):
+    def __init__(self, texts: list, started: float, host=host):
         self.started = started
         self.info = host.model()
         self.total_words = sum(len(text.split()) for text in texts)
@@ -263,3 +327,99 @@ def ms(since: float) -> float:
 def round_ms(value: float) -> float:
     """Milliseconds to the microsecond, for responses: finer digits are noise."""
     return round(value, 3)
+
+
+# The warm-up (see the module's docs).
+
+# Enough runs for CPython to specialise each instruction on the paths taken (it does after two or
+# so), and to settle those it had to respecialise.
+WARM_TIMES = 50
+
+
+def warm(function, times: int = WARM_TIMES) -> None:
+    """Runs `function()` `times` times, at module level, so that the snapshot componentize-py takes
+    after importing the plugin has its code warm. `function` must not call the host (its imports
+    trap at build time) nor change state a request would see. A `Respond` it raises is expected:
+    error paths warm too."""
+    for _ in range(times):
+        try:
+            function()
+        except Respond:
+            pass
+
+
+def _warm_up() -> None:
+    """The SDK's pure paths, on samples and a stand-in host, with state of their own."""
+    labels = ["sports", "politics", "business"]
+    encoding = types.Encoding([1, 7, 2], [None, 0, None], [(0, 0), (0, 4), (0, 0)], False)
+    stand_in = SimpleNamespace(
+        model=lambda: types.ModelInfo("warm-up", "0", types.Task.SEQUENCE_CLASSIFICATION, labels, 16),
+        tokenize=lambda texts: [encoding] * len(texts),
+        infer=lambda ids: types.Inference([types.Tensor([0.5, -1.25, 2.0], [3])] * len(ids), 10, 20, 1, [1]),
+    )
+    sentences = TextList("sentences", "sentence", max_items=3, max_chars=40)
+    bodies = [
+        b'{"sentences": ["The match ended in a draw.", "Shares rose 3% on Monday."]}',
+        b'["The vote is on Tuesday."]',
+        b"",
+        b"{not json",
+        b'["\xff"]',
+        b'\xef\xbb\xbf["a"]',
+        b'["\\ud800"]',
+        b'["\\ud83d\\ude00 ok"]',
+        b"[" * NESTING_LIMIT,
+        b'["a", NaN]',
+        b"null",
+        b'{"texts": ["a"]}',
+        b'{"sentences": ["a"], "extra": 1}',
+        b'{"sentences": "a"}',
+        b'["a", 3]',
+        b'["a", " \\t "]',
+        b'["a", "b", "c", "d"]',
+        b'["' + b"x" * 41 + b'"]',
+    ]
+
+    def classify(body):
+        texts = sentences.parse(body)
+        result = Classified(texts, time.perf_counter(), stand_in)
+        return json_response(200, {
+            "probabilities": result.probabilities,
+            "predictions": result.predictions,
+            "metadata": result.metadata(num_sentences=len(texts)),
+        })
+
+    def configure(config):
+        try:
+            Settings(max_sentences=1000, max_sentence_chars=10_000).configure(
+                config, types.Task.SEQUENCE_CLASSIFICATION, stand_in
+            )
+        except Err:
+            pass
+
+    def refused(failure):
+        def call():
+            raise Err(failure)
+
+        host_call(call)
+
+    failures = [
+        types.Error_InvalidInput("x"),
+        types.Error_TooLarge("x"),
+        types.Error_QuotaExceeded(types.QuotaError("tokens", "x")),
+        types.Error_Overloaded("x"),
+        types.Error_TimedOut("x"),
+        types.Error_Internal("x"),
+    ]
+    for body in bodies:
+        warm(lambda: classify(body))
+    for config in ["{}", '{"max_sentences": 3}', '{"max_sentences": "3"}', '{"other": 1}', "[]", "{"]:
+        warm(lambda: configure(config))
+    for failure in failures:
+        warm(lambda: refused(failure))
+    for method in ["POST", "GET"]:
+        warm(lambda: require_method(Request(method, "/", "", [], b""), "POST"))
+    warm(lambda: Settings()["unset"])
+    warm(lambda: (argmax(softmax([0.1, 2.0, -3.0])), argmax([]), json_kind(1.5), json_kind({})))
+
+
+_warm_up()
