@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use common::{PREDICT, Server, assert_json_error, python_wasm, read, wasm, workspace, write_config};
+use common::{PREDICT, Server, assert_json_error, batchbox, python_wasm, read, wasm, workspace, write_config};
 use serde_json::{Value, json};
 
 /// One echo: its language, which names its tenant and prefixes its route, and its component.
@@ -228,13 +228,8 @@ fn every_echo_logs_through_the_host_tagged_with_its_tenant_and_the_request_id() 
 fn the_guides_config_passes_check_config() {
     let config = workspace().join("examples/echo.yaml");
     let _starting = one_at_a_time();
-    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
-        .args(["--config", config.to_str().unwrap(), "check-config"])
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "{text}");
+    let (ok, text) = batchbox(&["--config", config.to_str().unwrap(), "check-config"], &[("RUST_LOG", "error")]);
+    assert!(ok, "{text}");
     for echo in echoes() {
         let line = format!("tenant echo-{}: routes [\"{}\"]", echo.language, echo.route());
         assert!(text.contains(&line), "no `{line}` in:\n{text}");

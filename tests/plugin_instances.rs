@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{Server, assert_json_error, js_wasm, python_wasm, write_config};
+use common::{Server, assert_json_error, batchbox, js_wasm, python_wasm, write_config};
 use serde_json::json;
 
 /// `fresh` and `reused` run the same plugin; only `reused` opts in.
@@ -93,15 +91,7 @@ tenants:
             js = js_wasm("sentence_classifier").display(),
         ),
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
-        .args(["--config", config.to_str().unwrap(), "check-config"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
-    )
+    batchbox(&["--config", config.to_str().unwrap(), "check-config"], &[("RUST_LOG", "info")])
 }
 
 #[test]

@@ -10,9 +10,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use common::{PREDICT, Server, fixture_sentences, python_wasm, read, wasm, workspace, write_config};
+use common::{PREDICT, Server, batchbox, fixture_sentences, python_wasm, read, wasm, workspace, write_config};
 use serde_json::{Value, json};
 
 /// One implementation of the classifier: the tenant's name and its component.
@@ -240,13 +239,8 @@ fn a_config_the_plugin_cannot_take_stops_startup_in_every_language() {
             Limits::Default => r#"{ max_sentences: "3" }"#.into(),
             Limits::Small => SMALL.into(),
         });
-        let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
-            .args(["--config", path.to_str().unwrap(), "check-config"])
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{text}");
+        let (ok, text) = batchbox(&["--config", path.to_str().unwrap(), "check-config"], &[("RUST_LOG", "error")]);
+        assert!(!ok, "{text}");
         assert!(text.contains(&format!("tenant {name}: the plugin rejected its config")), "{text}");
         assert!(text.contains("max_sentences"), "{text}");
     }

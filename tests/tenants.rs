@@ -7,10 +7,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{PREDICT, Server, assert_json_error, predict_body, workspace, write_config};
+use common::{PREDICT, Server, assert_json_error, batchbox, predict_body, workspace, write_config};
 use serde_json::{Value, json};
 
 const ALPHA_KEY: &str = "alpha-secret-key";
@@ -251,19 +250,6 @@ fn wasi_grants_no_files_environment_network_or_fine_clock() {
     let step = report["monotonic_step_ns"].as_u64().unwrap();
     assert!(step > 0 && step % resolution == 0, "the finest monotonic step is {step} ns");
     assert_alpha_served(&server, "escape attempts");
-}
-
-fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
-    )
 }
 
 #[test]

@@ -231,6 +231,21 @@ pub fn raw(server: &Server, head: &str, body: &str) -> (u16, Value) {
     (status, serde_json::from_str(json).unwrap_or_else(|_| panic!("not JSON ({status}): {answer:?}")))
 }
 
+/// Runs the `batchbox` command to its end with `env` set (after `RUST_LOG=warn`, which `env` may
+/// override): whether it succeeded, and its stdout and stderr together.
+pub fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
+    )
+}
+
 /// The median of some durations.
 pub fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();

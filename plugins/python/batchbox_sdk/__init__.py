@@ -2,6 +2,7 @@
 
 The Python twin of the Rust SDK (plugins/sdk): the same JSON shapes, error codes and statuses.
 
+- `Respond` and `respond`: a failed check raises the response to send, `respond` sends it;
 - `json_response`, `error`: responses, errors in the host's shape `{"error": {"code", "message"}}`;
 - `TextList`: the usual body of a text model, `{"<field>": [...]}` or a bare array, checked item
   by item (400 naming the item, 413 naming the limit); `list_body`, `check_count` and `check_text`
@@ -46,6 +47,15 @@ class Respond(Exception):
     def __init__(self, response: Response):
         super().__init__(response.status)
         self.response = response
+
+
+def respond(answer) -> Response:
+    """Runs `answer()` and returns its response, or the one a `Respond` it raised carries. Anything
+    else raised is a bug: it traps, and the host answers 500 `plugin_failed`."""
+    try:
+        return answer()
+    except Respond as raised:
+        return raised.response
 
 
 def json_response(status: int, value) -> Response:

@@ -47,7 +47,7 @@ import unicodedata
 import wit_world
 from batchbox_sdk import (
     Classified, Respond, Settings, argmax, check_count, check_text, error, json_kind, json_response, list_body,
-    require_method, warm,
+    require_method, respond, warm,
 )
 from wit_world.imports import types
 
@@ -67,10 +67,7 @@ class Handler(wit_world.exports.Handler):
         SETTINGS.configure(config, types.Task.SEQUENCE_CLASSIFICATION)
 
     def handle(self, request):
-        try:
-            return classify(request)
-        except Respond as answer:
-            return answer.response
+        return respond(lambda: classify(request))
 
 
 def split_sentences(text: str) -> list:

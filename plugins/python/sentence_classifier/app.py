@@ -4,7 +4,7 @@ metadata, on the Python SDK (plugins/python/batchbox_sdk)."""
 import time
 
 import wit_world
-from batchbox_sdk import Classified, Respond, Settings, TextList, json_response, require_method
+from batchbox_sdk import Classified, Settings, TextList, json_response, require_method, respond
 from wit_world.imports import types
 
 SETTINGS = Settings(max_sentences=1000, max_sentence_chars=10_000)
@@ -15,10 +15,7 @@ class Handler(wit_world.exports.Handler):
         SETTINGS.configure(config, types.Task.SEQUENCE_CLASSIFICATION)
 
     def handle(self, request):
-        try:
-            return classify(request)
-        except Respond as answer:
-            return answer.response
+        return respond(lambda: classify(request))
 
 
 def classify(request):
