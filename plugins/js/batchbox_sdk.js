@@ -11,7 +11,7 @@
  * - `Settings`: the plugin's config, parsed in `configure` (with the model's task checked);
  * - `hostCall`: a host call whose failure becomes the HTTP answer it stands for (see the WIT);
  * - `Respond` and `respond`: a failed check throws the response to send, `respond` sends it;
- * - `Classified`: texts through the model in one `tokenize` and one `infer` call, with the metadata
+ * - `Classified`: texts through the model in one `inferTexts` call, with the metadata
  *   every classifier reports (timings, tokens, truncations, forward passes);
  * - `softmax`, `argmax`, `words`, `ms`, `roundMs`: the arithmetic every classifier repeats;
  * - `warm`: runs a plugin's pure code at build time, so requests start with it warm (below).
@@ -37,11 +37,11 @@
  * would without it.
  */
 
-import { infer, model, tokenize } from "batchbox:plugin/host@0.1.0";
+import { inferTexts, model } from "batchbox:plugin/host@0.1.1";
 
 /** What `Settings.configure` and `Classified` take from the host: its imports, and the clock (which
  * is not there at build time either: `performance.now()` traps then). */
-const HOST = { infer, model, tokenize, now: () => performance.now() };
+const HOST = { inferTexts, model, now: () => performance.now() };
 
 /** Thrown with the response to send instead: the early return of a failed check. Not an Error:
  * it is an answer, not a fault, and needs no stack. */
@@ -335,29 +335,19 @@ export function hostCall(f, ...args) {
   }
 }
 
-/** `texts` through the route's sequence-classification model: one `tokenize` call and one `infer`
- * call for all of them (the host batches their sequences, with other requests' too), the softmax
- * of each output, and the metadata every classifier reports. A host refusal throws the response
- * it stands for. `started` is the request's `performance.now()` at arrival; `host`: the host
- * (`HOST`, or the warm-up's stand-in). */
+/** `texts` through the route's sequence-classification model in one `inferTexts` call (the host
+ * tokenizes them and batches their sequences, with other requests' too; no token crosses into the
+ * interpreter), the softmax of each output, and the metadata every classifier reports. A host
+ * refusal throws the response it stands for. `started` is the request's `performance.now()` at
+ * arrival; `host`: the host (`HOST`, or the warm-up's stand-in). */
 export class Classified {
   constructor(texts, started, host = HOST) {
     this.started = started;
     this.host = host;
     this.info = host.model();
     this.totalWords = texts.reduce((n, text) => n + words(text).length, 0);
-    const tokenizeStarted = host.now();
-    this.encodings = hostCall(host.tokenize, texts);
-    this.tokenizeMs = host.now() - tokenizeStarted;
-    const ids = this.encodings.map((e) => e.ids);
-    this.inference = null;
-    this.inferMs = 0;
-    if (ids.length > 0) { // nothing to compute: no call, no model time
-      const inferStarted = host.now();
-      this.inference = hostCall(host.infer, ids);
-      this.inferMs = host.now() - inferStarted;
-    }
-    this.probabilities = (this.inference?.outputs ?? []).map((t) => softmax(t.data));
+    this.computed = hostCall(host.inferTexts, texts);
+    this.probabilities = this.computed.inference.outputs.map((t) => softmax(t.data));
     this.labels = this.info.labels;
     this.predictions = this.probabilities.map((p) => this.labels[argmax(p)]);
   }
@@ -365,29 +355,31 @@ export class Classified {
   /** The response's `metadata`, with `counts` (e.g. `{ num_sentences: 3 }`) after the token
    * count. Call it last: its processing time ends now. */
   metadata(counts) {
-    const { inference } = this;
+    const { computed } = this;
+    const { inference } = computed;
     // u64 microseconds arrive as BigInt; batch ids are pass counters, far below 2^53.
-    const queueMs = inference ? Number(inference.queueUs) / 1e3 : 0;
-    const computeMs = inference ? Number(inference.computeUs) / 1e3 : 0;
+    const tokenizeMs = Number(computed.tokenizeUs) / 1e3;
+    const queueMs = Number(inference.queueUs) / 1e3;
+    const computeMs = Number(inference.computeUs) / 1e3;
     const totalMs = this.host.now() - this.started;
-    // Everything that is neither the host's tokenizer nor the model: parsing, softmax, the
-    // plugin's own work, and the crossing of the boundary.
-    const pluginMs =
-      Math.max(totalMs - this.tokenizeMs - this.inferMs, 0) + Math.max(this.inferMs - queueMs - computeMs, 0);
+    let totalTokens = 0;
+    for (let i = 0; i < computed.tokens.length; i++) totalTokens += computed.tokens[i];
     return {
       processing_time_ms: roundMs(totalMs),
       total_words: this.totalWords,
-      total_tokens: this.encodings.reduce((n, e) => n + e.ids.length, 0),
+      total_tokens: totalTokens,
       ...counts,
       model_version: this.info.version,
-      truncated: this.encodings.flatMap((e, i) => (e.truncated ? [i] : [])),
-      forward_passes: inference?.forwardPasses ?? 0,
-      batch_ids: Array.from(inference?.batchIds ?? [], Number),
+      truncated: Array.from(computed.truncated),
+      forward_passes: inference.forwardPasses,
+      batch_ids: Array.from(inference.batchIds, Number),
       breakdown_ms: {
-        tokenize: roundMs(this.tokenizeMs),
+        tokenize: roundMs(tokenizeMs),
         queue: roundMs(queueMs),
         inference: roundMs(computeMs),
-        plugin: roundMs(pluginMs),
+        // Everything that was not the host's work: parsing, softmax, the plugin's own work, and
+        // the crossing of the boundary.
+        plugin: roundMs(Math.max(totalMs - tokenizeMs - queueMs - computeMs, 0)),
       },
     };
   }
@@ -459,14 +451,17 @@ function warmUp() {
       labels: ["sports", "politics", "business"],
       maxLength: 16,
     }),
-    tokenize: (texts) =>
-      texts.map(() => ({ ids: Uint32Array.of(1, 7, 2), wordIds: [undefined, 0, undefined], truncated: false })),
-    infer: (ids) => ({
-      outputs: ids.map(() => ({ data: Float32Array.of(0.5, -1.25, 2), shape: Uint32Array.of(3) })),
-      queueUs: 10n,
-      computeUs: 20n,
-      forwardPasses: 1,
-      batchIds: BigUint64Array.of(1n),
+    inferTexts: (texts) => ({
+      inference: {
+        outputs: texts.map(() => ({ data: Float32Array.of(0.5, -1.25, 2), shape: Uint32Array.of(3) })),
+        queueUs: 10n,
+        computeUs: 20n,
+        forwardPasses: 1,
+        batchIds: BigUint64Array.of(1n),
+      },
+      tokens: Uint32Array.from(texts, () => 3),
+      truncated: Uint32Array.of(...(texts.length > 0 ? [0] : [])),
+      tokenizeUs: 30n,
     }),
   };
   const sentences = new TextList({ field: "sentences", item: "sentence", maxItems: 3, maxChars: 40 });

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::RequestState;
 use super::bindings::batchbox::plugin::{host, types};
 use batchbox_batcher::scheduler::Rejected;
-use batchbox_model::{ModelError, Task};
+use batchbox_model::{Encoding, ModelError, Task};
 use batchbox_tenants::TenantLimits;
 
 /// What one request's host calls have asked for so far.
@@ -72,15 +72,7 @@ impl host::Host for RequestState {
     }
 
     async fn tokenize(&mut self, texts: Vec<String>) -> wasmtime::Result<Result<Vec<types::Encoding>, types::Error>> {
-        if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {
-            return Ok(Err(refused));
-        }
-        let started = Instant::now();
-        let model = self.model.clone();
-        // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
-        let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).await?;
-        self.host_time += started.elapsed();
-        Ok(encoded.map_err(to_wit_error).map(|encodings| {
+        Ok(self.tokenized(texts).await?.map(|encodings| {
             encodings
                 .into_iter()
                 .map(|e| types::Encoding {
@@ -94,23 +86,29 @@ impl host::Host for RequestState {
     }
 
     async fn infer(&mut self, sequences: Vec<Vec<u32>>) -> wasmtime::Result<Result<types::Inference, types::Error>> {
-        if let Err(refused) = self.usage.charge_sequences(&self.quotas, &sequences) {
-            return Ok(Err(refused));
-        }
+        self.inferred(sequences).await
+    }
+
+    async fn infer_texts(
+        &mut self,
+        texts: Vec<String>,
+    ) -> wasmtime::Result<Result<types::TextInference, types::Error>> {
         let started = Instant::now();
-        let result = self.model.infer(&self.tenant, sequences, self.deadline).await;
-        self.host_time += started.elapsed();
-        Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
-            outputs: inference
-                .outputs
-                .into_iter()
-                .map(|o| types::Tensor { data: o.data, shape: o.shape.into_iter().map(|d| d as u32).collect() })
-                .collect(),
-            queue_us: inference.queued.as_micros() as u64,
-            compute_us: inference.computed.as_micros() as u64,
-            forward_passes: inference.stats.forward_passes as u32,
-            batch_ids: inference.batch_ids,
-        }))
+        let encodings = match self.tokenized(texts).await? {
+            Ok(encodings) => encodings,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let tokenize_us = started.elapsed().as_micros() as u64;
+        let tokens = encodings.iter().map(|e| e.ids.len() as u32).collect();
+        let truncated = (0..).zip(&encodings).filter(|(_, e)| e.truncated).map(|(i, _)| i).collect();
+        let sequences: Vec<Vec<u32>> = encodings.into_iter().map(|e| e.ids).collect();
+        let inference = if sequences.is_empty() {
+            // Nothing to compute: no model call, no model time.
+            Ok(types::Inference { outputs: vec![], queue_us: 0, compute_us: 0, forward_passes: 0, batch_ids: vec![] })
+        } else {
+            self.inferred(sequences).await?
+        };
+        Ok(inference.map(|inference| types::TextInference { inference, tokens, truncated, tokenize_us }))
     }
 
     fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
@@ -134,6 +132,42 @@ impl host::Host for RequestState {
             types::Level::Error => tracing::error!(tenant, request_id, "{message}"),
         }
         Ok(())
+    }
+}
+
+impl RequestState {
+    /// `tokenize`'s work, charged to the request's quotas.
+    async fn tokenized(&mut self, texts: Vec<String>) -> wasmtime::Result<Result<Vec<Encoding>, types::Error>> {
+        if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {
+            return Ok(Err(refused));
+        }
+        let started = Instant::now();
+        let model = self.model.clone();
+        // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
+        let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).await?;
+        self.host_time += started.elapsed();
+        Ok(encoded.map_err(to_wit_error))
+    }
+
+    /// `infer`'s work, charged to the request's quotas.
+    async fn inferred(&mut self, sequences: Vec<Vec<u32>>) -> wasmtime::Result<Result<types::Inference, types::Error>> {
+        if let Err(refused) = self.usage.charge_sequences(&self.quotas, &sequences) {
+            return Ok(Err(refused));
+        }
+        let started = Instant::now();
+        let result = self.model.infer(&self.tenant, sequences, self.deadline).await;
+        self.host_time += started.elapsed();
+        Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
+            outputs: inference
+                .outputs
+                .into_iter()
+                .map(|o| types::Tensor { data: o.data, shape: o.shape.into_iter().map(|d| d as u32).collect() })
+                .collect(),
+            queue_us: inference.queued.as_micros() as u64,
+            compute_us: inference.computed.as_micros() as u64,
+            forward_passes: inference.stats.forward_passes as u32,
+            batch_ids: inference.batch_ids,
+        }))
     }
 }
 

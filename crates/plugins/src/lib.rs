@@ -48,6 +48,7 @@ mod bindings {
         imports: {
             "batchbox:plugin/host.tokenize": async | trappable,
             "batchbox:plugin/host.infer": async | trappable,
+            "batchbox:plugin/host.infer-texts": async | trappable,
             default: trappable,
         },
         exports: { default: async },

@@ -12,8 +12,11 @@ use batchbox_plugins::{InferFuture, PluginModel, PluginRuntime, json_post};
 use batchbox_tenants::TenantConfig;
 use serde_json::{Value, json};
 
-/// Two labels; sentence `i` (its one token is `i`) gets logits `[i, 0]`, so the plugin's
-/// softmax must give "no" the probability `sigmoid(i)`. Counts the sequences it was asked for.
+const MAX_LENGTH: usize = 2;
+
+/// Two labels; sentence `i` (its tokens are all `i`) gets logits `[i, 0]`, so the plugin's
+/// softmax must give "no" the probability `sigmoid(i)`. A sentence has a token per word, at most
+/// [`MAX_LENGTH`] (more is truncated). Counts the sequences it was asked for.
 struct Fake {
     manifest: Manifest,
     inferred: AtomicUsize,
@@ -25,8 +28,18 @@ impl PluginModel for Fake {
     }
 
     fn tokenize(&self, texts: &[String]) -> Result<Vec<Encoding>, ModelError> {
-        Ok((0..texts.len() as u32)
-            .map(|i| Encoding { ids: vec![i], word_ids: vec![Some(0)], offsets: vec![(0, 1)], truncated: false })
+        Ok((0..)
+            .zip(texts)
+            .map(|(i, text)| {
+                let words = text.split_whitespace().count();
+                let kept = words.min(MAX_LENGTH);
+                Encoding {
+                    ids: vec![i; kept],
+                    word_ids: (0..kept as u32).map(Some).collect(),
+                    offsets: vec![(0, 1); kept],
+                    truncated: words > MAX_LENGTH,
+                }
+            })
             .collect())
     }
 
@@ -40,18 +53,19 @@ impl PluginModel for Fake {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_real_plugin_is_served_by_a_fake_model_through_the_trait() {
+/// The real sentence-classifier on a fake model, for a tenant with `limits`.
+async fn served(limits: Value) -> (PluginRuntime, Arc<Fake>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let wasm = root.join("plugins/target/wasm32-wasip2/release/sentence_classifier.wasm");
     assert!(wasm.exists(), "{} is missing: run `make plugins`", wasm.display());
     let tenant: TenantConfig = serde_json::from_value(json!({
         "name": "classifier", "wasm": wasm, "routes": ["/api/v1/predict/sentences"], "model": "fake",
+        "limits": limits,
     }))
     .unwrap();
     let manifest = serde_json::from_value(json!({
         "format_version": 1, "name": "fake", "task": "sequence-classification", "labels": ["no", "yes"],
-        "max_length": 8, "inputs": ["input_ids", "attention_mask"], "variants": {}, "pad_token_id": 0,
+        "max_length": MAX_LENGTH, "inputs": ["input_ids", "attention_mask"], "variants": {}, "pad_token_id": 0,
         "vocab_size": 100, "version": "fake-1", "sha256": "0",
     }))
     .unwrap();
@@ -59,12 +73,20 @@ async fn a_real_plugin_is_served_by_a_fake_model_through_the_trait() {
     let model: Arc<dyn PluginModel> = fake.clone();
     let cache = root.join("target/plugin-cache");
     let runtime = PluginRuntime::load(std::slice::from_ref(&tenant), |_| model.clone(), 4, &cache).await.unwrap();
+    (runtime, fake)
+}
 
-    let body = json!({ "sentences": ["first", "second", "third"] }).to_string().into_bytes();
-    let request = json_post("/api/v1/predict/sentences", body);
+async fn classify(runtime: &PluginRuntime, sentences: Value) -> (u16, Value) {
+    let request = json_post("/api/v1/predict/sentences", json!({ "sentences": sentences }).to_string().into_bytes());
     let response = runtime.handle("classifier", 1, request).await.unwrap();
-    let answer: Value = serde_json::from_slice(&response.body).unwrap();
-    assert_eq!(response.status, 200, "{answer}");
+    (response.status, serde_json::from_slice(&response.body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_plugin_is_served_by_a_fake_model_through_the_trait() {
+    let (runtime, fake) = served(json!({})).await;
+    let (status, answer) = classify(&runtime, json!(["first", "second", "third"])).await;
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["labels"], json!(["no", "yes"]));
     // Logits [0, 0], [1, 0], [2, 0]: "no" has probability 0.5, then 0.73, then 0.88.
     let probabilities: Vec<Vec<f64>> = serde_json::from_value(answer["probabilities"].clone()).unwrap();
@@ -73,4 +95,41 @@ async fn a_real_plugin_is_served_by_a_fake_model_through_the_trait() {
         assert!((row[0] - expected_no).abs() < 1e-3, "sentence {i}: {row:?}");
     }
     assert_eq!(fake.inferred.load(Ordering::SeqCst), 3, "one sequence per sentence reached the model");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infer_texts_reports_the_tokens_and_truncations_the_host_saw_and_skips_the_model_for_no_texts() {
+    let (runtime, fake) = served(json!({})).await;
+    // 1, 2 and 3 words: the third keeps MAX_LENGTH = 2 tokens and is reported truncated.
+    let (status, answer) = classify(&runtime, json!(["one", "two words", "three words here"])).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["metadata"]["total_tokens"], 5);
+    assert_eq!(answer["metadata"]["truncated"], json!([2]));
+    assert_eq!(answer["metadata"]["forward_passes"], 1);
+    assert_eq!(fake.inferred.load(Ordering::SeqCst), 3);
+
+    let (status, answer) = classify(&runtime, json!([])).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["predictions"], json!([]));
+    assert_eq!(
+        (answer["metadata"]["forward_passes"].clone(), answer["metadata"]["batch_ids"].clone()),
+        (json!(0), json!([]))
+    );
+    assert_eq!(fake.inferred.load(Ordering::SeqCst), 3, "no texts, no model call");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infer_texts_is_charged_as_tokenize_and_infer_are() {
+    // Texts: 4 sentences of 15 bytes are more than max_text_bytes 48.
+    let (runtime, fake) = served(json!({ "max_text_bytes": 48, "max_tokens": 5 })).await;
+    let (status, answer) =
+        classify(&runtime, json!(["a b c d e f g h", "i j k l m n o p", "q r s t u v w x", "y z a b c d e f"])).await;
+    assert_eq!((status, answer["error"]["quota"].clone()), (429, json!("max_text_bytes")), "{answer}");
+    assert_eq!(fake.inferred.load(Ordering::SeqCst), 0, "refused before the model");
+    // Tokens: 2 + 2 + 2 after truncation pass max_tokens 5.
+    let (status, answer) = classify(&runtime, json!(["a b", "c d", "e f"])).await;
+    assert_eq!((status, answer["error"]["quota"].clone()), (429, json!("max_tokens")), "{answer}");
+    assert_eq!(fake.inferred.load(Ordering::SeqCst), 0, "refused before the model");
+    let (status, answer) = classify(&runtime, json!(["a b", "c d", "e"])).await;
+    assert_eq!(status, 200, "5 tokens fit: {answer}");
 }

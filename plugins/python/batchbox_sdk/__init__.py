@@ -9,8 +9,8 @@ The Python twin of the Rust SDK (plugins/sdk): the same JSON shapes, error codes
   are its parts, for bodies whose items are more than strings;
 - `Settings`: the plugin's config, parsed in `configure` (with the model's task checked);
 - `host_call`: a host call whose failure becomes the HTTP answer it stands for (see the WIT);
-- `Classified`: texts through the model in one `tokenize` and one `infer` call, with the metadata
-  every classifier reports (timings, tokens, truncations, forward passes);
+- `Classified`: texts through the model in one `infer_texts` call, with the metadata every
+  classifier reports (timings, tokens, truncations, forward passes);
 - `softmax`, `argmax`, `ms`, `round_ms`: the arithmetic every classifier repeats;
 - `warm`: runs a plugin's pure code at build time, so requests start with it warm (below).
 
@@ -263,55 +263,44 @@ def host_call(function, *args):
 
 
 class Classified:
-    """`texts` through the route's sequence-classification model: one `tokenize` call and one
-    `infer` call for all of them (the host batches their sequences, with other requests' too),
-    the softmax of each output, and the metadata every classifier reports. A host refusal raises
-    the response it stands for. `started` is the request's `time.perf_counter()` at arrival;
-    `host`: the host's imports (the warm-up's stand-in)."""
+    """`texts` through the route's sequence-classification model in one `infer_texts` call (the
+    host tokenizes them and batches their sequences, with other requests' too; no token crosses
+    into the interpreter), the softmax of each output, and the metadata every classifier reports.
+    A host refusal raises the response it stands for. `started` is the request's
+    `time.perf_counter()` at arrival; `host`: the host's imports (the warm-up's stand-in)."""
 
     def __init__(self, texts: list, started: float, host=host):
         self.started = started
         self.info = host.model()
         self.total_words = sum(len(text.split()) for text in texts)
-        tokenize_started = time.perf_counter()
-        self.encodings = host_call(host.tokenize, texts)
-        self.tokenize_ms = ms(tokenize_started)
-        ids = [e.ids for e in self.encodings]
-        self.inference, self.infer_ms = None, 0.0
-        if ids:  # nothing to compute: no call, no model time
-            infer_started = time.perf_counter()
-            self.inference = host_call(host.infer, ids)
-            self.infer_ms = ms(infer_started)
-        self.probabilities = [softmax(t.data) for t in self.inference.outputs] if self.inference else []
+        self.computed = host_call(host.infer_texts, texts)
+        self.probabilities = [softmax(t.data) for t in self.computed.inference.outputs]
         self.labels = self.info.labels
         self.predictions = [self.labels[argmax(p)] for p in self.probabilities]
 
     def metadata(self, **counts) -> dict:
         """The response's `metadata`, with `counts` (e.g. `num_sentences=3`) after the token count.
         Call it last: its processing time ends now."""
-        inference = self.inference
-        queue_ms = inference.queue_us / 1e3 if inference else 0.0
-        compute_ms = inference.compute_us / 1e3 if inference else 0.0
+        computed, inference = self.computed, self.computed.inference
+        tokenize_ms = computed.tokenize_us / 1e3
+        queue_ms, compute_ms = inference.queue_us / 1e3, inference.compute_us / 1e3
         total_ms = ms(self.started)
-        # Everything that is neither the host's tokenizer nor the model: parsing, softmax, the
-        # plugin's own work, and the crossing of the boundary.
-        plugin_ms = max(total_ms - self.tokenize_ms - self.infer_ms, 0.0) + max(
-            self.infer_ms - queue_ms - compute_ms, 0.0
-        )
         return {
             "processing_time_ms": round_ms(total_ms),
             "total_words": self.total_words,
-            "total_tokens": sum(len(e.ids) for e in self.encodings),
+            "total_tokens": sum(computed.tokens),
             **counts,
             "model_version": self.info.version,
-            "truncated": [i for i, e in enumerate(self.encodings) if e.truncated],
-            "forward_passes": inference.forward_passes if inference else 0,
-            "batch_ids": list(inference.batch_ids) if inference else [],
+            "truncated": list(computed.truncated),
+            "forward_passes": inference.forward_passes,
+            "batch_ids": list(inference.batch_ids),
             "breakdown_ms": {
-                "tokenize": round_ms(self.tokenize_ms),
+                "tokenize": round_ms(tokenize_ms),
                 "queue": round_ms(queue_ms),
                 "inference": round_ms(compute_ms),
-                "plugin": round_ms(plugin_ms),
+                # Everything that was not the host's work: parsing, softmax, the plugin's own
+                # work, and the crossing of the boundary.
+                "plugin": round_ms(max(total_ms - tokenize_ms - queue_ms - compute_ms, 0.0)),
             },
         }
 
@@ -361,11 +350,14 @@ def warm(function, times: int = WARM_TIMES) -> None:
 def _warm_up() -> None:
     """The SDK's pure paths, on samples and a stand-in host, with state of their own."""
     labels = ["sports", "politics", "business"]
-    encoding = types.Encoding([1, 7, 2], [None, 0, None], [(0, 0), (0, 4), (0, 0)], False)
     stand_in = SimpleNamespace(
         model=lambda: types.ModelInfo("warm-up", "0", types.Task.SEQUENCE_CLASSIFICATION, labels, 16),
-        tokenize=lambda texts: [encoding] * len(texts),
-        infer=lambda ids: types.Inference([types.Tensor([0.5, -1.25, 2.0], [3])] * len(ids), 10, 20, 1, [1]),
+        infer_texts=lambda texts: types.TextInference(
+            types.Inference([types.Tensor([0.5, -1.25, 2.0], [3])] * len(texts), 10, 20, 1, [1]),
+            [3] * len(texts),
+            [0] if texts else [],
+            30,
+        ),
     )
     sentences = TextList("sentences", "sentence", max_items=3, max_chars=40)
     bodies = [

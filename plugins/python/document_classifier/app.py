@@ -1,7 +1,7 @@
 """`POST` documents in (on the tenant's route, e.g. `/api/v1/classify/documents`), a topic for
 each of their sentences and for each document out: the pre-processing only a plugin can do. The
 host classifies sequences; this plugin splits documents into sentences, normalises them, sends
-every sentence of every document to the model in one `infer` call (so they share forward
+every sentence of every document to the model in one `infer_texts` call (so they share forward
 passes), and aggregates the answers per document.
 
 Request: `{"documents": [...]}` or a bare array. A document is a string, or
@@ -138,7 +138,7 @@ def classify(request):
         sentences += split
         owners += [i] * len(split)
 
-    result = Classified(sentences, started)  # one tokenize and one infer call for all of them
+    result = Classified(sentences, started)  # one host call for all of them
     labels = result.labels
     per_document = [[] for _ in documents]
     for owner, probabilities in zip(owners, result.probabilities):

@@ -79,43 +79,30 @@ fn classify(request: &Request) -> Result<Response, Response> {
     let sentences = sentences(&request.body, config)?;
     let info = host::model();
 
-    let tokenize_started = Instant::now();
-    let encodings = host::tokenize(&sentences).map_err(|e| e.into_response())?;
-    let tokenize_ms = ms(tokenize_started);
-    let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.ids.clone()).collect();
-    let (inference, infer_ms) = if ids.is_empty() {
-        (None, 0.0) // nothing to compute: no call, no model time
-    } else {
-        let infer_started = Instant::now();
-        let inference = host::infer(&ids).map_err(|e| e.into_response())?;
-        (Some(inference), ms(infer_started))
-    };
-
-    let outputs = inference.as_ref().map(|i| i.outputs.as_slice()).unwrap_or_default();
-    let probabilities: Vec<Vec<f32>> = outputs.iter().map(|t| softmax(&t.data)).collect();
+    // One host call: the token ids never cross into the plugin and back.
+    let computed = host::infer_texts(&sentences).map_err(|e| e.into_response())?;
+    let inference = &computed.inference;
+    let probabilities: Vec<Vec<f32>> = inference.outputs.iter().map(|t| softmax(&t.data)).collect();
     let predictions = probabilities.iter().map(|p| info.labels[argmax(p)].clone()).collect();
-    let (queue_ms, compute_ms, forward_passes) = inference
-        .as_ref()
-        .map(|i| (i.queue_us as f64 / 1e3, i.compute_us as f64 / 1e3, i.forward_passes))
-        .unwrap_or_default();
+    let (tokenize_ms, queue_ms, compute_ms) =
+        (computed.tokenize_us as f64 / 1e3, inference.queue_us as f64 / 1e3, inference.compute_us as f64 / 1e3);
     let total_ms = ms(started);
-    let plugin_ms = (total_ms - tokenize_ms - infer_ms).max(0.0) + (infer_ms - queue_ms - compute_ms).max(0.0);
     let metadata = Metadata {
         processing_time_ms: round_ms(total_ms),
         total_words: sentences.iter().map(|s| s.split_whitespace().count()).sum(),
-        total_tokens: ids.iter().map(Vec::len).sum(),
+        total_tokens: computed.tokens.iter().map(|&n| n as usize).sum(),
         num_sentences: sentences.len(),
         model_version: info.version,
-        truncated: encodings.iter().enumerate().filter(|(_, e)| e.truncated).map(|(i, _)| i).collect(),
-        forward_passes,
-        batch_ids: inference.as_ref().map(|i| i.batch_ids.clone()).unwrap_or_default(),
+        truncated: computed.truncated.iter().map(|&i| i as usize).collect(),
+        forward_passes: inference.forward_passes,
+        batch_ids: inference.batch_ids.clone(),
         breakdown_ms: Breakdown {
             tokenize: round_ms(tokenize_ms),
             queue: round_ms(queue_ms),
             inference: round_ms(compute_ms),
             // Everything that was not the host's work: parsing, softmax, serialising, and the
-            // crossing of the boundary (infer's wall time beyond its queue and compute).
-            plugin: round_ms(plugin_ms),
+            // crossing of the boundary.
+            plugin: round_ms((total_ms - tokenize_ms - queue_ms - compute_ms).max(0.0)),
         },
     };
     Ok(json(200, &Prediction { probabilities, labels: info.labels, predictions, metadata }))
