@@ -93,7 +93,7 @@ export function parseJson(body) {
   try {
     if (tooDeep(text)) throw new SyntaxError(`recursion limit exceeded: nested ${NESTING_LIMIT} deep`);
     const value = JSON.parse(text);
-    unicodeOnly(value);
+    serdeJsonOnly(value);
     return value;
   } catch (e) {
     // JSON.parse's refusals, and these checks', are SyntaxErrors; out of memory is a string.
@@ -149,20 +149,22 @@ function count(text, char) {
   return n;
 }
 
-/** Refuses, with a SyntaxError, an escaped lone surrogate ("\ud800") in a key or a string:
- * JSON.parse takes it, serde_json does not, for it is not Unicode text (the host could not
- * tokenize it). */
-function unicodeOnly(value) {
+/** Refuses, with a SyntaxError, what JSON.parse takes and serde_json does not: an escaped lone
+ * surrogate ("\ud800") in a key or a string, which is not Unicode text (the host could not
+ * tokenize it), and a number beyond f64's range (1e400), which JSON.parse makes Infinity. */
+function serdeJsonOnly(value) {
   if (typeof value === "string") {
     if (!value.isWellFormed()) {
       throw new SyntaxError("a string holds a lone surrogate escape, which is not Unicode text");
     }
+  } else if (typeof value === "number") {
+    if (!Number.isFinite(value)) throw new SyntaxError("a number is out of range");
   } else if (Array.isArray(value)) {
-    for (let i = 0; i < value.length; i++) unicodeOnly(value[i]);
+    for (let i = 0; i < value.length; i++) serdeJsonOnly(value[i]);
   } else if (typeof value === "object" && value !== null) {
     for (const key in value) {
-      unicodeOnly(key);
-      unicodeOnly(value[key]);
+      serdeJsonOnly(key);
+      serdeJsonOnly(value[key]);
     }
   }
 }
@@ -475,6 +477,7 @@ function warmUp() {
     '["\\ud83d\\ude00 ok"]',
     "[".repeat(NESTING_LIMIT) + "]".repeat(NESTING_LIMIT),
     '["a", NaN]',
+    "[1e400]",
     "null",
     '{"texts": ["a"]}',
     '{"sentences": ["a"], "extra": 1}',

@@ -91,7 +91,7 @@ def parse_json(body: bytes):
         text = body.decode()
         if too_deep(text):
             raise ValueError(f"recursion limit exceeded: nested {NESTING_LIMIT} deep")
-        value = json.loads(text, parse_constant=not_json)
+        value = json.loads(text, parse_constant=not_json, parse_float=in_range, parse_int=in_range_int)
         # json.loads takes an escaped lone surrogate ("\ud800") into a string, which is not
         # Unicode text (the host could not take it). Encoding finds one; the search keeps that
         # rare.
@@ -126,6 +126,20 @@ def too_deep(text: str) -> bool:
 def not_json(constant: str):
     """json.loads takes `NaN`, `Infinity` and `-Infinity`; JSON has no such values."""
     raise ValueError(f"{constant} is not JSON")
+
+
+def in_range(literal: str) -> float:
+    """json.loads makes a number beyond f64's range (`1e400`) infinite; serde_json refuses it."""
+    value = float(literal)
+    if math.isinf(value):
+        raise ValueError("a number is out of range")
+    return value
+
+
+def in_range_int(literal: str) -> int:
+    """As `in_range`, for an integer (serde_json takes one past i64 as an f64)."""
+    in_range(literal)
+    return int(literal)
 
 
 def require_method(request, method: str) -> None:
@@ -371,6 +385,7 @@ def _warm_up() -> None:
         b'["\\ud83d\\ude00 ok"]',
         b"[" * NESTING_LIMIT,
         b'["a", NaN]',
+        b"[1e400]",
         b"null",
         b'{"texts": ["a"]}',
         b'{"sentences": ["a"], "extra": 1}',
