@@ -253,9 +253,10 @@ fn a_config_the_plugin_cannot_take_stops_startup_in_every_language() {
 /// `plugin_memory_limit` in every language, never 400 `invalid_json` (the JavaScript SDK once took
 /// SpiderMonkey's "out of memory" for a parse error). Each limit leaves a few MiB over the
 /// plugin's initial memory (Rust 1.1 MiB of 3, Python 12.3 of 15, JavaScript 9.1 of 14): the body
-/// fits, what parsing it builds does not (the sentences' encodings stay in the host, so parsing is
-/// all there is: the interpreters need 18 MiB for those sentences, Rust 5). The 400,000 numbers are the body that tells: at these
-/// limits, SDKs that took any exception for a parse error answered it with 400 (tried by hand; the
+/// fits, what parsing it builds does not. The sentences' encodings stay in the host, so parsing is
+/// all there is: those sentences need 5 MiB in Rust and 18 in either interpreter. The 400,000
+/// numbers are the body that tells: at these limits, SDKs that took any exception for a parse
+/// error answered it with 400 (tried by hand; the
 /// ranges that do were 14 to 16 MiB for Python and 13 to 21 for JavaScript).
 #[test]
 fn a_body_the_plugin_has_no_memory_to_parse_gets_500_in_every_language() {
