@@ -256,8 +256,8 @@ fn a_config_the_plugin_cannot_take_stops_startup_in_every_language() {
 /// fits, what parsing it builds does not. The sentences' encodings stay in the host, so parsing is
 /// all there is: those sentences need 5 MiB in Rust and 18 in either interpreter. The 400,000
 /// numbers are the body that tells: at these limits, SDKs that took any exception for a parse
-/// error answered it with 400 (tried by hand; the
-/// ranges that do were 14 to 16 MiB for Python and 13 to 21 for JavaScript).
+/// error answered it with 400 (tried by hand; the ranges that do were 14 to 16 MiB for Python and
+/// 13 to 21 for JavaScript).
 #[test]
 fn a_body_the_plugin_has_no_memory_to_parse_gets_500_in_every_language() {
     let languages = languages();
