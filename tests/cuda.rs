@@ -10,9 +10,9 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_metrics::{Scrape, names};
 use batchbox_model::{Model, Output, Precision, QueueOptions};
 use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use serde::Deserialize;
@@ -30,6 +30,8 @@ fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
         use_fp16,
         cpu_dtype: CpuDtype::Fp32,
         queue: QueueOptions {
+            // Each load a series of its own, read back by the test that made it.
+            name: format!("cuda-{}-{max_sequences}", if use_fp16 { "fp16" } else { "fp32" }),
             limits: BatchLimits {
                 max_sequences: max_sequences.try_into().unwrap(),
                 max_tokens: max_tokens.try_into().unwrap(),
@@ -108,6 +110,7 @@ fn a_real_cuda_out_of_memory_splits_the_batch_and_every_row_is_answered() {
     // live at once: more than an H100's 80 GB or an H200's 141 GB. The halves are retried until
     // they fit.
     const ROWS: usize = 8192;
+    let metrics = batchbox_metrics::install().unwrap();
     let model = load(true, ROWS, ROWS * 512);
     let max_length = model.info().manifest.max_length;
     let vocab = model.info().manifest.vocab_size as u32;
@@ -115,14 +118,15 @@ fn a_real_cuda_out_of_memory_splits_the_batch_and_every_row_is_answered() {
         .map(|r| (0..max_length as u32).map(|j| 1000 + (r * 7919 + j * 104_729) % (vocab - 1000)).collect())
         .collect();
     let inference = model.infer_blocking(rows.clone()).expect("every row answered after splitting");
-    let counters = model.counters();
-    let splits = counters.oom_splits.load(Ordering::Relaxed);
+    let scrape = Scrape::parse(&metrics.render());
+    let value = |name| scrape.value(name, &[("model", &format!("cuda-fp16-{ROWS}"))]);
+    let splits = value(names::OOM_SPLITS);
     println!(
         "{ROWS} x {max_length} tokens: {splits} out-of-memory splits, {} forward passes",
         inference.stats.forward_passes
     );
-    assert!(splits >= 1, "the batch was meant to run out of GPU memory");
-    assert_eq!(counters.failed_sequences.load(Ordering::Relaxed), 0);
+    assert!(splits >= 1.0, "the batch was meant to run out of GPU memory");
+    assert_eq!(value(names::FAILED_SEQUENCES), 0.0);
     assert_eq!(inference.outputs.len(), ROWS);
     // The rows computed after a split are the rows computed in a small batch of their own.
     let check: Vec<usize> = vec![0, ROWS / 2 - 1, ROWS / 2, ROWS - 1];

@@ -21,8 +21,7 @@ fn config(name: &str, server: &str) -> PathBuf {
         name,
         &format!(
             r#"
-models: [{{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: fp32 }}]
-api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
+{{model_and_api}}
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}", {server} }}
 tenants:
   - name: classifier

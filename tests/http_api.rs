@@ -23,8 +23,7 @@ fn config(name: &str, classifier_config: &str) -> PathBuf {
         &format!(
             r#"
 # fp32: the tests compare the server's numbers with the fp32 runtime's.
-models: [{{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: fp32 }}]
-api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
+{{model_and_api}}
 server: {{ bind: "127.0.0.1:0", max_body_bytes: 2097152, plugin_cache_dir: "{{cache}}", shutdown_grace_ms: 10000 }}
 tenants:
   - name: sentence-classifier
@@ -59,6 +58,7 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
         queue: QueueOptions {
+            name: "minilm-topics".into(),
             limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
             max_queue_delay: std::time::Duration::ZERO,
             max_queued_tokens: 1 << 20,

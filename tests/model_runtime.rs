@@ -35,6 +35,7 @@ fn options(name: &str) -> ModelOptions {
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
         queue: QueueOptions {
+            name: name.to_owned(),
             limits: limits(32, 8192),
             max_queue_delay: std::time::Duration::ZERO,
             max_queued_tokens: 1 << 20,
@@ -380,10 +381,16 @@ fn cuda_is_used_when_present_and_refused_clearly_when_absent() {
 
 #[test]
 fn a_caller_that_goes_away_is_dropped_before_its_sequences_are_computed() {
-    use std::sync::atomic::Ordering::Relaxed;
+    use batchbox_metrics::{Scrape, names};
     use std::time::Duration;
 
-    let model = batchbox_model_tch::load(&options("minilm-topics")).unwrap(); // its own counters
+    let metrics = batchbox_metrics::install().unwrap();
+    // Its own series: the `model` label of its metrics is this test's.
+    let model = batchbox_model_tch::load(&ModelOptions {
+        queue: QueueOptions { name: "abandoned-caller".into(), ..options("minilm-topics").queue },
+        ..options("minilm-topics")
+    })
+    .unwrap();
     let ids: Vec<Vec<u32>> = model.tokenize(&sentences()).unwrap().into_iter().map(|e| e.ids).collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -404,8 +411,9 @@ fn a_caller_that_goes_away_is_dropped_before_its_sequences_are_computed() {
         assert!(abandoned.is_err());
         assert_eq!(running.await.unwrap().unwrap().outputs.len(), 120);
     });
-    let counters = model.counters();
-    assert_eq!(counters.abandoned.load(Relaxed), 1);
-    assert_eq!(counters.sequences.load(Relaxed), 120, "none of the abandoned call's sequences ran");
+    let scrape = Scrape::parse(&metrics.render());
+    let value = |name| scrape.value(name, &[("model", "abandoned-caller")]);
+    assert_eq!(value(names::ABANDONED), 1.0);
+    assert_eq!(value(names::SEQUENCES), 120.0, "none of the abandoned call's sequences ran");
     assert_eq!(model.queue_depth(), (0, 0));
 }

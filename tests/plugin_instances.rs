@@ -16,8 +16,7 @@ fn start() -> Server {
     let config = write_config(
         "plugin-instances",
         r#"
-models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: fp32 }]
-api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }
+{model_and_api}
 server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}", max_instances: 8 }
 tenants:
   - name: fresh
@@ -80,8 +79,7 @@ fn check_config(name: &str, python_limits: &str, js_limits: &str, server: &str) 
         name,
         &format!(
             r#"
-models: [{{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: fp32 }}]
-api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
+{{model_and_api}}
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}"{server} }}
 tenants:
   - {{ name: python, wasm: "{python}", routes: [/python], reuse_instances: 2, limits: {{ {python_limits} }} }}
@@ -140,8 +138,7 @@ fn interpreters_take_the_largest_body_in_their_default_memory_and_not_in_much_le
             name,
             &format!(
                 r#"
-models: [{{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: fp32 }}]
-api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
+{{model_and_api}}
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}" }}
 tenants:
   - {{ name: python, wasm: "{python}", routes: [/python], config: {{ max_sentences: 1000 }}, limits: {{ max_tokens: 1000, cpu_ms: 20000{memory} }} }}

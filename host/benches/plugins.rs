@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
         let address = listener.local_addr()?;
         let url = format!("http://{address}{PREDICT}");
-        let app = Arc::new(App::new(&config.server, &config.tenants));
+        let app = Arc::new(App::new(&config.server, &config.tenants, None));
         app.set_loaded(Loaded { models: models.to_vec(), plugins });
         tokio::spawn(server::serve(
             listener,

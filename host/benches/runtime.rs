@@ -92,6 +92,7 @@ fn main() -> anyhow::Result<()> {
                     use_fp16: false,
                     cpu_dtype: setup.dtype,
                     queue: QueueOptions {
+                        name: setup.name.to_string(),
                         limits: BatchLimits {
                             max_sequences: NonZeroUsize::new(setup.max_sequences).unwrap(),
                             max_tokens: NonZeroUsize::new(8192).unwrap(),

@@ -196,6 +196,7 @@ impl Config {
             use_fp16: self.api.use_fp16,
             cpu_dtype: model.cpu_dtype,
             queue: QueueOptions {
+                name: model.name.clone(),
                 limits: self.batch_limits(),
                 max_queue_delay: Duration::from_millis(self.api.max_queue_delay_ms),
                 max_queued_tokens: self.api.max_queued_tokens.get(),
@@ -241,6 +242,14 @@ impl Config {
                 "server.max_header_bytes",
                 format!("must be {} to {}", ServerConfig::MIN_HEADER_BYTES, u32::MAX),
             ));
+        }
+        if let Some(metrics_bind) = self.server.metrics_bind {
+            if !self.server.metrics {
+                return Err(("server.metrics_bind", "is set, but server.metrics is false".into()));
+            }
+            if metrics_bind == self.server.bind && metrics_bind.port() != 0 {
+                return Err(("server.metrics_bind", format!("{metrics_bind} is server.bind too: choose another")));
+            }
         }
         let mut names = std::collections::HashSet::new();
         let mut routes = std::collections::HashMap::new();

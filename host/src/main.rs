@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use batchbox::config::Config;
+use batchbox_metrics::PrometheusHandle;
 use batchbox_model::Model;
 use batchbox_model_tch::DeviceSpec;
 use batchbox_plugins::{PluginRuntime, json_post, with_caches};
@@ -86,7 +87,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("listening on http://{address}");
     tracing::info!(%address, "listening");
-    let app = Arc::new(App::new(&config.server, &config.tenants));
+    let metrics = config.server.metrics.then(batchbox_metrics::install).transpose()?;
+    if let Some(metrics) = &metrics {
+        tokio::spawn(metrics_upkeep(metrics.clone()));
+        if let Some(bind) = config.server.metrics_bind {
+            serve_metrics(bind, &config, metrics.clone()).await?;
+        }
+    }
+    let app = Arc::new(App::new(&config.server, &config.tenants, metrics));
     let limits = ConnectionLimits::from_config(&config.server);
     let server = tokio::spawn(server::serve(listener, app.clone(), limits, shutdown_signal()));
 
@@ -94,6 +102,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     app.set_loaded(Loaded { models, plugins });
     server.await?;
     Ok(())
+}
+
+/// `/metrics` alone on `bind` (`server.metrics_bind`), until shutdown.
+async fn serve_metrics(bind: SocketAddr, config: &Config, metrics: PrometheusHandle) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot listen on {bind}"))?;
+    // Logged, not printed: stdout's one line is the main address, which scripts read.
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics");
+    let app = Arc::new(App::metrics_only(&config.server, metrics));
+    let limits = ConnectionLimits::from_config(&config.server);
+    tokio::spawn(server::serve(listener, app, limits, shutdown_signal()));
+    Ok(())
+}
+
+/// Folds the histograms' recent samples into their buckets every few seconds, as the exporter
+/// needs when nothing scrapes it (otherwise samples pile up until the next scrape).
+async fn metrics_upkeep(metrics: PrometheusHandle) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        metrics.run_upkeep();
+    }
 }
 
 /// Loads every model (each on its own thread, with its own batcher) and every tenant's plugin.

@@ -47,12 +47,19 @@ pub fn fixture_sentences() -> Vec<String> {
     value["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
 }
 
-/// Writes `yaml` to target/http-tests/<name>.yaml, after `{model}` (the default model's
-/// directory), `{cache}` (a shared plugin cache), `{classifier}` and `{hostile}` (the plugins).
+/// The `models:` and `api:` sections most tests share: the default model in fp32 (the same
+/// precision on every machine), batches of up to 32 rows and 8192 tokens.
+const MODEL_AND_API: &str = r#"models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: fp32 }]
+api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }"#;
+
+/// Writes `yaml` to target/http-tests/<name>.yaml, after `{model_and_api}` ([`MODEL_AND_API`]),
+/// `{model}` (the default model's directory), `{cache}` (a shared plugin cache), `{classifier}`
+/// and `{hostile}` (the plugins).
 pub fn write_config(name: &str, yaml: &str) -> PathBuf {
     let dir = workspace().join("target/http-tests");
     std::fs::create_dir_all(&dir).unwrap();
     let yaml = yaml
+        .replace("{model_and_api}", MODEL_AND_API)
         .replace("{model}", workspace().join("models/minilm-topics").to_str().unwrap())
         .replace("{cache}", dir.join("plugin-cache").to_str().unwrap())
         .replace("{classifier}", wasm("sentence_classifier").to_str().unwrap())

@@ -12,6 +12,7 @@
 mod backend;
 pub mod cache;
 pub mod manifest;
+mod metrics;
 mod precision;
 mod queue;
 pub mod tokenize;
@@ -29,7 +30,6 @@ pub use tokenize::{Encoding, TextTokenizer};
 use batchbox_batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
 use batchbox_batcher::{BatchLimits, ChunkOrder};
 use queue::{Queue, Reply};
-pub use worker::Counters;
 use worker::Shared;
 
 /// Everything loading or running a model can fail with.
@@ -156,6 +156,8 @@ pub struct Output {
 /// section (and the tenants' shares) by the binary.
 #[derive(Debug, Clone)]
 pub struct QueueOptions {
+    /// The model's name in the config: the `model` label of its metrics.
+    pub name: String,
     /// Rows and padded tokens a forward pass may hold.
     pub limits: BatchLimits,
     /// How long a batch that is not full may wait for more work.
@@ -263,7 +265,7 @@ impl Model {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::new(scheduler)),
             wakeup: Condvar::new(),
-            counters: Counters::default(),
+            metrics: metrics::ModelMetrics::new(&options.name),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (path, thread_manifest, thread_shared) = (dir.to_owned(), manifest.clone(), shared.clone());
@@ -281,6 +283,7 @@ impl Model {
             .expect("spawning the model thread");
         let (device, precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
         let info = ModelInfo { manifest, device, precision, precision_choice };
+        metrics::model_info(&options.name, &info);
         Ok(Arc::new(Model { info, tokenizer, shared, thread: Some(thread) }))
     }
 
@@ -327,16 +330,16 @@ impl Model {
         self.shared.lock().depth()
     }
 
-    /// What the model has done since it started.
-    pub fn counters(&self) -> &Counters {
-        &self.shared.counters
-    }
-
     fn submit(&self, tenant: &str, sequences: Vec<Vec<u32>>, deadline: Option<Instant>) -> Result<Reply, ModelError> {
         validate(&sequences, &self.info.manifest)?;
-        let submitted = self.shared.lock().submit(tenant, sequences, deadline, Instant::now());
-        let reply = submitted.map_err(|rejected| {
-            Counters::add(&self.shared.counters.rejected, 1);
+        let reply = {
+            let mut queue = self.shared.lock();
+            let submitted = queue.submit(tenant, sequences, deadline, Instant::now());
+            self.shared.metrics.queue_depth(queue.depth());
+            submitted
+        }
+        .map_err(|rejected| {
+            self.shared.metrics.rejected.increment(1);
             ModelError::Overloaded(rejected)
         })?;
         self.shared.wakeup.notify_one();
@@ -422,6 +425,7 @@ mod tests {
     fn dropping_the_last_handle_returns_only_after_the_model_thread_has_dropped_the_backend() {
         let dir = model_dir();
         let options = QueueOptions {
+            name: "drop-test".into(),
             limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
             max_queue_delay: Duration::ZERO,
             max_queued_tokens: 1 << 20,

@@ -10,13 +10,12 @@
 //! sequences; a sequence that fails alone fails only its own request.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use batchbox_batcher::scheduler::Row;
 
-use crate::cache::CacheStats;
+use crate::metrics::ModelMetrics;
 use crate::queue::{Pass, Queue, Step, Taken};
 use crate::{Backend, ModelError, Output, Pad};
 
@@ -24,39 +23,7 @@ use crate::{Backend, ModelError, Output, Pad};
 pub(super) struct Shared {
     pub queue: Mutex<Queue>,
     pub wakeup: Condvar,
-    pub counters: Counters,
-}
-
-/// What the model has done since it started, in one place (for `/v1/models` and metrics).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Forward passes run; a batch split after running out of memory counts once.
-    pub batches: AtomicU64,
-    /// Sequences sent through a forward pass, failed ones included.
-    pub sequences: AtomicU64,
-    /// Tokens of those sequences themselves, without padding.
-    pub real_tokens: AtomicU64,
-    /// Tokens computed, padding included: each batch's rows × its longest row.
-    pub padded_tokens: AtomicU64,
-    /// Calls refused because the queue was full.
-    pub rejected: AtomicU64,
-    /// Calls dropped from the queue at their deadline.
-    pub expired: AtomicU64,
-    /// Calls whose caller went away before they were computed.
-    pub abandoned: AtomicU64,
-    /// Sequences whose forward pass failed even alone.
-    pub failed_sequences: AtomicU64,
-    /// Batches that ran out of memory and were split in halves.
-    pub oom_splits: AtomicU64,
-    /// The tenants' response caches in front of this model, together.
-    pub cache: CacheStats,
-}
-
-impl Counters {
-    /// Adds `n` to one of these counters; relaxed, as they are statistics, not synchronisation.
-    pub fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-    }
+    pub metrics: ModelMetrics,
 }
 
 impl Shared {
@@ -112,24 +79,26 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
     };
     for Prepared { id: batch_id, rows, inputs, padded } in batches {
         let started = Instant::now();
-        let splits_before = shared.counters.oom_splits.load(Ordering::Relaxed);
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let results = run_split(&mut backend, padder, &refs, Some(&padded), &shared.counters);
+        let mut splits = 0;
+        let results = run_split(&mut backend, padder, &refs, Some(&padded), &mut splits);
         let elapsed = started.elapsed();
         let padded_len = refs.iter().map(|row| row.len()).max().unwrap_or(0);
         // Only a pass that ran whole says what a pass of its shape costs: one split after running
         // out of memory was several passes, and a failed one may have stopped early.
-        let whole =
-            shared.counters.oom_splits.load(Ordering::Relaxed) == splits_before && results.iter().all(Result::is_ok);
+        let whole = splits == 0 && results.iter().all(Result::is_ok);
 
-        let counters = &shared.counters;
-        Counters::add(&counters.batches, 1);
-        Counters::add(&counters.sequences, rows.len());
-        Counters::add(&counters.real_tokens, rows.iter().map(|r| r.len).sum());
-        Counters::add(&counters.padded_tokens, rows.len() * padded_len);
+        let metrics = &shared.metrics;
+        metrics.batches.increment(1);
+        metrics.sequences.increment(rows.len() as u64);
+        metrics.real_tokens.increment(rows.iter().map(|r| r.len as u64).sum());
+        metrics.padded_tokens.increment((rows.len() * padded_len) as u64);
+        metrics.batch_rows.record(rows.len() as f64);
+        metrics.pass_seconds.record(elapsed.as_secs_f64());
+        metrics.oom_splits.increment(splits);
         let pass = Pass { id: batch_id, rows: &rows, started, elapsed, padded_len, whole };
         let failed = shared.lock().finish(&pass, results);
-        Counters::add(&counters.failed_sequences, failed);
+        metrics.failed_sequences.increment(failed as u64);
     }
     if let Some(preparer) = preparer {
         let _ = preparer.join();
@@ -149,9 +118,11 @@ fn next_batch(shared: &Shared) -> Option<Taken> {
         }
         let now = Instant::now();
         let (abandoned, expired) = queue.sweep(now);
-        Counters::add(&shared.counters.abandoned, abandoned);
-        Counters::add(&shared.counters.expired, expired);
-        match queue.next(now) {
+        shared.metrics.abandoned.increment(abandoned as u64);
+        shared.metrics.expired.increment(expired as u64);
+        let step = queue.next(now);
+        shared.metrics.queue_depth(queue.depth());
+        match step {
             Step::Run(taken) => return Some(taken),
             Step::WaitUntil(at) => {
                 queue = shared
@@ -166,14 +137,14 @@ fn next_batch(shared: &Shared) -> Option<Taken> {
 }
 
 /// Runs rows in one pass (`padded`, if they were prepared already); if that runs out of memory,
-/// runs each half on its own, down to single rows. Every row gets its own result. A panic inside
-/// the backend fails these rows only.
+/// runs each half on its own, down to single rows, counting each split in `splits`. Every row
+/// gets its own result. A panic inside the backend fails these rows only.
 fn run_split<B: Backend>(
     backend: &mut B,
     padder: B::Padder,
     rows: &[&[u32]],
     padded: Option<&BatchOf<B>>,
-    counters: &Counters,
+    splits: &mut u64,
 ) -> Vec<Result<Output, ModelError>> {
     let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| match padded {
         Some(batch) => backend.forward(batch),
@@ -184,10 +155,10 @@ fn run_split<B: Backend>(
         Ok(outputs) => outputs.into_iter().map(Ok).collect(),
         Err(e) if e.is_out_of_memory() && rows.len() > 1 => {
             tracing::warn!(rows = rows.len(), "out of memory: splitting the batch");
-            Counters::add(&counters.oom_splits, 1);
+            *splits += 1;
             let (left, right) = rows.split_at(rows.len() / 2);
-            let mut results = run_split(backend, padder, left, None, counters);
-            results.extend(run_split(backend, padder, right, None, counters));
+            let mut results = run_split(backend, padder, left, None, splits);
+            results.extend(run_split(backend, padder, right, None, splits));
             results
         }
         // Every row gets the same failure; an out-of-memory keeps its own message (re-wrapping
@@ -249,9 +220,9 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..13).map(|i| vec![i, 1, 2]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let mut backend = Faulty { max_rows: 3, poison: 999, calls: Vec::new() };
-        let counters = Counters::default();
-        let results = run_split(&mut backend, padder(), &refs, None, &counters);
-        assert!(counters.oom_splits.load(Ordering::Relaxed) >= 3, "13 rows down to 3 or fewer");
+        let mut splits = 0;
+        let results = run_split(&mut backend, padder(), &refs, None, &mut splits);
+        assert!(splits >= 3, "13 rows down to 3 or fewer");
         let got: Vec<f32> = results.into_iter().map(|r| r.unwrap().data[0]).collect();
         assert_eq!(got, (0..13).map(|i| i as f32).collect::<Vec<_>>(), "in input order");
         assert!(backend.calls.iter().skip(1).all(|&n| n < 13));
@@ -262,7 +233,7 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..8).map(|i| vec![i]).collect();
         let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
         let mut backend = Faulty { max_rows: 8, poison: 5, calls: Vec::new() };
-        let results = run_split(&mut backend, padder(), &refs, None, &Counters::default());
+        let results = run_split(&mut backend, padder(), &refs, None, &mut 0);
         for (i, result) in results.iter().enumerate() {
             match (i, result) {
                 (5, Err(ModelError::OutOfMemory(m))) => assert_eq!(m, "out of memory even alone (injected)"),
@@ -285,7 +256,7 @@ mod tests {
                 panic!("boom")
             }
         }
-        let results = run_split(&mut Panics, padder(), &[&[1u32][..], &[2][..]], None, &Counters::default());
+        let results = run_split(&mut Panics, padder(), &[&[1u32][..], &[2][..]], None, &mut 0);
         assert!(results.iter().all(|r| matches!(r, Err(ModelError::Forward(m)) if m.contains("boom"))));
     }
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 use super::RequestState;
 use super::bindings::batchbox::plugin::{host, types};
 use batchbox_batcher::scheduler::Rejected;
+use batchbox_metrics::names;
 use batchbox_model::{Encoding, ModelError, Task};
 use batchbox_tenants::TenantLimits;
 
@@ -139,24 +140,29 @@ impl RequestState {
     /// `tokenize`'s work, charged to the request's quotas.
     async fn tokenized(&mut self, texts: Vec<String>) -> wasmtime::Result<Result<Vec<Encoding>, types::Error>> {
         if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {
-            return Ok(Err(refused));
+            return Ok(Err(self.refused(refused)));
         }
         let started = Instant::now();
         let model = self.model.clone();
         // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
         let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).await?;
         self.host_time += started.elapsed();
+        self.tokenize_time += started.elapsed();
         Ok(encoded.map_err(to_wit_error))
     }
 
     /// `infer`'s work, charged to the request's quotas.
     async fn inferred(&mut self, sequences: Vec<Vec<u32>>) -> wasmtime::Result<Result<types::Inference, types::Error>> {
         if let Err(refused) = self.usage.charge_sequences(&self.quotas, &sequences) {
-            return Ok(Err(refused));
+            return Ok(Err(self.refused(refused)));
         }
         let started = Instant::now();
         let result = self.model.infer(&self.tenant, sequences, self.deadline).await;
         self.host_time += started.elapsed();
+        if let Ok(inference) = &result {
+            self.queue_time += inference.queued;
+            self.compute_time += inference.computed;
+        }
         Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
             outputs: inference
                 .outputs
@@ -168,6 +174,15 @@ impl RequestState {
             forward_passes: inference.stats.forward_passes as u32,
             batch_ids: inference.batch_ids,
         }))
+    }
+
+    /// A quota's refusal of a host call, counted.
+    fn refused(&self, refusal: types::Error) -> types::Error {
+        if let types::Error::QuotaExceeded(e) = &refusal {
+            let (tenant, quota) = (self.tenant.to_string(), e.quota.clone());
+            metrics::counter!(names::QUOTA_REJECTIONS, "tenant" => tenant, "quota" => quota).increment(1);
+        }
+        refusal
     }
 }
 

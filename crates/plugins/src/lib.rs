@@ -33,6 +33,7 @@ use wasmtime::{
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use batchbox_metrics::names;
 use batchbox_tenants::{TenantConfig, TenantLimits};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -168,6 +169,26 @@ pub enum PluginError {
     },
 }
 
+impl PluginError {
+    /// The `kind` label of [`names::PLUGIN_TRAPS`] for an error that stopped a running plugin;
+    /// `None` for the rest (loading errors, a refused config, no free instance).
+    pub fn trap_kind(&self) -> Option<&'static str> {
+        match self {
+            Self::CpuLimit { .. } => Some("cpu"),
+            Self::MemoryLimit { .. } => Some("memory"),
+            Self::WallTimeout { .. } => Some("wall"),
+            Self::Trapped { .. } => Some("panic"),
+            Self::HostcallBytes { .. } => Some("hostcall"),
+            Self::Read { .. }
+            | Self::Compile { .. }
+            | Self::MissingExport { .. }
+            | Self::Configure { .. }
+            | Self::MemoryTooSmall { .. }
+            | Self::NoCapacity => None,
+        }
+    }
+}
+
 /// Per-request state of one instance.
 pub(crate) struct RequestState {
     wasi: WasiCtx,
@@ -183,6 +204,10 @@ pub(crate) struct RequestState {
     deadline: Instant,
     /// Time spent inside host calls, which the CPU deadline does not count.
     host_time: Duration,
+    /// Of `host_time`: tokenizing, and the model's queue and compute times (of its answers).
+    tokenize_time: Duration,
+    queue_time: Duration,
+    compute_time: Duration,
     /// What this request's host calls have asked for so far, against the tenant's quotas.
     usage: host_api::Usage,
     quotas: TenantLimits,
@@ -309,7 +334,7 @@ impl PluginRuntime {
             Some((sandbox, instance)) => (sandbox, Some(instance)),
             None => (self.sandbox(plugin)?, None),
         };
-        let (response, instance) = sandbox
+        let outcome = sandbox
             .run(plugin, request_id, async |store, plugin| {
                 let instance = match idle {
                     Some(instance) => instance,
@@ -321,7 +346,9 @@ impl PluginRuntime {
                 let response = instance.batchbox_plugin_handler().call_handle(&mut *store, &request).await?;
                 Ok(Ok((response, instance)))
             })
-            .await?;
+            .await;
+        sandbox.record(&outcome);
+        let (response, instance) = outcome?;
         plugin.keep_idle(sandbox, instance);
         Ok(response)
     }
@@ -360,9 +387,13 @@ impl PluginRuntime {
             started: Instant::now(),
             deadline: Instant::now(),
             host_time: Duration::ZERO,
+            tokenize_time: Duration::ZERO,
+            queue_time: Duration::ZERO,
+            compute_time: Duration::ZERO,
             usage: host_api::Usage::default(),
             quotas: plugin.limits,
         };
+        metrics::gauge!(names::PLUGIN_INSTANCES).increment(1.0);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         let cpu_limit = Duration::from_millis(plugin.limits.cpu_ms);
@@ -403,6 +434,9 @@ impl Sandbox {
         state.started = Instant::now();
         state.deadline = state.started + limit;
         state.host_time = Duration::ZERO;
+        state.tokenize_time = Duration::ZERO;
+        state.queue_time = Duration::ZERO;
+        state.compute_time = Duration::ZERO;
         state.usage = host_api::Usage::default();
         state.limits.reached = false;
         self.store.set_hostcall_fuel(plugin.limits.max_hostcall_bytes);
@@ -420,6 +454,35 @@ impl Sandbox {
             Ok(Ok(Err(message))) => Err(PluginError::Configure { tenant: tenant(), message }),
             Ok(Ok(Ok(value))) => Ok(value),
         }
+    }
+}
+
+impl Sandbox {
+    /// Counts a request's outcome into its tenant's metrics: what stopped the plugin, if a trap
+    /// or a limit did, and where the request's time went.
+    fn record<T>(&self, outcome: &Result<T, PluginError>) {
+        let state = self.store.data();
+        let tenant = || state.tenant.to_string();
+        if let Err(e) = outcome
+            && let Some(kind) = e.trap_kind()
+        {
+            metrics::counter!(names::PLUGIN_TRAPS, "tenant" => tenant(), "kind" => kind).increment(1);
+        }
+        let plugin_time = state.started.elapsed().saturating_sub(state.host_time);
+        for (name, time) in [
+            (names::TOKENIZE_SECONDS, state.tokenize_time),
+            (names::QUEUE_SECONDS, state.queue_time),
+            (names::INFERENCE_SECONDS, state.compute_time),
+            (names::PLUGIN_SECONDS, plugin_time),
+        ] {
+            metrics::histogram!(name, "tenant" => tenant()).record(time.as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        metrics::gauge!(names::PLUGIN_INSTANCES).decrement(1.0);
     }
 }
 

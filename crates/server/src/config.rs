@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// HTTP/2 requests in flight on one connection.
     pub http2_max_concurrent_streams: NonZeroU32,
+    /// Record metrics and serve them at `GET /metrics` (Prometheus text). Off: no recorder, and
+    /// `/v1/models` shows no counters.
+    pub metrics: bool,
+    /// Serve `/metrics` on this address alone, and not on `bind`, so that tenants cannot scrape
+    /// it. Unset: on `bind`, with the other host routes.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -60,6 +66,8 @@ impl Default for ServerConfig {
             max_connections: NonZeroUsize::new(4_096).unwrap(),
             max_header_bytes: 64 << 10,
             http2_max_concurrent_streams: NonZeroU32::new(100).unwrap(),
+            metrics: true,
+            metrics_bind: None,
         }
     }
 }

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use batchbox_metrics::names;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -175,6 +176,7 @@ async fn connection(
     keep_alive_idle: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let _open = OpenConnection::counted();
     let activity = Arc::new(Activity::new());
     let service = {
         let activity = activity.clone();
@@ -213,6 +215,22 @@ async fn connection(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection in the open-connections gauge while this lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn counted() -> Self {
+        metrics::gauge!(names::CONNECTIONS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(names::CONNECTIONS).decrement(1.0);
     }
 }
 

@@ -1,8 +1,9 @@
 //! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is the `connections`
 //! module ([`serve`], [`ConnectionLimits`]).
-//! Host-owned routes (`/health`, `/ready`, `/v1/models`) are answered here, without keys; every
-//! other request goes to the tenant its route names, once its key and the tenant's quotas allow
-//! (see [`batchbox_tenants`]). Every error the host writes is a JSON body
+//! Host-owned routes (`/health`, `/ready`, `/v1/models`, `/metrics`) are answered here, without
+//! keys; every other request goes to the tenant its route names, once its key and the tenant's
+//! quotas allow (see [`batchbox_tenants`]). With `server.metrics_bind`, `/metrics` is answered
+//! only on that address, by an [`App::metrics_only`] of its own. Every error the host writes is a JSON body
 //! `{"error": {"code": ..., "message": ...}}` (hyper answers requests it cannot parse itself,
 //! before they reach us), and [`ApiError`] is the one place that maps errors to HTTP statuses.
 
@@ -11,7 +12,7 @@ mod connections;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,6 +21,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderNam
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
+use batchbox_metrics::{PrometheusHandle, Scrape, names};
 use batchbox_model::Model;
 use batchbox_plugins::{self as plugins, PluginError, PluginRuntime};
 use batchbox_tenants::{AccessError, Tenant, TenantConfig, TenantLimits, Tenants};
@@ -41,9 +43,22 @@ pub struct Loaded {
 pub struct App {
     loaded: OnceLock<Loaded>,
     tenants: Tenants,
+    /// The metrics recorder's handle, if metrics are on: `/v1/models` reads its counters.
+    metrics: Option<PrometheusHandle>,
+    /// Which routes this listener answers.
+    routes: Routes,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     next_request_id: AtomicU64,
+}
+
+/// The routes a listener answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Routes {
+    /// The host routes and the tenants' routes, with `/metrics` if `exposes_metrics`.
+    All { exposes_metrics: bool },
+    /// `/metrics` alone (`server.metrics_bind`).
+    MetricsOnly,
 }
 
 /// Every error the host answers a request with; each maps to one status and code, and is
@@ -176,15 +191,24 @@ impl ApiError {
 }
 
 impl App {
-    /// Serves `tenants` under the `server` section's limits; nothing is loaded yet.
-    pub fn new(server: &ServerConfig, tenants: &[TenantConfig]) -> Self {
+    /// Serves `tenants` under the `server` section's limits; nothing is loaded yet. `metrics`:
+    /// the recorder's handle when `server.metrics` is on.
+    pub fn new(server: &ServerConfig, tenants: &[TenantConfig], metrics: Option<PrometheusHandle>) -> Self {
+        let exposes_metrics = metrics.is_some() && server.metrics_bind.is_none();
         Self {
             loaded: OnceLock::new(),
             tenants: Tenants::new(tenants),
+            metrics,
+            routes: Routes::All { exposes_metrics },
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: Duration::from_millis(server.body_read_timeout_ms.get()),
             next_request_id: AtomicU64::new(1),
         }
+    }
+
+    /// Answers `GET /metrics` alone: the app of the `server.metrics_bind` listener.
+    pub fn metrics_only(server: &ServerConfig, metrics: PrometheusHandle) -> Self {
+        Self { routes: Routes::MetricsOnly, ..Self::new(server, &[], Some(metrics)) }
     }
 
     /// Marks the server ready: `/ready` answers 200 and plugin routes are served.
@@ -202,9 +226,20 @@ impl App {
     async fn route(&self, id: u64, request: hyper::Request<Incoming>) -> Result<Response, ApiError> {
         let host = target_host(&request)?;
         let path = request.uri().path().to_owned();
-        let host_route = matches!(path.as_str(), "/health" | "/ready" | "/v1/models");
+        let metrics = self.metrics.as_ref().filter(|_| self.routes != Routes::All { exposes_metrics: false });
+        if self.routes == Routes::MetricsOnly && path != "/metrics" {
+            return Err(ApiError::NotFound(path));
+        }
+        let host_route =
+            matches!(path.as_str(), "/health" | "/ready" | "/v1/models") || (path == "/metrics" && metrics.is_some());
         if host_route && request.method() != Method::GET {
             return Err(ApiError::MethodNotAllowed { method: request.method().clone(), path, allow: "GET" });
+        }
+        if let ("/metrics", Some(metrics)) = (path.as_str(), metrics) {
+            let mut response = hyper::Response::new(Full::new(Bytes::from(metrics.render())));
+            let text = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+            response.headers_mut().insert(CONTENT_TYPE, text);
+            return Ok(response);
         }
         match path.as_str() {
             "/health" => return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
@@ -221,6 +256,25 @@ impl App {
             _ => {}
         }
         let tenant = self.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
+        let started = Instant::now();
+        let result = self.for_tenant(tenant, id, request).await;
+        let status = match &result {
+            Ok(response) => response.status(),
+            Err(e) => e.status_and_code().0,
+        };
+        let (name, class) = (tenant.name.clone(), batchbox_metrics::status_class(status.as_u16()));
+        metrics::counter!(names::REQUESTS, "tenant" => name.clone(), "status" => class).increment(1);
+        metrics::histogram!(names::REQUEST_SECONDS, "tenant" => name).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// A request on one of `tenant`'s routes: its key, its quotas, then its plugin.
+    async fn for_tenant(
+        &self,
+        tenant: &Tenant,
+        id: u64,
+        request: hyper::Request<Incoming>,
+    ) -> Result<Response, ApiError> {
         let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
         let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
         self.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
@@ -230,17 +284,18 @@ impl App {
         plugin_response(response, &tenant.limits)
     }
 
+    /// Every model: what it is and how it runs, and (with metrics on) its counters and its
+    /// caches', read from the same recorder `/metrics` renders.
     fn models(&self) -> Result<serde_json::Value, ApiError> {
         let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-        let count = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        let scrape = self.metrics.as_ref().map(|m| Scrape::parse(&m.render()));
         let models: Vec<serde_json::Value> = loaded
             .models
             .iter()
             .map(|(name, model)| {
-                let (info, c) = (model.info(), model.counters());
-                let (queued_sequences, queued_tokens) = model.queue_depth();
+                let info = model.info();
                 let m = &info.manifest;
-                json!({
+                let mut described = json!({
                     "name": name,
                     "model": m.name,
                     "version": m.version,
@@ -250,28 +305,33 @@ impl App {
                     "device": info.device,
                     "precision": info.precision,
                     "precision_choice": info.precision_choice,
-                    "stats": {
-                        "batches": count(&c.batches),
-                        "sequences": count(&c.sequences),
-                        "real_tokens": count(&c.real_tokens),
-                        "padded_tokens": count(&c.padded_tokens),
-                        "rejected": count(&c.rejected),
-                        "expired": count(&c.expired),
-                        "abandoned": count(&c.abandoned),
-                        "failed_sequences": count(&c.failed_sequences),
-                        "oom_splits": count(&c.oom_splits),
+                });
+                if let Some(scrape) = &scrape {
+                    let value = |metric| scrape.value(metric, &[("model", name)]) as u64;
+                    let (queued_sequences, queued_tokens) = model.queue_depth();
+                    described["stats"] = json!({
+                        "batches": value(names::BATCHES),
+                        "sequences": value(names::SEQUENCES),
+                        "real_tokens": value(names::REAL_TOKENS),
+                        "padded_tokens": value(names::PADDED_TOKENS),
+                        "rejected": value(names::REJECTED),
+                        "expired": value(names::EXPIRED),
+                        "abandoned": value(names::ABANDONED),
+                        "failed_sequences": value(names::FAILED_SEQUENCES),
+                        "oom_splits": value(names::OOM_SPLITS),
                         "queued_sequences": queued_sequences,
                         "queued_tokens": queued_tokens,
-                    },
+                    });
                     // Every tenant cache in front of this model, together (tenants are not named here).
-                    "cache": {
-                        "hits": count(&c.cache.hits),
-                        "misses": count(&c.cache.misses),
-                        "evictions": count(&c.cache.evictions),
-                        "entries": count(&c.cache.entries),
-                        "bytes": count(&c.cache.bytes),
-                    },
-                })
+                    described["cache"] = json!({
+                        "hits": value(names::CACHE_HITS),
+                        "misses": value(names::CACHE_MISSES),
+                        "evictions": value(names::CACHE_EVICTIONS),
+                        "entries": value(names::CACHE_ENTRIES),
+                        "bytes": value(names::CACHE_BYTES),
+                    });
+                }
+                described
             })
             .collect();
         Ok(json!({ "models": models }))

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use batchbox_metrics::names;
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -70,10 +71,8 @@ impl Tenant {
 
     /// A place among the tenant's concurrent requests, held until the permit is dropped.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, AccessError> {
-        self.in_flight.clone().try_acquire_owned().map_err(|_| AccessError::Quota {
-            tenant: self.name.clone(),
-            quota: "max_concurrent",
-            detail: format!("already has {} requests in flight", self.limits.max_concurrent),
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            self.over_quota("max_concurrent", format!("already has {} requests in flight", self.limits.max_concurrent))
         })
     }
 
@@ -82,11 +81,17 @@ impl Tenant {
         if bytes <= self.limits.max_body_bytes {
             return Ok(());
         }
-        Err(AccessError::Quota {
-            tenant: self.name.clone(),
-            quota: "max_body_bytes",
-            detail: format!("takes request bodies of at most {} bytes", self.limits.max_body_bytes),
-        })
+        Err(self.over_quota(
+            "max_body_bytes",
+            format!("takes request bodies of at most {} bytes", self.limits.max_body_bytes),
+        ))
+    }
+
+    /// The refusal for `quota`, counted.
+    fn over_quota(&self, quota: &'static str, detail: String) -> AccessError {
+        let tenant = self.name.clone();
+        metrics::counter!(names::QUOTA_REJECTIONS, "tenant" => tenant.clone(), "quota" => quota).increment(1);
+        AccessError::Quota { tenant, quota, detail }
     }
 }
 

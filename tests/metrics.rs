@@ -1,0 +1,115 @@
+//! `/metrics`: exact values after a known sequence of requests, the same values in `/v1/models`,
+//! `server.metrics_bind` keeping the scrape off the tenants' address, and metrics turned off.
+
+mod common;
+
+use std::path::PathBuf;
+
+use batchbox_metrics::{Scrape, names};
+use common::{PREDICT, Server, write_config};
+use serde_json::json;
+
+/// Tenant `a` classifies (at most 100 tokens a request), tenant `b` is hostile (50 ms of CPU).
+fn config(name: &str, server: &str) -> PathBuf {
+    write_config(
+        name,
+        &format!(
+            r#"
+{{model_and_api}}
+server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}"{server} }}
+tenants:
+  - {{ name: a, wasm: "{{classifier}}", routes: [{PREDICT}], limits: {{ max_tokens: 100 }} }}
+  - {{ name: b, wasm: "{{hostile}}", routes: [/b], limits: {{ cpu_ms: 50, wall_ms: 5000 }} }}
+"#
+        ),
+    )
+}
+
+/// GET `url`: its status and body as text.
+fn get_text(server: &Server, url: &str) -> (u16, String) {
+    let mut response = server.agent.get(url).call().unwrap();
+    (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+}
+
+#[test]
+fn a_scrape_counts_exactly_what_happened_and_v1_models_agrees() {
+    let server = Server::launch(&config("metrics-exact", ""));
+    let two = json!({ "sentences": ["The striker scored twice.", "Parliament passed the budget."] }).to_string();
+    for _ in 0..3 {
+        assert_eq!(server.post(PREDICT, &two).0, 200);
+    }
+    assert_eq!(server.post(PREDICT, "[").0, 400);
+    let long = json!([vec!["word"; 200].join(" ")]).to_string();
+    let (status, answer) = server.post(PREDICT, &long);
+    assert_eq!((status, answer["error"]["quota"].as_str()), (429, Some("max_tokens")), "{answer}");
+    assert_eq!(server.post("/b/loop", "").0, 500);
+    assert_eq!(server.post("/b/ok", "").0, 200);
+
+    let (status, text) = get_text(&server, &format!("{}/metrics", server.base));
+    assert_eq!(status, 200);
+    let scrape = Scrape::parse(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| scrape.value(name, labels);
+    let count = |name: &str, labels: &[(&str, &str)]| value(&format!("{name}_count"), labels);
+    let (a, b, model) = (("tenant", "a"), ("tenant", "b"), ("model", "minilm-topics"));
+
+    assert_eq!(value(names::REQUESTS, &[a, ("status", "2xx")]), 3.0);
+    assert_eq!(value(names::REQUESTS, &[a, ("status", "4xx")]), 2.0);
+    assert_eq!(value(names::REQUESTS, &[b, ("status", "5xx")]), 1.0);
+    assert_eq!(value(names::REQUESTS, &[b, ("status", "2xx")]), 1.0);
+    assert_eq!(count(names::REQUEST_SECONDS, &[a]), 5.0);
+    assert_eq!(count(names::REQUEST_SECONDS, &[b]), 2.0);
+    // Every request ran its plugin, so each has its time split.
+    for split in [names::TOKENIZE_SECONDS, names::QUEUE_SECONDS, names::INFERENCE_SECONDS, names::PLUGIN_SECONDS] {
+        assert_eq!((count(split, &[a]), count(split, &[b])), (5.0, 2.0), "{split}");
+    }
+    assert_eq!(value(names::PLUGIN_TRAPS, &[b, ("kind", "cpu")]), 1.0);
+    for kind in batchbox_metrics::TRAP_KINDS {
+        assert_eq!(value(names::PLUGIN_TRAPS, &[a, ("kind", kind)]), 0.0, "{kind}");
+    }
+    assert_eq!(value(names::QUOTA_REJECTIONS, &[a, ("quota", "max_tokens")]), 1.0);
+
+    // The model: three passes of two sentences each; the refused request never reached it.
+    assert_eq!(value(names::BATCHES, &[model]), 3.0);
+    assert_eq!(value(names::SEQUENCES, &[model]), 6.0);
+    assert_eq!(count(names::BATCH_ROWS, &[model]), 3.0);
+    assert_eq!(value(&format!("{}_sum", names::BATCH_ROWS), &[model]), 6.0);
+    assert_eq!(count(names::PASS_SECONDS, &[model]), 3.0);
+    assert_eq!(value(names::QUEUED_SEQUENCES, &[model]), 0.0);
+    let real = value(names::REAL_TOKENS, &[model]);
+    assert!(real > 6.0 && value(names::PADDED_TOKENS, &[model]) >= real);
+    assert_eq!(value(names::PLUGIN_INSTANCES, &[]), 0.0, "fresh instances are gone after their requests");
+    assert!(value(names::CONNECTIONS, &[]) >= 1.0, "the scrape's own connection");
+    assert_eq!(value(names::BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+    assert!(text.contains("batchbox_model_info{model=\"minilm-topics\""), "{text}");
+    assert!(!text.contains("loop") && !text.contains("striker"), "no path or text in a label");
+
+    let (_, models) = server.get("/v1/models");
+    let stats = &models["models"][0]["stats"];
+    assert_eq!((stats["batches"].as_u64(), stats["sequences"].as_u64()), (Some(3), Some(6)), "{models}");
+    assert_eq!(stats["real_tokens"].as_f64(), Some(real));
+}
+
+#[test]
+fn metrics_bind_serves_the_scrape_there_and_nowhere_else() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = Server::launch(&config("metrics-bind", &format!(", metrics_bind: \"127.0.0.1:{port}\"")));
+    assert_eq!(server.post(PREDICT, r#"["The striker scored twice."]"#).0, 200);
+    assert_eq!(get_text(&server, &format!("{}/metrics", server.base)).0, 404, "not on the tenants' address");
+    let (status, text) = get_text(&server, &format!("http://127.0.0.1:{port}/metrics"));
+    assert_eq!(status, 200);
+    assert_eq!(Scrape::parse(&text).value(names::REQUESTS, &[("tenant", "a"), ("status", "2xx")]), 1.0);
+    for other in ["/health", "/v1/models", PREDICT] {
+        assert_eq!(get_text(&server, &format!("http://127.0.0.1:{port}{other}")).0, 404, "{other}");
+    }
+}
+
+#[test]
+fn with_metrics_off_there_is_no_scrape_and_v1_models_shows_no_counters() {
+    let server = Server::launch(&config("metrics-off", ", metrics: false"));
+    assert_eq!(server.post(PREDICT, r#"["The striker scored twice."]"#).0, 200);
+    assert_eq!(get_text(&server, &format!("{}/metrics", server.base)).0, 404);
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200);
+    assert!(models["models"][0].get("stats").is_none(), "{models}");
+    assert_eq!(models["models"][0]["name"], "minilm-topics");
+}
