@@ -203,7 +203,7 @@ fn every_echo_logs_through_the_host_tagged_with_its_tenant_and_the_request_id() 
     let log = workspace().join("target/http-tests/plugin-echo-logs.log");
     let file = std::fs::File::create(&log).unwrap();
     let (server, echoes) = start_with("logs", |command| {
-        command.env("RUST_LOG", "info").env("NO_COLOR", "1").stderr(file);
+        command.env("RUST_LOG", "info").env("BATCHBOX_LOG_FORMAT", "text").env("NO_COLOR", "1").stderr(file);
     });
     for echo in &echoes {
         let (language, route) = (echo.language, echo.route());

@@ -26,8 +26,18 @@ struct Cli {
     /// Overrides every model's `device` (auto, cpu, cuda, cuda:N).
     #[arg(long, global = true)]
     device: Option<DeviceSpec>,
+    /// Log lines as JSON objects or as text, on stderr. Default: text on a terminal, JSON
+    /// otherwise (for collectors).
+    #[arg(long, global = true, env = "BATCHBOX_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
 }
 
 #[derive(Subcommand)]
@@ -53,13 +63,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal; plain text for log files and collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     let mut config = Config::load(&cli.config)?;
     if let Some(device) = cli.device {
         config.models.iter_mut().for_each(|m| m.device = device);
@@ -102,6 +107,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     app.set_loaded(Loaded { models, plugins });
     server.await?;
     Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Every request has a line of target
+/// `access`; a plugin's output has its tenant and request id.
+fn init_logs(format: Option<LogFormat>) {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr);
+    match format.unwrap_or(if terminal { LogFormat::Text } else { LogFormat::Json }) {
+        // One object per line, the event's fields at the top level, for collectors.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        // Colours for a person at a terminal; plain text when redirected.
+        LogFormat::Text => logs.with_ansi(terminal).init(),
+    }
 }
 
 /// `/metrics` alone on `bind` (`server.metrics_bind`), until shutdown.

@@ -189,6 +189,19 @@ impl PluginError {
     }
 }
 
+/// Where one request's time went inside the plugin runtime.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TimeSplit {
+    /// The host tokenizing for the plugin.
+    pub tokenize: Duration,
+    /// The request's sequences waiting for the model.
+    pub queue: Duration,
+    /// The model computing them.
+    pub inference: Duration,
+    /// The plugin's own time: wall time outside host calls (instantiation included).
+    pub plugin: Duration,
+}
+
 /// Per-request state of one instance.
 pub(crate) struct RequestState {
     wasi: WasiCtx,
@@ -329,6 +342,28 @@ impl PluginRuntime {
     /// Handles one request: in an idle instance of the tenant's plugin if the tenant reuses
     /// instances and one is idle, else in a fresh instance, configured first.
     pub async fn handle(&self, tenant: &str, request_id: u64, request: Request) -> Result<Response, PluginError> {
+        self.handle_timed(tenant, request_id, request).await.0
+    }
+
+    /// [`PluginRuntime::handle`], with where the request's time went (for the access log).
+    pub async fn handle_timed(
+        &self,
+        tenant: &str,
+        request_id: u64,
+        request: Request,
+    ) -> (Result<Response, PluginError>, TimeSplit) {
+        let mut split = TimeSplit::default();
+        let result = self.run_request(tenant, request_id, request, &mut split).await;
+        (result, split)
+    }
+
+    async fn run_request(
+        &self,
+        tenant: &str,
+        request_id: u64,
+        request: Request,
+        split: &mut TimeSplit,
+    ) -> Result<Response, PluginError> {
         let plugin = self.plugins.get(tenant).expect("routes only name loaded tenants");
         let (mut sandbox, idle) = match plugin.idle.lock().expect("idle instances").pop() {
             Some((sandbox, instance)) => (sandbox, Some(instance)),
@@ -347,7 +382,7 @@ impl PluginRuntime {
                 Ok(Ok((response, instance)))
             })
             .await;
-        sandbox.record(&outcome);
+        *split = sandbox.record(&outcome);
         let (response, instance) = outcome?;
         plugin.keep_idle(sandbox, instance);
         Ok(response)
@@ -459,8 +494,8 @@ impl Sandbox {
 
 impl Sandbox {
     /// Counts a request's outcome into its tenant's metrics: what stopped the plugin, if a trap
-    /// or a limit did, and where the request's time went.
-    fn record<T>(&self, outcome: &Result<T, PluginError>) {
+    /// or a limit did, and where the request's time went (which it returns).
+    fn record<T>(&self, outcome: &Result<T, PluginError>) -> TimeSplit {
         let state = self.store.data();
         let tenant = || state.tenant.to_string();
         if let Err(e) = outcome
@@ -468,15 +503,21 @@ impl Sandbox {
         {
             metrics::counter!(names::PLUGIN_TRAPS, "tenant" => tenant(), "kind" => kind).increment(1);
         }
-        let plugin_time = state.started.elapsed().saturating_sub(state.host_time);
+        let split = TimeSplit {
+            tokenize: state.tokenize_time,
+            queue: state.queue_time,
+            inference: state.compute_time,
+            plugin: state.started.elapsed().saturating_sub(state.host_time),
+        };
         for (name, time) in [
-            (names::TOKENIZE_SECONDS, state.tokenize_time),
-            (names::QUEUE_SECONDS, state.queue_time),
-            (names::INFERENCE_SECONDS, state.compute_time),
-            (names::PLUGIN_SECONDS, plugin_time),
+            (names::TOKENIZE_SECONDS, split.tokenize),
+            (names::QUEUE_SECONDS, split.queue),
+            (names::INFERENCE_SECONDS, split.inference),
+            (names::PLUGIN_SECONDS, split.plugin),
         ] {
             metrics::histogram!(name, "tenant" => tenant()).record(time.as_secs_f64());
         }
+        split
     }
 }
 

@@ -217,13 +217,22 @@ impl App {
     }
 
     async fn handle(&self, request: hyper::Request<Incoming>) -> Response {
+        let started = Instant::now();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let mut response = self.route(id, request).await.unwrap_or_else(ApiError::into_response);
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let mut served = Served::default();
+        let mut response = self.route(id, request, &mut served).await.unwrap_or_else(ApiError::into_response);
         response.headers_mut().insert("x-request-id", HeaderValue::from(id));
+        served.log(id, &method, &path, &response, started);
         response
     }
 
-    async fn route(&self, id: u64, request: hyper::Request<Incoming>) -> Result<Response, ApiError> {
+    async fn route(
+        &self,
+        id: u64,
+        request: hyper::Request<Incoming>,
+        served: &mut Served,
+    ) -> Result<Response, ApiError> {
         let host = target_host(&request)?;
         let path = request.uri().path().to_owned();
         let metrics = self.metrics.as_ref().filter(|_| self.routes != Routes::All { exposes_metrics: false });
@@ -257,7 +266,8 @@ impl App {
         }
         let tenant = self.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let started = Instant::now();
-        let result = self.for_tenant(tenant, id, request).await;
+        served.tenant = Some(tenant.name.clone());
+        let result = self.for_tenant(tenant, id, request, served).await;
         let status = match &result {
             Ok(response) => response.status(),
             Err(e) => e.status_and_code().0,
@@ -274,14 +284,16 @@ impl App {
         tenant: &Tenant,
         id: u64,
         request: hyper::Request<Incoming>,
+        served: &mut Served,
     ) -> Result<Response, ApiError> {
         let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
         let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
         self.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
         let _in_flight = tenant.admit()?;
         let request = self.plugin_request(tenant, request).await?;
-        let response = loaded.plugins.handle(&tenant.name, id, request).await?;
-        plugin_response(response, &tenant.limits)
+        let (response, split) = loaded.plugins.handle_timed(&tenant.name, id, request).await;
+        served.split = Some(split);
+        plugin_response(response?, &tenant.limits)
     }
 
     /// Every model: what it is and how it runs, and (with metrics on) its counters and its
@@ -378,6 +390,39 @@ impl App {
                 .collect(),
             body: body.to_bytes().to_vec(),
         })
+    }
+}
+
+/// What the access log says of a request beyond its method, path and response: the tenant whose
+/// route it was, and where the plugin runtime's time went, once known.
+#[derive(Default)]
+struct Served {
+    tenant: Option<String>,
+    split: Option<plugins::TimeSplit>,
+}
+
+impl Served {
+    /// The request's access-log line (target `access`, level info): one per request, host routes
+    /// and refusals included.
+    fn log(self, id: u64, method: &Method, path: &str, response: &Response, started: Instant) {
+        // Milliseconds to the microsecond: finer digits are noise.
+        let ms = |d: Duration| d.as_micros() as f64 / 1e3;
+        let split = self.split.unwrap_or_default();
+        tracing::info!(
+            target: "access",
+            request_id = id,
+            tenant = self.tenant.as_deref().unwrap_or("-"),
+            method = %method,
+            path,
+            status = response.status().as_u16(),
+            bytes = hyper::body::Body::size_hint(response.body()).exact().unwrap_or(0),
+            total_ms = ms(started.elapsed()),
+            tokenize_ms = ms(split.tokenize),
+            queue_ms = ms(split.queue),
+            inference_ms = ms(split.inference),
+            plugin_ms = ms(split.plugin),
+            "request"
+        );
     }
 }
 

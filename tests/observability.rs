@@ -1,13 +1,14 @@
-//! `/metrics`: exact values after a known sequence of requests, the same values in `/v1/models`,
-//! `server.metrics_bind` keeping the scrape off the tenants' address, and metrics turned off.
+//! What an operator sees. `/metrics`: exact values after a known sequence of requests, the same
+//! values in `/v1/models`, `server.metrics_bind` keeping the scrape off the tenants' address, and
+//! metrics turned off. Logs: one JSON access line per request.
 
 mod common;
 
 use std::path::PathBuf;
 
 use batchbox_metrics::{Scrape, names};
-use common::{PREDICT, Server, write_config};
-use serde_json::json;
+use common::{PREDICT, Server, workspace, write_config};
+use serde_json::{Value, json};
 
 /// Tenant `a` classifies (at most 100 tokens a request), tenant `b` is hostile (50 ms of CPU).
 fn config(name: &str, server: &str) -> PathBuf {
@@ -112,4 +113,41 @@ fn with_metrics_off_there_is_no_scrape_and_v1_models_shows_no_counters() {
     assert_eq!(status, 200);
     assert!(models["models"][0].get("stats").is_none(), "{models}");
     assert_eq!(models["models"][0]["name"], "minilm-topics");
+}
+
+#[test]
+fn every_request_has_one_json_access_line_with_its_id_tenant_status_bytes_and_time_split() {
+    let log = workspace().join("target/http-tests/observability-access.log");
+    let file = std::fs::File::create(&log).unwrap();
+    // stderr is a file, not a terminal: JSON without being asked.
+    let server = Server::launch_with(&config("observability-access", ""), |command| {
+        command.env("RUST_LOG", "error,access=info").stderr(file);
+    });
+    let response = server.send(PREDICT, r#"["The striker scored twice."]"#, &[]);
+    let id: u64 = response.headers()["x-request-id"].to_str().unwrap().parse().unwrap();
+    let (status, body) = common::read(response);
+    assert_eq!(status, 200, "{body}");
+    let refused = server.send("/nowhere", "", &[]);
+    let refused_id: u64 = refused.headers()["x-request-id"].to_str().unwrap().parse().unwrap();
+    assert_eq!(refused.status(), 404);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> =
+        text.lines().map(|line| serde_json::from_str(line).expect("a JSON object per line")).collect();
+    let line = |id: u64| {
+        let mut matching = lines.iter().filter(|l| l["target"] == "access" && l["request_id"] == id);
+        let line = matching.next().unwrap_or_else(|| panic!("no access line for request {id}:\n{text}"));
+        assert!(matching.next().is_none(), "request {id} has one line");
+        line.clone()
+    };
+    let served = line(id);
+    assert_eq!((served["tenant"].as_str(), served["status"].as_u64()), (Some("a"), Some(200)), "{served}");
+    assert_eq!((served["method"].as_str(), served["path"].as_str()), (Some("POST"), Some(PREDICT)));
+    assert!(served["bytes"].as_u64().unwrap() > 100, "{served}");
+    let ms = |key: &str| served[key].as_f64().unwrap_or_else(|| panic!("no {key}: {served}"));
+    assert!(ms("inference_ms") > 0.0 && ms("tokenize_ms") > 0.0 && ms("plugin_ms") > 0.0, "{served}");
+    let parts = ms("tokenize_ms") + ms("queue_ms") + ms("inference_ms") + ms("plugin_ms");
+    assert!(parts <= ms("total_ms") + 0.01, "the parts fit in the whole: {served}");
+    let refused = line(refused_id);
+    assert_eq!((refused["tenant"].as_str(), refused["status"].as_u64()), (Some("-"), Some(404)), "{refused}");
 }
