@@ -151,3 +151,44 @@ fn every_request_has_one_json_access_line_with_its_id_tenant_status_bytes_and_ti
     let refused = line(refused_id);
     assert_eq!((refused["tenant"].as_str(), refused["status"].as_u64()), (Some("-"), Some(404)), "{refused}");
 }
+
+/// deploy/prometheus: the scrape config loads the rules, and every rule is complete and names only
+/// metrics a running server exports (a renamed metric would leave an alert that never fires).
+#[test]
+fn the_example_scrape_config_and_alert_rules_name_only_metrics_the_server_exports() {
+    let dir = workspace().join("deploy/prometheus");
+    let yaml =
+        |file: &str| -> Value { yaml_serde::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap() };
+    let prometheus = yaml("prometheus.yml");
+    assert_eq!(prometheus["rule_files"], json!(["alerts.yml"]));
+    let job = &prometheus["scrape_configs"][0];
+    assert_eq!((job["job_name"].as_str(), job["metrics_path"].as_str()), (Some("batchbox"), Some("/metrics")));
+
+    // What a server exports once it has served, refused and trapped.
+    let server = Server::launch(&config("observability-rules", ""));
+    assert_eq!(server.post(PREDICT, r#"["The striker scored twice."]"#).0, 200);
+    assert_eq!(server.post("/b/loop", "").0, 500);
+    let (_, text) = get_text(&server, &format!("{}/metrics", server.base));
+    let exported: std::collections::HashSet<&str> =
+        text.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+
+    let rules = yaml("alerts.yml");
+    let rules = rules["groups"][0]["rules"].as_array().unwrap();
+    assert!(rules.len() >= 4, "queue depth, 5xx rate and trap rate at least");
+    for rule in rules {
+        let alert = rule["alert"].as_str().unwrap();
+        let expr = rule["expr"].as_str().unwrap_or_else(|| panic!("{alert}: no expr"));
+        assert!(rule["for"].is_string() && rule["annotations"]["summary"].is_string(), "{alert}: {rule}");
+        assert!(["page", "warn"].contains(&rule["labels"]["severity"].as_str().unwrap_or_default()), "{alert}");
+        let metrics =
+            expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("batchbox_"));
+        for metric in metrics {
+            let family = ["_bucket", "_count", "_sum"].iter().find_map(|s| metric.strip_suffix(s)).unwrap_or(metric);
+            assert!(exported.contains(family), "{alert}: {metric} is not a metric the server exports");
+        }
+    }
+    let all: String = rules.iter().map(|r| r["expr"].as_str().unwrap()).collect();
+    for needed in ["batchbox_model_queued_tokens", "batchbox_requests_total", "batchbox_plugin_traps_total"] {
+        assert!(all.contains(needed), "no alert on {needed}");
+    }
+}
