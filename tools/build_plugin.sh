@@ -38,7 +38,7 @@ else
     mkdir -p "$(dirname "$cache")"
     case $lang in
     python)
-        .venv/bin/componentize-py -d wit/batchbox.wit -w plugin componentize \
+        .venv/bin/componentize-py -d wit/batchbox.wit -w described-plugin componentize \
             -p plugins/python -p "$app" app -o "$cache.$$.tmp"
         ;;
     js) node plugins/js/componentize.mjs "$app/app.js" "$cache.$$.tmp" ;;

@@ -11,6 +11,9 @@ import { hostCall, jsonResponse, respond } from "../../plugins/js/batchbox_sdk.j
 // Bytes that are not UTF-8 become U+FFFD, and a leading byte order mark stays, as in the Rust echo.
 const UTF8 = new TextDecoder("utf-8", { ignoreBOM: true });
 
+// The component's `batchbox:plugin/api` export: nothing for GET /openapi.json beyond the routes.
+export const api = { describe: () => "" };
+
 // The component's `batchbox:plugin/handler` export.
 export const handler = {
   // The tenant's `config` from the server's YAML, as JSON. Echo has no settings; a plugin that has

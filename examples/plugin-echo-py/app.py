@@ -8,6 +8,12 @@ from wit_world.imports import host, types
 
 
 # componentize-py exports the class named `Handler` as the component's `batchbox:plugin/handler`.
+class Api(wit_world.exports.Api):
+    # Nothing for GET /openapi.json beyond the tenant's routes.
+    def describe(self) -> str:
+        return ""
+
+
 class Handler(wit_world.exports.Handler):
     # The tenant's `config` from the server's YAML, as JSON. Echo has no settings; a plugin that
     # has some parses them here (the SDK's `Settings`), so that a bad config stops startup.

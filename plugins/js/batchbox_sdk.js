@@ -515,3 +515,87 @@ function warmUp() {
 }
 
 warmUp();
+
+/** Helpers for `describe`: the pieces of an OpenAPI 3.1 fragment every plugin repeats (see the
+ * WIT's `api`), as in the Rust and Python SDKs. */
+export const openapi = {
+  /** The error body every SDK writes, to put in the fragment's `components.schemas` as `Error`
+   * (the host renames it per tenant). */
+  errorSchema: () => ({
+    type: "object",
+    required: ["error"],
+    properties: {
+      error: {
+        type: "object",
+        required: ["code", "message"],
+        properties: { code: { type: "string" }, message: { type: "string" }, quota: { type: "string" } },
+      },
+    },
+  }),
+
+  /** `{"$ref": "#/components/schemas/<name>"}`. */
+  schema: (name) => ({ $ref: `#/components/schemas/${name}` }),
+
+  /** The usual body of a text model (`TextList`), with its limits. */
+  textList(field, maxItems, maxChars) {
+    const items = { type: "array", maxItems, items: { type: "string", minLength: 1, maxLength: maxChars } };
+    return {
+      oneOf: [{ type: "object", required: [field], additionalProperties: false, properties: { [field]: items } }, items],
+    };
+  },
+
+  /** The `metadata` object `Classified.metadata` writes. */
+  metadataSchema() {
+    const integer = { type: "integer" };
+    const integers = { type: "array", items: integer };
+    return {
+      type: "object",
+      properties: {
+        processing_time_ms: { type: "number" },
+        total_words: integer,
+        total_tokens: integer,
+        num_sentences: integer,
+        model_version: { type: "string" },
+        truncated: integers,
+        forward_passes: integer,
+        batch_ids: integers,
+        breakdown_ms: { type: "object", additionalProperties: { type: "number" } },
+      },
+    };
+  },
+
+  /** The errors of a plugin built on `TextList`, `Classified` and `requireMethod`, for
+   * `operation`; `items` names what its 413 counts ("too_many_sentences, sentence_too_long"). */
+  classifiedErrors: (items) => ({
+    400: "invalid_json or invalid_request: the message names the item",
+    405: "method_not_allowed: use POST",
+    413: `${items}, or too_large for the model's queue`,
+    429: "quota_exceeded: `quota` names the tenant's quota",
+    503: "overloaded: the model's queue is full; retry after Retry-After",
+    504: "timed_out: still waiting for the model when the request's time ran out",
+  }),
+
+  /** What a classifier answers from `Classified`: `probabilities`, `labels`, `predictions`, `metadata`. */
+  predictionSchema() {
+    const strings = { type: "array", items: { type: "string" } };
+    return {
+      type: "object",
+      required: ["probabilities", "labels", "predictions", "metadata"],
+      properties: {
+        probabilities: { type: "array", items: { type: "array", items: { type: "number" } } },
+        labels: strings,
+        predictions: strings,
+        metadata: openapi.metadataSchema(),
+      },
+    };
+  },
+
+  /** A JSON-in, JSON-out operation: its body and 200 answer are the named schemas (`answered`
+   * describes the answer), and each of `errors` (`{status: description}`) is an `Error`. */
+  operation(summary, description, body, answer, answered, errors) {
+    const jsonOf = (name) => ({ "application/json": { schema: openapi.schema(name) } });
+    const responses = { 200: { description: answered, content: jsonOf(answer) } };
+    for (const [status, text] of Object.entries(errors)) responses[status] = { description: text, content: jsonOf("Error") };
+    return { summary, description, requestBody: { required: true, content: jsonOf(body) }, responses };
+  },
+};

@@ -33,7 +33,7 @@ process.chdir(resolve(dirname(fileURLToPath(import.meta.url)), "../.."));
 const { component } = await componentize({
   sourcePath,
   witPath: resolve("wit/batchbox.wit"),
-  worldName: "plugin",
+  worldName: "described-plugin",
   disableFeatures: ["http", "fetch-event"],
 });
 // Written whole or not at all: make must not take a half-written file for a built one.

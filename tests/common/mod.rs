@@ -244,6 +244,8 @@ pub fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_batchbox"))
         .args(args)
         .env("RUST_LOG", "warn")
+        // Log lines as text, as the tests that read them expect (the default is JSON off a terminal).
+        .env("BATCHBOX_LOG_FORMAT", "text")
         .envs(env.iter().copied())
         .output()
         .unwrap();

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
     StoreLimitsBuilder, UpdateDeadline,
@@ -98,6 +98,14 @@ pub enum PluginError {
         /// The tenant whose plugin it is.
         tenant: String,
         /// Which import or export.
+        message: String,
+    },
+    /// At startup: the plugin's `describe` did not answer a JSON object with `paths` (see the WIT).
+    #[error("tenant {tenant}: the plugin's describe is not an OpenAPI fragment: {message}")]
+    Describe {
+        /// The tenant whose plugin it is.
+        tenant: String,
+        /// What is wrong with it.
         message: String,
     },
     /// The plugin's `configure` refused the tenant's `config:` (at startup, or on a request).
@@ -183,6 +191,7 @@ impl PluginError {
             | Self::Compile { .. }
             | Self::MissingExport { .. }
             | Self::Configure { .. }
+            | Self::Describe { .. }
             | Self::MemoryTooSmall { .. }
             | Self::NoCapacity => None,
         }
@@ -244,6 +253,8 @@ struct LoadedPlugin {
     reuse: usize,
     /// Instances that served a request and wait for the next, with their stores.
     idle: Mutex<Vec<(Sandbox, bindings::Plugin)>>,
+    /// What the plugin's optional `describe` answered at startup: an OpenAPI fragment.
+    description: Option<serde_json::Value>,
 }
 
 impl LoadedPlugin {
@@ -322,7 +333,8 @@ impl PluginRuntime {
                     message: format!("config is not representable as JSON: {e}"),
                 })?,
             };
-            let plugin = LoadedPlugin {
+            let describe = describe_export(&component);
+            let mut plugin = LoadedPlugin {
                 tenant: tenant.name.as_str().into(),
                 pre,
                 config_json,
@@ -331,9 +343,11 @@ impl PluginRuntime {
                 model: model_for(tenant),
                 reuse: tenant.reuse_instances as usize,
                 idle: Mutex::new(Vec::new()),
+                description: None,
             };
             // Configure once now, so a bad config stops startup instead of failing every request.
-            runtime.configure(&plugin).await?;
+            let description = runtime.configure(&plugin, describe).await?;
+            plugin.description = description.map(|text| openapi_fragment(&text, &tenant.name)).transpose()?.flatten();
             runtime.plugins.insert(tenant.name.clone(), plugin);
         }
         Ok(runtime)
@@ -388,9 +402,33 @@ impl PluginRuntime {
         Ok(response)
     }
 
-    /// Instantiates the plugin and runs its `configure` alone: what startup checks.
-    async fn configure(&self, plugin: &LoadedPlugin) -> Result<(), PluginError> {
-        self.sandbox(plugin)?.run(plugin, 0, async |store, plugin| Ok(configured(store, plugin).await?.map(drop))).await
+    /// What the tenant's plugin says of its API (`describe`, after `configure`), if anything.
+    pub fn description(&self, tenant: &str) -> Option<&serde_json::Value> {
+        self.plugins.get(tenant)?.description.as_ref()
+    }
+
+    /// Instantiates the plugin and runs its `configure` alone, which is what startup checks; then
+    /// its `describe`, if `describe` is the index of one.
+    async fn configure(
+        &self,
+        plugin: &LoadedPlugin,
+        describe: Option<ComponentExportIndex>,
+    ) -> Result<Option<String>, PluginError> {
+        self.sandbox(plugin)?
+            .run(plugin, 0, async |store, plugin| {
+                let instance = plugin.pre.instance_pre().instantiate_async(&mut *store).await?;
+                let handler = bindings::Plugin::new(&mut *store, &instance)?;
+                if let Err(message) =
+                    handler.batchbox_plugin_handler().call_configure(&mut *store, &plugin.config_json).await?
+                {
+                    return Ok(Err(message));
+                }
+                let Some(describe) = describe else { return Ok(Ok(None)) };
+                let describe = instance.get_typed_func::<(), (String,)>(&mut *store, describe)?;
+                let (description,) = describe.call_async(&mut *store, ()).await?;
+                Ok(Ok(Some(description)))
+            })
+            .await
     }
 
     /// A fresh store, within the tenant's limits; `NoCapacity` when every instance the pool holds
@@ -546,6 +584,33 @@ impl Output {
         }
         self.logged = contents.len();
     }
+}
+
+/// The interface a plugin of world `described-plugin` exports.
+const API_EXPORT: &str = "batchbox:plugin/api@0.1.1";
+
+/// The component's `api.describe`, if it exports one (it is optional: see the WIT).
+fn describe_export(component: &Component) -> Option<ComponentExportIndex> {
+    let api = component.get_export_index(None, API_EXPORT)?;
+    component.get_export_index(Some(&api), "describe")
+}
+
+/// `describe`'s answer checked: `None` for an empty one, else a JSON object whose `paths` is an
+/// object, and whose `components`, if any, holds only `schemas`.
+fn openapi_fragment(text: &str, tenant: &str) -> Result<Option<serde_json::Value>, PluginError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let refuse = |message: String| PluginError::Describe { tenant: tenant.to_owned(), message };
+    let fragment: serde_json::Value = serde_json::from_str(text).map_err(|e| refuse(format!("not JSON: {e}")))?;
+    if !fragment["paths"].is_object() {
+        return Err(refuse("it has no `paths` object".into()));
+    }
+    let components = fragment.get("components").and_then(|c| c.as_object());
+    if components.is_some_and(|c| c.keys().any(|key| key != "schemas")) {
+        return Err(refuse("`components` may hold `schemas` only".into()));
+    }
+    Ok(Some(fragment))
 }
 
 /// A fresh instance of the plugin with its `configure` run: the instance, or the plugin's refusal.
@@ -718,5 +783,26 @@ fn classify_trap(error: wasmtime::Error, tenant: String, plugin: &LoadedPlugin, 
             PluginError::HostcallBytes { tenant, limit: limits.max_hostcall_bytes }
         }
         _ => PluginError::Trapped { tenant, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_must_answer_nothing_or_an_openapi_fragment() {
+        assert!(openapi_fragment("", "t").unwrap().is_none(), "nothing to describe");
+        let fragment = r#"{"paths": {"/": {}}, "components": {"schemas": {"A": {}}}}"#;
+        assert!(openapi_fragment(fragment, "t").unwrap().is_some());
+        for (bad, why) in [
+            ("{not json", "not JSON"),
+            (r#"{"components": {}}"#, "no `paths`"),
+            (r#"{"paths": []}"#, "no `paths`"),
+            (r#"{"paths": {}, "components": {"securitySchemes": {}}}"#, "`schemas` only"),
+        ] {
+            let error = openapi_fragment(bad, "t").unwrap_err().to_string();
+            assert!(error.starts_with("tenant t: the plugin's describe") && error.contains(why), "{bad}: {error}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is the `connections`
 //! module ([`serve`], [`ConnectionLimits`]).
-//! Host-owned routes (`/health`, `/ready`, `/v1/models`, `/metrics`) are answered here, without
+//! Host-owned routes (`/health`, `/ready`, `/v1/models`, `/metrics`, `/openapi.json`) are answered here, without
 //! keys; every other request goes to the tenant its route names, once its key and the tenant's
 //! quotas allow (see [`batchbox_tenants`]). With `server.metrics_bind`, `/metrics` is answered
 //! only on that address, by an [`App::metrics_only`] of its own. Every error the host writes is a JSON body
@@ -9,6 +9,7 @@
 
 mod config;
 mod connections;
+mod openapi;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -142,7 +143,8 @@ impl ApiError {
                 | PluginError::Compile { .. }
                 | PluginError::MissingExport { .. }
                 | PluginError::MemoryTooSmall { .. }
-                | PluginError::Configure { .. },
+                | PluginError::Configure { .. }
+                | PluginError::Describe { .. },
             ) => (S::INTERNAL_SERVER_ERROR, "plugin_failed"),
             Self::BadPluginResponse(_) => (S::INTERNAL_SERVER_ERROR, "bad_plugin_response"),
         }
@@ -235,12 +237,15 @@ impl App {
     ) -> Result<Response, ApiError> {
         let host = target_host(&request)?;
         let path = request.uri().path().to_owned();
-        let metrics = self.metrics.as_ref().filter(|_| self.routes != Routes::All { exposes_metrics: false });
+        let metrics = match self.routes {
+            Routes::All { exposes_metrics: true } | Routes::MetricsOnly => self.metrics.as_ref(),
+            Routes::All { exposes_metrics: false } => None,
+        };
         if self.routes == Routes::MetricsOnly && path != "/metrics" {
             return Err(ApiError::NotFound(path));
         }
-        let host_route =
-            matches!(path.as_str(), "/health" | "/ready" | "/v1/models") || (path == "/metrics" && metrics.is_some());
+        let host_route = matches!(path.as_str(), "/health" | "/ready" | "/v1/models" | "/openapi.json")
+            || (path == "/metrics" && metrics.is_some());
         if host_route && request.method() != Method::GET {
             return Err(ApiError::MethodNotAllowed { method: request.method().clone(), path, allow: "GET" });
         }
@@ -262,6 +267,12 @@ impl App {
                 return Ok(json_response(StatusCode::OK, &json!({ "status": "ready", "models": versions })));
             }
             "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
+            "/openapi.json" => {
+                let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
+                let exposes_metrics = self.routes == Routes::All { exposes_metrics: true };
+                let document = openapi::document(&self.tenants, &loaded.plugins, exposes_metrics);
+                return Ok(json_response(StatusCode::OK, &document));
+            }
             _ => {}
         }
         let tenant = self.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
@@ -610,6 +621,7 @@ mod tests {
                 None,
             ),
             (PluginError::Configure { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
+            (PluginError::Describe { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
             (PluginError::MemoryTooSmall { tenant: tenant(), need: 2, limit: 1 }.into(), 500, "plugin_failed", None),
             (ApiError::BadPluginResponse("status 101".into()), 500, "bad_plugin_response", None),
         ];

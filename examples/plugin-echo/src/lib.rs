@@ -42,5 +42,12 @@ impl Plugin for Echo {
     }
 }
 
-// Exports `Echo` as the component's `batchbox:plugin/handler`, which the host calls.
+// `GET /openapi.json` lists the echo's routes without a description of their own.
+impl batchbox_sdk::Describe for Echo {
+    fn describe() -> String {
+        String::new()
+    }
+}
+
+// Exports `Echo` as the component's `batchbox:plugin/handler` and `api`, which the host calls.
 batchbox_sdk::export_plugin!(Echo);

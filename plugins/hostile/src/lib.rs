@@ -128,4 +128,10 @@ fn escape(port: u16) -> serde_json::Value {
     })
 }
 
+impl batchbox_sdk::Describe for Hostile {
+    fn describe() -> String {
+        String::new()
+    }
+}
+
 batchbox_sdk::export_plugin!(Hostile);

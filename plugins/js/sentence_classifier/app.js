@@ -3,9 +3,28 @@
  * metadata, on the JavaScript SDK (plugins/js/batchbox_sdk.js).
  */
 
-import { Classified, Settings, TextList, jsonResponse, requireMethod, respond } from "../batchbox_sdk.js";
+import { Classified, Settings, TextList, jsonResponse, openapi, requireMethod, respond } from "../batchbox_sdk.js";
 
 const SETTINGS = new Settings({ max_sentences: 1000, max_sentence_chars: 10_000 });
+
+/** The route, its body with the configured limits, and its answers: as the Rust plugin's. */
+export const api = {
+  describe() {
+    const config = SETTINGS.get();
+    const operation = openapi.operation(
+      "Classify sentences",
+      "One row of probabilities (softmax over the labels) per sentence, in input order, the top " +
+        "label of each, and timing metadata. An empty list gives empty results.",
+      "Sentences",
+      "Prediction",
+      "The predictions",
+      openapi.classifiedErrors("too_many_sentences, sentence_too_long"),
+    );
+    const sentences = openapi.textList("sentences", config.max_sentences, config.max_sentence_chars);
+    const schemas = { Sentences: sentences, Prediction: openapi.predictionSchema(), Error: openapi.errorSchema() };
+    return JSON.stringify({ paths: { "/": { post: operation } }, components: { schemas } });
+  },
+};
 
 export const handler = {
   configure: (config) => SETTINGS.configure(config, "sequence-classification"),

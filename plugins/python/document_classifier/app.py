@@ -40,6 +40,7 @@ settings `max_documents` (100), `max_document_chars` (100,000) and `max_sentence
 for other methods. Host refusals (quotas, a full queue) answer as the SDK maps them.
 """
 
+import json
 import re
 import time
 import unicodedata
@@ -47,7 +48,7 @@ import unicodedata
 import wit_world
 from batchbox_sdk import (
     Classified, Respond, Settings, argmax, check_count, check_text, error, json_kind, json_response, list_body,
-    require_method, respond, warm,
+    openapi, require_method, respond, warm,
 )
 from wit_world.imports import types
 
@@ -68,6 +69,56 @@ class Handler(wit_world.exports.Handler):
 
     def handle(self, request):
         return respond(lambda: classify(request))
+
+
+class Api(wit_world.exports.Api):
+    def describe(self) -> str:
+        """The route, its body with the configured limits, and its answers (the module's docs)."""
+        operation = openapi.operation(
+            "Classify every sentence of each document, and each document",
+            "Documents are split into sentences by the rules in the plugin's docs and normalised; every "
+            "sentence goes to the model in one call. The answer has each sentence's label and "
+            "probabilities, and per document the mean probabilities, label counts and majority label.",
+            "Documents",
+            "DocumentPrediction",
+            "Each sentence's and each document's predictions",
+            openapi.classified_errors("too_many_documents, document_too_long, too_many_sentences"),
+        )
+        text = {"type": "string", "minLength": 1, "maxLength": SETTINGS["max_document_chars"]}
+        document = {"oneOf": [
+            text,
+            {"type": "object", "required": ["text"], "additionalProperties": False,
+             "properties": {"text": text, "id": {"type": "string"}}},
+        ]}
+        documents = {"type": "array", "maxItems": SETTINGS["max_documents"], "items": document}
+        numbers, strings = {"type": "array", "items": {"type": "number"}}, {"type": "array", "items": {"type": "string"}}
+        sentence = {"type": "object", "properties": {
+            "document": {"type": "integer"}, "text": {"type": "string"}, "label": {"type": "string"},
+            "probabilities": numbers,
+        }}
+        summary = {"type": "object", "properties": {
+            "id": {"type": ["string", "null"]}, "num_sentences": {"type": "integer"}, "mean_probabilities": numbers,
+            "mean_label": {"type": "string"}, "label_counts": {"type": "array", "items": {"type": "integer"}},
+            "majority_label": {"type": "string"},
+        }}
+        answer = {"type": "object", "required": ["labels", "sentences", "documents", "metadata"], "properties": {
+            "labels": strings,
+            "sentences": {"type": "array", "items": sentence},
+            "documents": {"type": "array", "items": summary},
+            "metadata": openapi.metadata_schema(),
+        }}
+        return json.dumps({
+            "paths": {"/": {"post": operation}},
+            "components": {"schemas": {
+                "Documents": {"oneOf": [
+                    {"type": "object", "required": ["documents"], "additionalProperties": False,
+                     "properties": {"documents": documents}},
+                    documents,
+                ]},
+                "DocumentPrediction": answer,
+                "Error": openapi.error_schema(),
+            }},
+        })
 
 
 def split_sentences(text: str) -> list:

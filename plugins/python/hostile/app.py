@@ -10,6 +10,12 @@ import wit_world
 from batchbox_sdk import json_response
 
 
+class Api(wit_world.exports.Api):
+    # Nothing for GET /openapi.json beyond the tenant's routes.
+    def describe(self) -> str:
+        return ""
+
+
 class Handler(wit_world.exports.Handler):
     def configure(self, config: str) -> None:
         pass

@@ -1,10 +1,11 @@
 """`POST /api/v1/predict/sentences` in Python: the Rust sentence-classifier's API, errors and
 metadata, on the Python SDK (plugins/python/batchbox_sdk)."""
 
+import json
 import time
 
 import wit_world
-from batchbox_sdk import Classified, Settings, TextList, json_response, require_method, respond
+from batchbox_sdk import Classified, Settings, TextList, json_response, openapi, require_method, respond
 from wit_world.imports import types
 
 SETTINGS = Settings(max_sentences=1000, max_sentence_chars=10_000)
@@ -16,6 +17,23 @@ class Handler(wit_world.exports.Handler):
 
     def handle(self, request):
         return respond(lambda: classify(request))
+
+
+class Api(wit_world.exports.Api):
+    def describe(self) -> str:
+        """The route, its body with the configured limits, and its answers: as the Rust plugin's."""
+        operation = openapi.operation(
+            "Classify sentences",
+            "One row of probabilities (softmax over the labels) per sentence, in input order, the top "
+            "label of each, and timing metadata. An empty list gives empty results.",
+            "Sentences",
+            "Prediction",
+            "The predictions",
+            openapi.classified_errors("too_many_sentences, sentence_too_long"),
+        )
+        sentences = openapi.text_list("sentences", SETTINGS["max_sentences"], SETTINGS["max_sentence_chars"])
+        schemas = {"Sentences": sentences, "Prediction": openapi.prediction_schema(), "Error": openapi.error_schema()}
+        return json.dumps({"paths": {"/": {"post": operation}}, "components": {"schemas": schemas}})
 
 
 def classify(request):

@@ -1,11 +1,12 @@
 //! What every batchbox plugin needs, so a plugin is mostly its own logic:
 //!
-//! - the bindings of `wit/batchbox.wit` (the host's [`host`] functions, the [`Plugin`] trait a
-//!   plugin implements, and [`export_plugin!`] to export it);
+//! - the bindings of `wit/batchbox.wit` (the host's [`host`] functions, the [`Plugin`] and
+//!   [`Describe`] traits a plugin implements, and [`export_plugin!`] to export it);
 //! - JSON in and out: [`parse_json`], [`parse_config`], [`json`], errors in the host's shape,
 //!   [`error`], and the usual body of a text model, [`TextList`];
 //! - the arithmetic every classifier repeats: [`softmax`], [`argmax`], [`ms`], [`round_ms`];
-//! - [`Error::into_response`]: a failed host call as the HTTP answer it stands for.
+//! - [`Error::into_response`]: a failed host call as the HTTP answer it stands for;
+//! - [`openapi`]: the pieces of a `describe` answer every plugin repeats.
 //!
 //! ```ignore
 //! struct Echo;
@@ -15,11 +16,14 @@
 //!         batchbox_sdk::json(200, &request.path)
 //!     }
 //! }
+//! impl batchbox_sdk::Describe for Echo {
+//!     fn describe() -> String { String::new() } // nothing for GET /openapi.json
+//! }
 //! batchbox_sdk::export_plugin!(Echo);
 //! ```
 
 wit_bindgen::generate!({
-    world: "plugin",
+    world: "described-plugin",
     path: "../../wit",
     pub_export_macro: true,
     export_macro_name: "export_plugin",
@@ -35,6 +39,7 @@ use serde_json::Value;
 
 pub use batchbox::plugin::host;
 pub use batchbox::plugin::types::{Encoding, Error, Inference, Level, ModelInfo, Task, Tensor};
+pub use exports::batchbox::plugin::api::Guest as Describe;
 pub use exports::batchbox::plugin::handler::{Guest as Plugin, Request, Response};
 
 /// A JSON response.
@@ -231,4 +236,51 @@ impl Error {
 
 fn content_type_json() -> (String, String) {
     ("content-type".into(), "application/json".into())
+}
+
+/// Helpers for [`Describe::describe`]: an OpenAPI 3.1 fragment (see the WIT's `api`).
+pub mod openapi {
+    use serde_json::{Value, json};
+
+    /// The error body every SDK writes, `{"error": {"code", "message", "quota"?}}`, to put in the
+    /// fragment's `components.schemas` as `Error` (the host renames it per tenant).
+    pub fn error_schema() -> Value {
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": { "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": { "type": "string" },
+                    "message": { "type": "string" },
+                    "quota": { "type": "string" },
+                },
+            } },
+        })
+    }
+
+    /// A response whose body is that `Error`.
+    pub fn error_response(description: &str) -> Value {
+        json!({ "description": description, "content": { "application/json": { "schema": schema("Error") } } })
+    }
+
+    /// `{"$ref": "#/components/schemas/<name>"}`.
+    pub fn schema(name: &str) -> Value {
+        json!({ "$ref": format!("#/components/schemas/{name}") })
+    }
+
+    /// The usual body of a text model (see [`TextList`](crate::TextList)): `{"<field>": [...]}` or a
+    /// bare array of non-empty strings, with its limits.
+    pub fn text_list(field: &str, max_items: usize, max_chars: usize) -> Value {
+        let list = json!({
+            "type": "array",
+            "maxItems": max_items,
+            "items": { "type": "string", "minLength": 1, "maxLength": max_chars },
+        });
+        json!({ "oneOf": [
+            { "type": "object", "required": [field], "additionalProperties": false, "properties": { field: list } },
+            list,
+        ] })
+    }
 }

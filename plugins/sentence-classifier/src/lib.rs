@@ -6,13 +6,16 @@
 
 use std::time::Instant;
 
+use batchbox_sdk::openapi::{error_response, error_schema, schema, text_list};
 use batchbox_sdk::{
-    Plugin, Request, Response, Settings, Task, TextList, argmax, host, json, ms, require_method, round_ms, softmax,
+    Describe, Plugin, Request, Response, Settings, Task, TextList, argmax, host, json, ms, require_method, round_ms,
+    softmax,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 /// The plugin's own `config` in shared_config.yaml.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Config {
     /// More sentences than this in one request: 413.
@@ -117,6 +120,60 @@ fn sentences(body: &[u8], config: &Config) -> Result<Vec<String>, Response> {
         max_chars: config.max_sentence_chars,
     }
     .parse(body)
+}
+
+impl Describe for SentenceClassifier {
+    /// The route, its body with the configured limits, and its answers.
+    fn describe() -> String {
+        let config = SETTINGS.get().ok().copied().unwrap_or_default();
+        let strings = json!({ "type": "array", "items": { "type": "string" } });
+        let number = json!({ "type": "number" });
+        json!({
+            "paths": { "/": { "post": {
+                "summary": "Classify sentences",
+                "description": "One row of probabilities (softmax over the labels) per sentence, in input \
+                    order, the top label of each, and timing metadata. An empty list gives empty results.",
+                "requestBody": { "required": true, "content": { "application/json": { "schema": schema("Sentences") } } },
+                "responses": {
+                    "200": { "description": "The predictions", "content": { "application/json": { "schema": schema("Prediction") } } },
+                    "400": error_response("invalid_json or invalid_request: the message names the item"),
+                    "405": error_response("method_not_allowed: use POST"),
+                    "413": error_response("too_many_sentences, sentence_too_long, or too_large for the model's queue"),
+                    "429": error_response("quota_exceeded: `quota` names the tenant's quota"),
+                    "503": error_response("overloaded: the model's queue is full; retry after Retry-After"),
+                    "504": error_response("timed_out: still waiting for the model when the request's time ran out"),
+                },
+            } } },
+            "components": { "schemas": {
+                "Sentences": text_list("sentences", config.max_sentences, config.max_sentence_chars),
+                "Prediction": {
+                    "type": "object",
+                    "required": ["probabilities", "labels", "predictions", "metadata"],
+                    "properties": {
+                        "probabilities": { "type": "array", "items": { "type": "array", "items": number } },
+                        "labels": strings,
+                        "predictions": strings,
+                        "metadata": {
+                            "type": "object",
+                            "properties": {
+                                "processing_time_ms": number,
+                                "total_words": { "type": "integer" },
+                                "total_tokens": { "type": "integer" },
+                                "num_sentences": { "type": "integer" },
+                                "model_version": { "type": "string" },
+                                "truncated": { "type": "array", "items": { "type": "integer" } },
+                                "forward_passes": { "type": "integer" },
+                                "batch_ids": { "type": "array", "items": { "type": "integer" } },
+                                "breakdown_ms": { "type": "object", "additionalProperties": number },
+                            },
+                        },
+                    },
+                },
+                "Error": error_schema(),
+            } },
+        })
+        .to_string()
+    }
 }
 
 batchbox_sdk::export_plugin!(SentenceClassifier);

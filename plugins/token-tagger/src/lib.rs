@@ -125,4 +125,10 @@ fn words(text: &str, encoding: &Encoding, logits: &Tensor, labels: &[String]) ->
     words
 }
 
+impl batchbox_sdk::Describe for TokenTagger {
+    fn describe() -> String {
+        String::new()
+    }
+}
+
 batchbox_sdk::export_plugin!(TokenTagger);
