@@ -182,22 +182,38 @@ impl Scrape {
         Self { samples }
     }
 
-    /// The value of metric `name` with exactly `labels`; 0 if it has none yet (a counter
-    /// nothing has incremented).
+    /// The value of metric `name` with exactly `labels` (values as given, unescaped); 0 if it has
+    /// none yet (a counter nothing has incremented).
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        // Escaped as the text format escapes label values.
+        let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
         labels.sort();
         let labels = if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.join(",")) };
         self.samples.get(&(name.to_owned(), labels)).copied().unwrap_or(0.0)
     }
 }
 
-/// `a="1",b="2"` with its labels sorted, wrapped in braces. Label values here are config names
-/// and closed sets, with no commas or quotes to split wrongly.
+/// `a="1",b="2"` with its labels sorted, wrapped in braces. A value may hold commas (a tenant
+/// named "a,b") and escaped quotes: only a comma outside quotes separates labels.
 fn sorted_labels(labels: &str) -> String {
-    let mut labels: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
-    labels.sort_unstable();
-    format!("{{{}}}", labels.join(","))
+    let (mut pairs, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
+    for (i, c) in labels.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                pairs.push(&labels[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    pairs.push(&labels[start..]);
+    pairs.retain(|pair| !pair.is_empty());
+    pairs.sort_unstable();
+    format!("{{{}}}", pairs.join(","))
 }
 
 #[cfg(test)]
@@ -214,6 +230,8 @@ mod tests {
         assert_eq!(scrape.value("up", &[]), 1.0);
         assert_eq!(scrape.value("h_bucket", &[("le", "0.5"), ("model", "m")]), 2.0);
         assert_eq!(scrape.value("x_total", &[("tenant", "c"), ("kind", "cpu")]), 0.0, "never incremented");
+        let awkward = Scrape::parse("y_total{tenant=\"a,b\\\"c\",kind=\"cpu\"} 4\n");
+        assert_eq!(awkward.value("y_total", &[("kind", "cpu"), ("tenant", "a,b\"c")]), 4.0, "{awkward:?}");
     }
 
     #[test]
