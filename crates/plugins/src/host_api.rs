@@ -146,8 +146,9 @@ impl RequestState {
         let model = self.model.clone();
         // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
         let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).await?;
-        self.host_time += started.elapsed();
-        self.tokenize_time += started.elapsed();
+        let took = started.elapsed();
+        self.host_time += took;
+        self.tokenize_time += took;
         Ok(encoded.map_err(to_wit_error))
     }
 

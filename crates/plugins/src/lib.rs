@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metrics::Histogram;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker, ResourceTable};
 use wasmtime::{
@@ -255,6 +256,35 @@ struct LoadedPlugin {
     idle: Mutex<Vec<(Sandbox, bindings::Plugin)>>,
     /// What the plugin's optional `describe` answered at startup: an OpenAPI fragment.
     description: Option<serde_json::Value>,
+    split_metrics: SplitMetrics,
+}
+
+/// A tenant's histograms of where its requests' time went, registered once at load, so that a
+/// request records into them without looking its series up.
+struct SplitMetrics {
+    tokenize: Histogram,
+    queue: Histogram,
+    inference: Histogram,
+    plugin: Histogram,
+}
+
+impl SplitMetrics {
+    fn new(tenant: &str) -> Self {
+        let histogram = |name: &'static str| metrics::histogram!(name, "tenant" => tenant.to_owned());
+        Self {
+            tokenize: histogram(names::TOKENIZE_SECONDS),
+            queue: histogram(names::QUEUE_SECONDS),
+            inference: histogram(names::INFERENCE_SECONDS),
+            plugin: histogram(names::PLUGIN_SECONDS),
+        }
+    }
+
+    fn record(&self, split: &TimeSplit) {
+        self.tokenize.record(split.tokenize.as_secs_f64());
+        self.queue.record(split.queue.as_secs_f64());
+        self.inference.record(split.inference.as_secs_f64());
+        self.plugin.record(split.plugin.as_secs_f64());
+    }
 }
 
 impl LoadedPlugin {
@@ -344,10 +374,11 @@ impl PluginRuntime {
                 reuse: tenant.reuse_instances as usize,
                 idle: Mutex::new(Vec::new()),
                 description: None,
+                split_metrics: SplitMetrics::new(&tenant.name),
             };
             // Configure once now, so a bad config stops startup instead of failing every request.
             let description = runtime.configure(&plugin, describe).await?;
-            plugin.description = description.map(|text| openapi_fragment(&text, &tenant.name)).transpose()?.flatten();
+            plugin.description = openapi_fragment(&description, &tenant.name)?;
             runtime.plugins.insert(tenant.name.clone(), plugin);
         }
         Ok(runtime)
@@ -396,7 +427,7 @@ impl PluginRuntime {
                 Ok(Ok((response, instance)))
             })
             .await;
-        *split = sandbox.record(&outcome);
+        *split = sandbox.record(plugin, &outcome);
         let (response, instance) = outcome?;
         plugin.keep_idle(sandbox, instance);
         Ok(response)
@@ -408,12 +439,12 @@ impl PluginRuntime {
     }
 
     /// Instantiates the plugin and runs its `configure` alone, which is what startup checks; then
-    /// its `describe`, if `describe` is the index of one.
+    /// its `describe`, if `describe` is the index of one (no export describes nothing: "").
     async fn configure(
         &self,
         plugin: &LoadedPlugin,
         describe: Option<ComponentExportIndex>,
-    ) -> Result<Option<String>, PluginError> {
+    ) -> Result<String, PluginError> {
         self.sandbox(plugin)?
             .run(plugin, 0, async |store, plugin| {
                 let instance = plugin.pre.instance_pre().instantiate_async(&mut *store).await?;
@@ -423,10 +454,10 @@ impl PluginRuntime {
                 {
                     return Ok(Err(message));
                 }
-                let Some(describe) = describe else { return Ok(Ok(None)) };
+                let Some(describe) = describe else { return Ok(Ok(String::new())) };
                 let describe = instance.get_typed_func::<(), (String,)>(&mut *store, describe)?;
                 let (description,) = describe.call_async(&mut *store, ()).await?;
-                Ok(Ok(Some(description)))
+                Ok(Ok(description))
             })
             .await
     }
@@ -533,13 +564,12 @@ impl Sandbox {
 impl Sandbox {
     /// Counts a request's outcome into its tenant's metrics: what stopped the plugin, if a trap
     /// or a limit did, and where the request's time went (which it returns).
-    fn record<T>(&self, outcome: &Result<T, PluginError>) -> TimeSplit {
+    fn record<T>(&self, plugin: &LoadedPlugin, outcome: &Result<T, PluginError>) -> TimeSplit {
         let state = self.store.data();
-        let tenant = || state.tenant.to_string();
         if let Err(e) = outcome
             && let Some(kind) = e.trap_kind()
         {
-            metrics::counter!(names::PLUGIN_TRAPS, "tenant" => tenant(), "kind" => kind).increment(1);
+            metrics::counter!(names::PLUGIN_TRAPS, "tenant" => state.tenant.to_string(), "kind" => kind).increment(1);
         }
         let split = TimeSplit {
             tokenize: state.tokenize_time,
@@ -547,14 +577,7 @@ impl Sandbox {
             inference: state.compute_time,
             plugin: state.started.elapsed().saturating_sub(state.host_time),
         };
-        for (name, time) in [
-            (names::TOKENIZE_SECONDS, split.tokenize),
-            (names::QUEUE_SECONDS, split.queue),
-            (names::INFERENCE_SECONDS, split.inference),
-            (names::PLUGIN_SECONDS, split.plugin),
-        ] {
-            metrics::histogram!(name, "tenant" => tenant()).record(time.as_secs_f64());
-        }
+        plugin.split_metrics.record(&split);
         split
     }
 }

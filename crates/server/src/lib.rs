@@ -1,11 +1,12 @@
 //! HTTP: hyper 1.x on tokio; accepting, limiting and draining connections is the `connections`
 //! module ([`serve`], [`ConnectionLimits`]).
-//! Host-owned routes (`/health`, `/ready`, `/v1/models`, `/metrics`, `/openapi.json`) are answered here, without
-//! keys; every other request goes to the tenant its route names, once its key and the tenant's
-//! quotas allow (see [`batchbox_tenants`]). With `server.metrics_bind`, `/metrics` is answered
-//! only on that address, by an [`App::metrics_only`] of its own. Every error the host writes is a JSON body
-//! `{"error": {"code": ..., "message": ...}}` (hyper answers requests it cannot parse itself,
-//! before they reach us), and [`ApiError`] is the one place that maps errors to HTTP statuses.
+//! Host-owned routes (`/health`, `/ready`, `/v1/models`, `/metrics`, `/openapi.json`) are
+//! answered here, without keys; every other request goes to the tenant its route names, once its
+//! key and the tenant's quotas allow (see [`batchbox_tenants`]). With `server.metrics_bind`,
+//! `/metrics` is answered only on that address, by an [`App::metrics_only`] of its own. Every
+//! error the host writes is a JSON body `{"error": {"code": ..., "message": ...}}` (hyper answers
+//! requests it cannot parse itself, before they reach us), and [`ApiError`] is the one place that
+//! maps errors to HTTP statuses.
 
 mod config;
 mod connections;
@@ -213,6 +214,14 @@ impl App {
         Self { routes: Routes::MetricsOnly, ..Self::new(server, &[], Some(metrics)) }
     }
 
+    /// The recorder's handle if this listener answers `/metrics`.
+    fn metrics_route(&self) -> Option<&PrometheusHandle> {
+        match self.routes {
+            Routes::All { exposes_metrics: true } | Routes::MetricsOnly => self.metrics.as_ref(),
+            Routes::All { exposes_metrics: false } => None,
+        }
+    }
+
     /// Marks the server ready: `/ready` answers 200 and plugin routes are served.
     pub fn set_loaded(&self, loaded: Loaded) {
         let _ = self.loaded.set(loaded);
@@ -237,10 +246,7 @@ impl App {
     ) -> Result<Response, ApiError> {
         let host = target_host(&request)?;
         let path = request.uri().path().to_owned();
-        let metrics = match self.routes {
-            Routes::All { exposes_metrics: true } | Routes::MetricsOnly => self.metrics.as_ref(),
-            Routes::All { exposes_metrics: false } => None,
-        };
+        let metrics = self.metrics_route();
         if self.routes == Routes::MetricsOnly && path != "/metrics" {
             return Err(ApiError::NotFound(path));
         }
@@ -269,8 +275,7 @@ impl App {
             "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
             "/openapi.json" => {
                 let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-                let exposes_metrics = self.routes == Routes::All { exposes_metrics: true };
-                let document = openapi::document(&self.tenants, &loaded.plugins, exposes_metrics);
+                let document = openapi::document(&self.tenants, &loaded.plugins, self.metrics_route().is_some());
                 return Ok(json_response(StatusCode::OK, &document));
             }
             _ => {}

@@ -107,7 +107,6 @@ fn schema_prefix(tenant: &str) -> String {
 /// `fragment` with every `$ref` to one of its schemas pointing at the renamed one.
 fn renamed(fragment: &Value, prefix: &str) -> Value {
     match fragment {
-        Value::String(s) => Value::String(s.clone()),
         Value::Array(items) => Value::Array(items.iter().map(|v| renamed(v, prefix)).collect()),
         Value::Object(fields) => Value::Object(
             fields
