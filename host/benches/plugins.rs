@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchbox::config::Config;
-use batchbox_plugins::{PluginRuntime, json_post, with_caches};
+use batchbox_plugins::{PluginHost, PluginRuntime, json_post, with_caches};
 use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
+use batchbox_tenants::Tenants;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -125,13 +126,8 @@ fn main() -> anyhow::Result<()> {
         };
         let models = [(config.models[0].name.clone(), model.clone())];
         let by_name = models.iter().cloned().collect();
-        let plugins = PluginRuntime::load(
-            &config.tenants,
-            with_caches(&by_name),
-            config.server.max_instances,
-            &config.server.plugin_cache_dir,
-        )
-        .await?;
+        let host = PluginHost::new(config.server.max_instances, &config.server.plugin_cache_dir)?;
+        let plugins = PluginRuntime::load(&host, &config.tenants, with_caches(&by_name)).await?;
         let request = |path: &str, body: &[u8]| json_post(path, body.to_vec());
 
         // Instantiation with pooling: a request that does nothing but exist.
@@ -160,8 +156,15 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.bind).await?;
         let address = listener.local_addr()?;
         let url = format!("http://{address}{PREDICT}");
-        let app = Arc::new(App::new(&config.server, &config.tenants, None));
-        app.set_loaded(Loaded { models: models.to_vec(), plugins });
+        let app = Arc::new(App::new(&config.server, None));
+        let tenants = Tenants::new(&config.tenants);
+        app.set_loaded(Loaded {
+            models: models.to_vec(),
+            plugins,
+            tenants,
+            admin_keys: Vec::new(),
+            about: Value::Null,
+        });
         tokio::spawn(server::serve(
             listener,
             app,

@@ -15,7 +15,7 @@ use batchbox_model::QueueOptions;
 use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
 use batchbox_server::ServerConfig;
 use batchbox_tenants::{CacheConfig, KeySource, TenantConfig, TenantLimits};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why the config file stops startup; every error names the file.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ pub struct Config {
 }
 
 /// One entry of `models:`: a model to load, with its own thread, queue and batcher.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Name clients see and tenants pick the model by; the exported manifest carries the
@@ -83,8 +83,9 @@ pub struct ModelConfig {
     pub cpu_dtype: CpuDtype,
 }
 
-/// The seed's `api` section, keys unchanged.
-#[derive(Debug, Clone, Deserialize)]
+/// The seed's `api` section, keys unchanged. Every model's queue is built from it, so a reload
+/// may not change it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// At most this many sequences per forward pass. Required.
@@ -119,7 +120,7 @@ fn default_max_batch_ms() -> u64 {
 pub const MAX_BATCH_MS: u64 = 60_000;
 
 /// `api.batch_order`: how queued sequences are grouped into forward passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BatchOrder {
     /// `length-sorted`, the default: similar lengths together, so passes pad little, with
@@ -171,6 +172,16 @@ impl Config {
         }
         let invalid = |(key, message)| ConfigError::Invalid { path: path.to_owned(), key, message };
         config.validate().map_err(invalid)?;
+        for source in &mut config.server.admin_keys {
+            if let KeySource::File(file) = source {
+                *file = base.join(&*file);
+            }
+        }
+        let mut admin_hashes = Vec::new();
+        for source in &config.server.admin_keys {
+            admin_hashes.extend(source.resolve().map_err(|e| invalid(("server.admin_keys", e)))?);
+        }
+        config.server.admin_key_hashes = admin_hashes;
         for tenant in &mut config.tenants {
             let mut hashes = Vec::new();
             for source in &tenant.keys {

@@ -8,6 +8,8 @@
 //! - `batchbox-tenants`: routes, keys and quotas;
 //! - `batchbox-plugins`: the WebAssembly plugin runtime;
 //! - `batchbox-server`: HTTP, host routes, connection limits, and errors mapped to statuses;
-//! - [`config`]: `shared_config.yaml`, composed from those crates' sections and checked whole.
+//! - [`config`]: `shared_config.yaml`, composed from those crates' sections and checked whole;
+//! - [`loader`]: what serves a config, built whole at startup and by every reload.
 
 pub mod config;
+pub mod loader;

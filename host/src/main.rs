@@ -1,19 +1,17 @@
 //! The `batchbox` command line.
 
-use std::collections::HashMap;
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 use batchbox::config::Config;
+use batchbox::loader::{Loader, Overrides};
 use batchbox_metrics::PrometheusHandle;
-use batchbox_model::Model;
 use batchbox_model_tch::DeviceSpec;
-use batchbox_plugins::{PluginRuntime, json_post, with_caches};
-use batchbox_server::{self as server, App, ConnectionLimits, Loaded};
+use batchbox_plugins::json_post;
+use batchbox_server::{self as server, App, ConnectionLimits};
 use batchbox_tenants::Tenants;
 use clap::{Parser, Subcommand};
 
@@ -65,26 +63,21 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    let mut config = Config::load(&cli.config)?;
-    if let Some(device) = cli.device {
-        config.models.iter_mut().for_each(|m| m.device = device);
-    }
+    let (bind, port) = match cli.command {
+        Command::Serve { bind, port } => (bind, port),
+        _ => (None, None),
+    };
+    let overrides = Overrides { device: cli.device, bind, port };
+    let (loader, config) = Loader::open(&cli.config, overrides)?;
+    let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Serve { bind, port } => {
-            if let Some(bind) = bind {
-                config.server.bind = bind;
-            }
-            if let Some(port) = port {
-                config.server.bind.set_port(port);
-            }
-            tokio::runtime::Runtime::new()?.block_on(serve(config))
-        }
-        Command::CheckConfig => tokio::runtime::Runtime::new()?.block_on(check_config(&config)),
-        Command::Predict { sentences } => tokio::runtime::Runtime::new()?.block_on(predict(&config, sentences)),
+        Command::Serve { .. } => runtime.block_on(serve(config, loader)),
+        Command::CheckConfig => runtime.block_on(check_config(config, &loader)),
+        Command::Predict { sentences } => runtime.block_on(predict(config, &loader, sentences)),
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, loader: Loader) -> anyhow::Result<()> {
     // Listen first, so /health answers while the model loads and /ready tells when it is done.
     let listener = tokio::net::TcpListener::bind(config.server.bind)
         .await
@@ -99,14 +92,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             serve_metrics(bind, &config, metrics.clone()).await?;
         }
     }
-    let app = Arc::new(App::new(&config.server, &config.tenants, metrics));
+    let loader = Arc::new(loader);
+    let app = Arc::new(App::new(&config.server, metrics).reloading(loader.clone()));
     let limits = ConnectionLimits::from_config(&config.server);
     let server = tokio::spawn(server::serve(listener, app.clone(), limits, shutdown_signal()));
 
-    let (models, plugins) = load(&config).await?;
-    app.set_loaded(Loaded { models, plugins });
+    app.set_loaded(loader.first(config).await?);
+    tokio::spawn(reload_on_sighup(app));
     server.await?;
     Ok(())
+}
+
+/// Reloads the config file on every SIGHUP; the outcome is logged (see [`App::reload`]).
+async fn reload_on_sighup(app: Arc<App>) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+    while hangup.recv().await.is_some() {
+        // Success and refusal are both logged by `reload`.
+        let _ = app.reload("SIGHUP").await;
+    }
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Every request has a line of target
@@ -145,45 +148,10 @@ async fn metrics_upkeep(metrics: PrometheusHandle) {
     }
 }
 
-/// Loads every model (each on its own thread, with its own batcher) and every tenant's plugin.
-async fn load(config: &Config) -> anyhow::Result<(Vec<(String, Arc<Model>)>, PluginRuntime)> {
-    let started = Instant::now();
-    let mut models = Vec::new();
-    for model_config in &config.models {
-        let options = config.model_options(model_config);
-        let model = tokio::task::spawn_blocking(move || batchbox_model_tch::load(&options))
-            .await?
-            .with_context(|| format!("model {}", model_config.name))?;
-        let info = model.info();
-        tracing::info!(model = model_config.name, version = %info.manifest.version, device = %info.device, precision = ?info.precision, "model loaded");
-        models.push((model_config.name.clone(), model));
-    }
-    let by_name: HashMap<String, Arc<Model>> = models.iter().cloned().collect();
-    let plugins = PluginRuntime::load(
-        &config.tenants,
-        with_caches(&by_name),
-        config.server.max_instances,
-        &config.server.plugin_cache_dir,
-    )
-    .await?;
-    for tenant in &config.tenants {
-        if tenant.key_hashes.is_empty() {
-            tracing::warn!(tenant = tenant.name, "tenant has no keys: anyone may call it");
-        }
-    }
-    tracing::info!(
-        models = models.len(),
-        tenants = config.tenants.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "ready"
-    );
-    Ok((models, plugins))
-}
-
 /// `check-config`: everything `serve` does before it answers requests, then a summary.
-async fn check_config(config: &Config) -> anyhow::Result<()> {
-    let (models, _plugins) = load(config).await?;
-    for (name, model) in &models {
+async fn check_config(config: Config, loader: &Loader) -> anyhow::Result<()> {
+    let loaded = loader.first(config.clone()).await?;
+    for (name, model) in &loaded.models {
         let info = model.info();
         let measured: Vec<String> = info
             .precision_choice
@@ -239,7 +207,7 @@ const PREDICT_ROUTE: &str = "/api/v1/predict/sentences";
 /// `predict`: the sentences go to the plugin of the tenant that serves [`PREDICT_ROUTE`], as a
 /// request to it would, so the labels and probabilities are the plugin's (post-processing is the
 /// plugin's job, never the host's); this prints them as a table.
-async fn predict(config: &Config, mut sentences: Vec<String>) -> anyhow::Result<()> {
+async fn predict(config: Config, loader: &Loader, mut sentences: Vec<String>) -> anyhow::Result<()> {
     let tenant = Tenants::new(&config.tenants)
         .route(None, PREDICT_ROUTE)
         .map(|tenant| tenant.name.clone())
@@ -247,7 +215,7 @@ async fn predict(config: &Config, mut sentences: Vec<String>) -> anyhow::Result<
     if sentences.is_empty() {
         sentences = std::io::stdin().lock().lines().collect::<Result<_, _>>().context("reading stdin")?;
     }
-    let (_models, plugins) = load(config).await?;
+    let plugins = loader.first(config).await?.plugins;
     let request = json_post(PREDICT_ROUTE, serde_json::to_vec(&serde_json::json!({ "sentences": sentences }))?);
     let response = plugins.handle(&tenant, 0, request).await?;
     let answer: serde_json::Value = serde_json::from_slice(&response.body)

@@ -256,16 +256,25 @@ impl Scheduler {
 
     /// A scheduler whose tenants each have a share of the queue, in tokens (see the module docs).
     pub fn with_shares(config: SchedulerConfig, shares: &[(String, usize)]) -> Result<Self, SharesTooLarge> {
-        let total = shares.iter().map(|(_, share)| share).sum();
-        if total > config.max_queued_tokens {
-            return Err(SharesTooLarge { total, limit: config.max_queued_tokens });
-        }
         let mut scheduler = Self::new(config);
-        for (name, share) in shares {
-            let t = scheduler.tenant(name);
-            scheduler.tenants[t].share = Some(*share);
-        }
+        scheduler.set_shares(shares)?;
         Ok(scheduler)
+    }
+
+    /// Gives each named tenant its share, and every other tenant none, keeping what waits: a
+    /// config reload that adds, removes or resizes tenants. A tenant left without a share keeps
+    /// its queued sequences, which run as before; only its new requests lose the reserved room.
+    pub fn set_shares(&mut self, shares: &[(String, usize)]) -> Result<(), SharesTooLarge> {
+        let total = shares.iter().map(|(_, share)| share).sum();
+        if total > self.config.max_queued_tokens {
+            return Err(SharesTooLarge { total, limit: self.config.max_queued_tokens });
+        }
+        self.tenants.iter_mut().for_each(|t| t.share = None);
+        for (name, share) in shares {
+            let t = self.tenant(name);
+            self.tenants[t].share = Some(*share);
+        }
+        Ok(())
     }
 
     /// The tenant's index, added if new.
@@ -869,6 +878,27 @@ mod tests {
         assert_eq!(
             Scheduler::with_shares(config(4, 1000, 0, 1000), &[("a".into(), 600), ("b".into(), 500)]).err(),
             Some(SharesTooLarge { total: 1100, limit: 1000 })
+        );
+    }
+
+    #[test]
+    fn new_shares_apply_to_new_requests_and_keep_what_waits() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::with_shares(config(4, 1000, 0, 1000), &[("a".into(), 500), ("b".into(), 500)]).unwrap();
+        s.submit(1, "b", &[400], None, t0).unwrap();
+        // B leaves and C arrives with B's share: B's queued sequence stays and still runs.
+        s.set_shares(&[("a".into(), 500), ("c".into(), 100)]).unwrap();
+        s.submit(2, "c", &[100], None, t0).unwrap();
+        // A's 500 is still reserved; B, without a share now, gets only room no share reserves:
+        // none while its old sequence waits.
+        assert!(matches!(s.submit(3, "b", &[1], None, t0), Err(Rejected::Overloaded { .. })));
+        let mut done = Vec::new();
+        drain(&mut s, t0, &mut |_, requests| done.extend(requests));
+        done.sort();
+        assert_eq!(done, [1, 2]);
+        assert_eq!(
+            s.set_shares(&[("a".into(), 600), ("c".into(), 500)]),
+            Err(SharesTooLarge { total: 1100, limit: 1000 })
         );
     }
 

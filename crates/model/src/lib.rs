@@ -96,7 +96,8 @@ pub enum ModelError {
     /// call can never fit ([`Rejected`] says which).
     #[error("{0}")]
     Overloaded(Rejected),
-    /// At start: the tenants' queue shares add up to more than `max_queued_tokens`.
+    /// The tenants' queue shares add up to more than `max_queued_tokens` (at start, or given by
+    /// [`Model::set_queue_shares`]).
     #[error(transparent)]
     Shares(#[from] SharesTooLarge),
     /// The call's sequences were still waiting at its deadline; carries how long it waited.
@@ -270,7 +271,9 @@ impl Model {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (path, thread_manifest, thread_shared) = (dir.to_owned(), manifest.clone(), shared.clone());
         let thread = std::thread::Builder::new()
-            .name("model".into())
+            // Named for its model, so `top -H` (and the reload test) can tell models' threads
+            // apart; threads libtorch starts from it inherit the name.
+            .name(format!("model-{}", options.name))
             .spawn(move || match load(&path, &thread_manifest) {
                 Ok(LoadedBackend { backend, device, precision, precision_choice }) => {
                     let _ = ready_tx.send(Ok((device, precision, precision_choice)));
@@ -323,6 +326,11 @@ impl Model {
     /// (version) and the precision they run at.
     pub fn cache_version(&self) -> String {
         format!("{}/{:?}", self.info.manifest.version, self.info.precision)
+    }
+
+    /// Gives the model's tenants new shares of its queue (a config reload); what waits stays.
+    pub fn set_queue_shares(&self, shares: &[(String, usize)]) -> Result<(), ModelError> {
+        Ok(self.shared.lock().set_shares(shares)?)
     }
 
     /// Queue depth right now: (sequences, tokens).

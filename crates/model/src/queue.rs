@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use batchbox_batcher::scheduler::{Next, Rejected, RequestId, Row, Scheduler};
+use batchbox_batcher::scheduler::{Next, Rejected, RequestId, Row, Scheduler, SharesTooLarge};
 use tokio::sync::oneshot;
 
 use crate::{Inference, ModelError, Output, RunStats};
@@ -106,6 +106,11 @@ impl Queue {
     /// Sequences and tokens waiting right now.
     pub fn depth(&self) -> (usize, usize) {
         (self.scheduler.queued_sequences(), self.scheduler.queued_tokens())
+    }
+
+    /// The tenants' shares from now on (see `Scheduler::set_shares`).
+    pub fn set_shares(&mut self, shares: &[(String, usize)]) -> Result<(), SharesTooLarge> {
+        self.scheduler.set_shares(shares)
     }
 
     /// No more batches: the model is being dropped.

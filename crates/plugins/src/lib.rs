@@ -314,12 +314,39 @@ pub fn json_post(path: &str, body: Vec<u8>) -> Request {
     }
 }
 
-/// Every tenant's plugin, ready to instantiate.
+/// What every generation of plugins shares: the engine with its pool of instance slots, the
+/// linker, and the directory compiled code is cached in. A config reload builds its new
+/// [`PluginRuntime`] here, beside the one serving, so `server.max_instances` bounds the instances
+/// of both together and the pool's address space is reserved once.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<RequestState>,
+    /// One permit per instance the pooling allocator has room for: a request that finds none
+    /// is refused at once (503), before any store is made.
+    instances: Arc<Semaphore>,
+    cache_dir: PathBuf,
+}
+
+impl PluginHost {
+    /// The engine for `max_instances` instances at once, caching compiled plugins in `cache_dir`.
+    pub fn new(max_instances: u32, cache_dir: &Path) -> Result<Self, PluginError> {
+        let host_error = |e: wasmtime::Error| PluginError::Compile { tenant: "*".into(), message: e.to_string() };
+        let engine = new_engine(max_instances).map_err(host_error)?;
+        let mut linker: Linker<RequestState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(host_error)?;
+        bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state)
+            .map_err(host_error)?;
+        start_epoch_ticker(&engine);
+        let instances = Arc::new(Semaphore::new(max_instances as usize));
+        Ok(Self { engine, linker, instances, cache_dir: cache_dir.to_owned() })
+    }
+}
+
+/// Every tenant's plugin, ready to instantiate: one config's generation.
 pub struct PluginRuntime {
     engine: Engine,
     plugins: HashMap<String, LoadedPlugin>,
-    /// One permit per instance the pooling allocator has room for: a request that finds none
-    /// is refused at once (503), before any store is made.
+    /// The host's instance permits, shared with every generation.
     instances: Arc<Semaphore>,
 }
 
@@ -327,27 +354,18 @@ impl PluginRuntime {
     /// Compiles (or loads from the cache) every tenant's plugin, checks its exports and that it
     /// accepts its config. `model_for` gives each tenant its model (see [`with_caches`]).
     pub async fn load(
+        host: &PluginHost,
         tenants: &[TenantConfig],
         model_for: impl Fn(&TenantConfig) -> Arc<dyn PluginModel>,
-        max_instances: u32,
-        cache_dir: &Path,
     ) -> Result<Self, PluginError> {
-        let engine = new_engine(max_instances)
-            .map_err(|e| PluginError::Compile { tenant: "*".into(), message: e.to_string() })?;
-        let mut linker: Linker<RequestState> = Linker::new(&engine);
-        let link_error = |e: wasmtime::Error| PluginError::Compile { tenant: "*".into(), message: e.to_string() };
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_error)?;
-        bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state)
-            .map_err(link_error)?;
-        start_epoch_ticker(&engine);
-
-        let instances = Arc::new(Semaphore::new(max_instances as usize));
-        let mut runtime = Self { engine, plugins: HashMap::new(), instances };
+        let linker = &host.linker;
+        let mut runtime =
+            Self { engine: host.engine.clone(), plugins: HashMap::new(), instances: host.instances.clone() };
         // Tenants that run the same .wasm share its compiled code.
         let mut components = HashMap::new();
         for tenant in tenants {
             let name = || tenant.name.clone();
-            let component = load_component(&runtime.engine, tenant, cache_dir, &mut components)?;
+            let component = load_component(&runtime.engine, tenant, &host.cache_dir, &mut components)?;
             let memory_limit = memory_limit(&component, tenant)?;
             // Imports the host does not offer fail here; missing exports in `PluginPre::new`.
             let pre = linker

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use batchbox_model::{Encoding, Inference, Manifest, ModelError, Output, RunStats};
-use batchbox_plugins::{InferFuture, PluginModel, PluginRuntime, json_post};
+use batchbox_plugins::{InferFuture, PluginHost, PluginModel, PluginRuntime, json_post};
 use batchbox_tenants::TenantConfig;
 use serde_json::{Value, json};
 
@@ -72,7 +72,8 @@ async fn served(limits: Value) -> (PluginRuntime, Arc<Fake>) {
     let fake = Arc::new(Fake { manifest, inferred: AtomicUsize::new(0) });
     let model: Arc<dyn PluginModel> = fake.clone();
     let cache = root.join("target/plugin-cache");
-    let runtime = PluginRuntime::load(std::slice::from_ref(&tenant), |_| model.clone(), 4, &cache).await.unwrap();
+    let host = PluginHost::new(4, &cache).unwrap();
+    let runtime = PluginRuntime::load(&host, std::slice::from_ref(&tenant), |_| model.clone()).await.unwrap();
     (runtime, fake)
 }
 

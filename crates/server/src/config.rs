@@ -4,10 +4,13 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use batchbox_tenants::{KeyHash, KeySource};
+use serde::{Deserialize, Serialize};
 
-/// The `server:` section. Every key has a default, so the section may be left out.
-#[derive(Debug, Clone, Deserialize)]
+/// The `server:` section. Every key has a default, so the section may be left out. A reload may
+/// change `admin_keys` only: the rest is fixed for the life of the process (sockets, the plugin
+/// pool), so a reload that changes it is refused.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Where to listen; `PORT` or `--bind` override it.
@@ -43,6 +46,13 @@ pub struct ServerConfig {
     /// Serve `/metrics` on this address alone, and not on `bind`, so that tenants cannot scrape
     /// it. Unset: on `bind`, with the other host routes.
     pub metrics_bind: Option<SocketAddr>,
+    /// Who may call the admin routes (`POST /admin/reload`, `GET /admin/config`): keys given as a
+    /// tenant's are (`sha256:`, `env:`, `file:`). None, the default: the admin routes are off (404).
+    #[serde(skip_serializing)]
+    pub admin_keys: Vec<KeySource>,
+    /// The admin keys' SHA-256 hashes, read from `admin_keys` at load time.
+    #[serde(skip)]
+    pub admin_key_hashes: Vec<KeyHash>,
 }
 
 impl ServerConfig {
@@ -68,6 +78,8 @@ impl Default for ServerConfig {
             http2_max_concurrent_streams: NonZeroU32::new(100).unwrap(),
             metrics: true,
             metrics_bind: None,
+            admin_keys: Vec::new(),
+            admin_key_hashes: Vec::new(),
         }
     }
 }

@@ -7,13 +7,22 @@
 //! error the host writes is a JSON body `{"error": {"code": ..., "message": ...}}` (hyper answers
 //! requests it cannot parse itself, before they reach us), and [`ApiError`] is the one place that
 //! maps errors to HTTP statuses.
+//!
+//! Reload policy: what serves requests (models, plugins, tenants, admin keys) is one [`Loaded`]
+//! generation. A request takes the current one when it starts and keeps it to its end, so it runs
+//! wholly under one config; [`App::reload`] (from `POST /admin/reload` or SIGHUP) has the next
+//! one built beside it by a [`Reload`], swaps it in only once it is whole, and retires the old one
+//! when its last request is done, which is when a model the new config dropped stops (its queue
+//! drained by the requests that filled it). Reloads run one at a time.
 
 mod config;
 mod connections;
 mod openapi;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,25 +35,50 @@ use serde_json::json;
 use batchbox_metrics::{PrometheusHandle, Scrape, names};
 use batchbox_model::Model;
 use batchbox_plugins::{self as plugins, PluginError, PluginRuntime};
-use batchbox_tenants::{AccessError, Tenant, TenantConfig, TenantLimits, Tenants};
+use batchbox_tenants::{AccessError, KeyHash, Tenant, TenantLimits, Tenants};
 pub use config::ServerConfig;
 pub use connections::{ConnectionLimits, serve};
 
 type Response = hyper::Response<Full<Bytes>>;
 
-/// What the server needs once startup is done: until then only `/health` answers 200.
+/// One config's worth of what serves requests: built whole at startup and by every reload, and
+/// swapped in at once (see the module docs).
 pub struct Loaded {
     /// Every model, by its name in the config, in the config's order.
     pub models: Vec<(String, Arc<Model>)>,
     /// Every tenant's plugin, compiled and configured; each request gets a fresh instance.
     pub plugins: PluginRuntime,
+    /// Every tenant's routes, keys and quotas.
+    pub tenants: Tenants,
+    /// The hashes of `server.admin_keys`; none: the admin routes are off.
+    pub admin_keys: Vec<KeyHash>,
+    /// What `GET /admin/config` shows of this config (never a key or a key's hash), and what
+    /// `POST /admin/reload` answers once it is swapped in.
+    pub about: serde_json::Value,
+}
+
+/// The future of one [`Reload::next`].
+pub type NextFuture<'a> = Pin<Box<dyn Future<Output = Result<Loaded, String>> + Send + 'a>>;
+
+/// Builds the next generation from the config file, for [`App::reload`].
+pub trait Reload: Send + Sync {
+    /// What the config file describes now, built beside `current` (whose unchanged models it
+    /// shares) without touching what `current` serves; or why it cannot be, in words for the
+    /// operator. `trigger` says what asked for it (`SIGHUP`, `POST /admin/reload`).
+    fn next<'a>(&'a self, current: &'a Loaded, trigger: &'static str) -> NextFuture<'a>;
 }
 
 /// The HTTP side of batchbox: answers the host routes, and sends every other request through its
 /// tenant's route, key and quota checks to the tenant's plugin. Shared by every connection.
 pub struct App {
-    loaded: OnceLock<Loaded>,
-    tenants: Tenants,
+    /// The generation new requests start on; `None` until startup has loaded one.
+    current: RwLock<Option<Arc<Loaded>>>,
+    /// How the next generation is built, if this app reloads.
+    reload: Option<Arc<dyn Reload>>,
+    /// Held for the whole of a reload, so that reloads run one at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// The last reload that was refused: when, what asked, and why (for `GET /admin/config`).
+    last_refused: Mutex<Option<serde_json::Value>>,
     /// The metrics recorder's handle, if metrics are on: `/v1/models` reads its counters.
     metrics: Option<PrometheusHandle>,
     /// Which routes this listener answers.
@@ -113,6 +147,10 @@ pub enum ApiError {
     /// host may set, or over the tenant's header limits (500); the message says which.
     #[error("the plugin's response was refused: {0}")]
     BadPluginResponse(String),
+    /// A reload was refused (422): the config file fails its checks, changes what cannot be
+    /// reloaded, or a plugin fails to load or configure. The running config is unchanged.
+    #[error("reload refused, the running config is unchanged: {0}")]
+    ReloadRefused(String),
 }
 
 impl ApiError {
@@ -148,6 +186,7 @@ impl ApiError {
                 | PluginError::Describe { .. },
             ) => (S::INTERNAL_SERVER_ERROR, "plugin_failed"),
             Self::BadPluginResponse(_) => (S::INTERNAL_SERVER_ERROR, "bad_plugin_response"),
+            Self::ReloadRefused(_) => (S::UNPROCESSABLE_ENTITY, "reload_refused"),
         }
     }
 
@@ -194,13 +233,15 @@ impl ApiError {
 }
 
 impl App {
-    /// Serves `tenants` under the `server` section's limits; nothing is loaded yet. `metrics`:
-    /// the recorder's handle when `server.metrics` is on.
-    pub fn new(server: &ServerConfig, tenants: &[TenantConfig], metrics: Option<PrometheusHandle>) -> Self {
+    /// Serves under the `server` section's limits; nothing is loaded yet. `metrics`: the
+    /// recorder's handle when `server.metrics` is on.
+    pub fn new(server: &ServerConfig, metrics: Option<PrometheusHandle>) -> Self {
         let exposes_metrics = metrics.is_some() && server.metrics_bind.is_none();
         Self {
-            loaded: OnceLock::new(),
-            tenants: Tenants::new(tenants),
+            current: RwLock::new(None),
+            reload: None,
+            reloading: tokio::sync::Mutex::new(()),
+            last_refused: Mutex::new(None),
             metrics,
             routes: Routes::All { exposes_metrics },
             max_body_bytes: server.max_body_bytes,
@@ -209,9 +250,14 @@ impl App {
         }
     }
 
+    /// This app, reloading its config with `reload` (see [`App::reload`]).
+    pub fn reloading(self, reload: Arc<dyn Reload>) -> Self {
+        Self { reload: Some(reload), ..self }
+    }
+
     /// Answers `GET /metrics` alone: the app of the `server.metrics_bind` listener.
     pub fn metrics_only(server: &ServerConfig, metrics: PrometheusHandle) -> Self {
-        Self { routes: Routes::MetricsOnly, ..Self::new(server, &[], Some(metrics)) }
+        Self { routes: Routes::MetricsOnly, ..Self::new(server, Some(metrics)) }
     }
 
     /// The recorder's handle if this listener answers `/metrics`.
@@ -222,9 +268,46 @@ impl App {
         }
     }
 
-    /// Marks the server ready: `/ready` answers 200 and plugin routes are served.
+    /// Marks the server ready with its first generation: `/ready` answers 200 and plugin routes
+    /// are served.
     pub fn set_loaded(&self, loaded: Loaded) {
-        let _ = self.loaded.set(loaded);
+        self.install(loaded);
+    }
+
+    /// Makes `loaded` the generation new requests start on, stamped with the time; answers the
+    /// one it replaces.
+    fn install(&self, mut loaded: Loaded) -> Option<Arc<Loaded>> {
+        loaded.about["loaded_at"] = now().into();
+        self.current.write().expect("current generation").replace(Arc::new(loaded))
+    }
+
+    /// The generation a request starting now runs on.
+    fn current(&self) -> Result<Arc<Loaded>, ApiError> {
+        self.current.read().expect("current generation").clone().ok_or(ApiError::NotReady)
+    }
+
+    /// Builds the config file's next generation and swaps it in, or leaves the running one
+    /// untouched and says why (`ReloadRefused`). Answers the new generation's `about`.
+    pub async fn reload(&self, trigger: &'static str) -> Result<serde_json::Value, ApiError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.current()?;
+        let reload = self.reload.as_ref().ok_or(ApiError::ReloadRefused("this server does not reload".into()))?;
+        match reload.next(&current, trigger).await {
+            Ok(next) => {
+                drop(current);
+                let old = self.install(next).expect("a generation was current");
+                tokio::spawn(retire(old));
+                let about = self.current()?.about.clone();
+                tracing::info!(trigger, version = %about["version"], changes = %about["changes"], "config reloaded");
+                Ok(about)
+            }
+            Err(why) => {
+                tracing::error!(trigger, error = %why, "config reload refused; the running config is unchanged");
+                let refused = json!({ "at": now(), "trigger": trigger, "error": why });
+                *self.last_refused.lock().expect("last refused") = Some(refused);
+                Err(ApiError::ReloadRefused(why))
+            }
+        }
     }
 
     async fn handle(&self, request: hyper::Request<Incoming>) -> Response {
@@ -261,10 +344,13 @@ impl App {
             response.headers_mut().insert(CONTENT_TYPE, text);
             return Ok(response);
         }
+        if path == "/health" {
+            return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })));
+        }
+        // Everything else needs a config loaded, and runs wholly under the one current now.
+        let loaded = self.current()?;
         match path.as_str() {
-            "/health" => return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
             "/ready" => {
-                let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
                 let versions: serde_json::Map<String, serde_json::Value> = loaded
                     .models
                     .iter()
@@ -272,18 +358,20 @@ impl App {
                     .collect();
                 return Ok(json_response(StatusCode::OK, &json!({ "status": "ready", "models": versions })));
             }
-            "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models()?)),
+            "/v1/models" => return Ok(json_response(StatusCode::OK, &self.models(&loaded))),
             "/openapi.json" => {
-                let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
-                let document = openapi::document(&self.tenants, &loaded.plugins, self.metrics_route().is_some());
+                let document = openapi::document(&loaded.tenants, &loaded.plugins, self.metrics_route().is_some());
                 return Ok(json_response(StatusCode::OK, &document));
+            }
+            "/admin/reload" | "/admin/config" if !loaded.admin_keys.is_empty() => {
+                return self.admin(&loaded, &path, &request).await;
             }
             _ => {}
         }
-        let tenant = self.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
+        let tenant = loaded.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let started = Instant::now();
         served.tenant = Some(tenant.name.clone());
-        let result = self.for_tenant(tenant, id, request, served).await;
+        let result = self.for_tenant(&loaded, tenant, id, request, served).await;
         let status = match &result {
             Ok(response) => response.status(),
             Err(e) => e.status_and_code().0,
@@ -294,17 +382,43 @@ impl App {
         result
     }
 
+    /// The admin routes, for holders of an admin key: `POST /admin/reload` reloads the config
+    /// file (200 with the new config's summary, or 422 `reload_refused` with why); `GET
+    /// /admin/config` shows the running config and the last refused reload.
+    async fn admin(
+        &self,
+        loaded: &Loaded,
+        path: &str,
+        request: &hyper::Request<Incoming>,
+    ) -> Result<Response, ApiError> {
+        let allow = if path == "/admin/reload" { Method::POST } else { Method::GET };
+        if request.method() != allow {
+            let allow = if allow == Method::POST { "POST" } else { "GET" };
+            return Err(ApiError::MethodNotAllowed { method: request.method().clone(), path: path.to_owned(), allow });
+        }
+        let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
+        batchbox_tenants::check_key(&loaded.admin_keys, key.map(HeaderValue::as_bytes))?;
+        let body = if allow == Method::POST {
+            json!({ "status": "reloaded", "config": self.reload("POST /admin/reload").await? })
+        } else {
+            let mut about = loaded.about.clone();
+            about["last_refused_reload"] = self.last_refused.lock().expect("last refused").clone().into();
+            about
+        };
+        Ok(json_response(StatusCode::OK, &body))
+    }
+
     /// A request on one of `tenant`'s routes: its key, its quotas, then its plugin.
     async fn for_tenant(
         &self,
+        loaded: &Loaded,
         tenant: &Tenant,
         id: u64,
         request: hyper::Request<Incoming>,
         served: &mut Served,
     ) -> Result<Response, ApiError> {
-        let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
         let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
-        self.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
+        loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
         let _in_flight = tenant.admit()?;
         let request = self.plugin_request(tenant, request).await?;
         let (response, split) = loaded.plugins.handle_timed(&tenant.name, id, request).await;
@@ -314,8 +428,7 @@ impl App {
 
     /// Every model: what it is and how it runs, and (with metrics on) its counters and its
     /// caches', read from the same recorder `/metrics` renders.
-    fn models(&self) -> Result<serde_json::Value, ApiError> {
-        let loaded = self.loaded.get().ok_or(ApiError::NotReady)?;
+    fn models(&self, loaded: &Loaded) -> serde_json::Value {
         let scrape = self.metrics.as_ref().map(|m| Scrape::parse(&m.render()));
         let models: Vec<serde_json::Value> = loaded
             .models
@@ -362,7 +475,7 @@ impl App {
                 described
             })
             .collect();
-        Ok(json!({ "models": models }))
+        json!({ "models": models })
     }
 
     /// Reads the body (within the server's and the tenant's limits, and `body_read_timeout`)
@@ -407,6 +520,32 @@ impl App {
             body: body.to_bytes().to_vec(),
         })
     }
+}
+
+/// How long a retired generation may wait for its last request before it is let go anyway (it
+/// then ends with that request): longer than any request may take under the default limits.
+const RETIRE_WAIT: Duration = Duration::from_secs(600);
+
+/// Waits until no request holds `old` (each one holds it to its end), then drops it off the async
+/// workers: dropping a model the new config left out stops its thread and waits for it.
+async fn retire(old: Arc<Loaded>) {
+    let version = old.about["version"].clone();
+    let started = Instant::now();
+    while Arc::strong_count(&old) > 1 && started.elapsed() < RETIRE_WAIT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained = Arc::strong_count(&old) == 1;
+    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+    if drained {
+        tracing::info!(%version, waited_ms = started.elapsed().as_millis() as u64, "previous config retired");
+    } else {
+        tracing::warn!(%version, "previous config still has requests after {RETIRE_WAIT:?}; it ends with the last");
+    }
+}
+
+/// The time now, as RFC 3339 in UTC to the second.
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 /// What the access log says of a request beyond its method, path and response: the tenant whose
@@ -629,6 +768,7 @@ mod tests {
             (PluginError::Describe { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
             (PluginError::MemoryTooSmall { tenant: tenant(), need: 2, limit: 1 }.into(), 500, "plugin_failed", None),
             (ApiError::BadPluginResponse("status 101".into()), 500, "bad_plugin_response", None),
+            (ApiError::ReloadRefused("no such file".into()), 422, "reload_refused", None),
         ];
         for (error, status, code, header) in table {
             let what = format!("{error:?}");

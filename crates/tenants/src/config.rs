@@ -5,10 +5,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One tenant: a team whose plugin serves some routes with one model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     /// Unique and not empty; names the tenant in logs, errors and `check-config`.
@@ -44,7 +44,7 @@ pub struct TenantConfig {
 }
 
 /// A tenant's response cache (see `batchbox_model::cache`).
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Bytes of keys and logits the cache may hold; least recently used entries go first.
@@ -57,7 +57,7 @@ impl CacheConfig {
 }
 
 /// What one tenant may use. Every limit has a default, so a tenant can never be unlimited.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantLimits {
     /// Linear memory one plugin instance may grow to. Unset: the plugin's initial memory plus
@@ -120,8 +120,10 @@ impl Default for TenantLimits {
     }
 }
 
-/// Paths the host answers itself; no tenant may take them.
-pub const HOST_ROUTES: [&str; 3] = ["/health", "/ready", "/v1/models"];
+/// Paths the host answers itself; no tenant may take them, whether or not the host's config
+/// turns them on (a reload may turn them on later).
+pub const HOST_ROUTES: [&str; 7] =
+    ["/health", "/ready", "/v1/models", "/metrics", "/openapi.json", "/admin/reload", "/admin/config"];
 
 /// Where a tenant is reached: requests whose path starts with `path` (whole segments) and,
 /// if `host` is set, whose `Host` header names it.

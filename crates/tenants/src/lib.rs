@@ -107,6 +107,20 @@ impl Tenants {
         Self { tenants: configs.iter().map(Tenant::new).collect() }
     }
 
+    /// The tenants of a reloaded config. A tenant that keeps its name and `max_concurrent` keeps
+    /// counting its requests in flight across the reload, so the requests still running on the
+    /// old config and those on the new one share its quota.
+    pub fn succeeding(configs: &[TenantConfig], previous: &Tenants) -> Self {
+        let mut tenants = Self::new(configs);
+        for tenant in &mut tenants.tenants {
+            let same = previous.tenants.iter().find(|p| p.name == tenant.name);
+            if let Some(same) = same.filter(|p| p.limits.max_concurrent == tenant.limits.max_concurrent) {
+                tenant.in_flight = same.in_flight.clone();
+            }
+        }
+        tenants
+    }
+
     /// Every tenant, in the config's order.
     pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
         self.tenants.iter()
@@ -150,6 +164,15 @@ impl Tenants {
             (false, false) => Err(AccessError::InvalidKey),
         }
     }
+}
+
+/// Checks the `Authorization` header against `hashes` alone (the admin keys): no key is
+/// `MissingKey`, any other key `InvalidKey`. Every hash is compared, in constant time.
+pub fn check_key(hashes: &[KeyHash], authorization: Option<&[u8]>) -> Result<(), AccessError> {
+    let key = authorization.and_then(bearer_token).ok_or(AccessError::MissingKey)?;
+    let hash = KeyHash::of(key);
+    let known = hashes.iter().fold(subtle::Choice::from(0), |found, known| found | known.0.ct_eq(&hash.0));
+    if bool::from(known) { Ok(()) } else { Err(AccessError::InvalidKey) }
 }
 
 /// The key of `Bearer <key>` (the scheme is case-insensitive).
@@ -211,6 +234,37 @@ mod tests {
         assert!(matches!(t.authorize(b, Some(b"Bearer key-a")), Err(AccessError::WrongTenant { .. })));
         assert!(t.authorize(open, None).is_ok());
         assert!(t.authorize(open, Some(b"Bearer key-b")).is_ok());
+    }
+
+    #[test]
+    fn admin_keys_open_nothing_else_and_only_they_pass() {
+        let hashes = [KeyHash::of("admin")];
+        assert!(check_key(&hashes, Some(b"Bearer admin")).is_ok());
+        assert!(matches!(check_key(&hashes, None), Err(AccessError::MissingKey)));
+        assert!(matches!(check_key(&hashes, Some(b"Bearer key-a")), Err(AccessError::InvalidKey)));
+        assert!(matches!(check_key(&[], Some(b"Bearer admin")), Err(AccessError::InvalidKey)));
+        let t = tenants();
+        assert!(matches!(
+            t.authorize(t.route(None, "/api").unwrap(), Some(b"Bearer admin")),
+            Err(AccessError::InvalidKey)
+        ));
+    }
+
+    #[test]
+    fn a_reload_keeps_counting_requests_in_flight_of_tenants_whose_quota_is_unchanged() {
+        let old = tenants();
+        let held = old.route(None, "/api").unwrap().admit().unwrap();
+        let _also = old.route(None, "/api").unwrap().admit().unwrap();
+        let mut changed = tenant("b", &["/api/b"], &[]);
+        changed.limits.max_concurrent = 5;
+        let new = Tenants::succeeding(&[tenant("a", &["/api"], &[]), changed], &old);
+        let a = new.route(None, "/api").unwrap();
+        assert!(a.admit().is_err(), "the old config's two requests still count against a's quota of 2");
+        drop(held);
+        assert!(a.admit().is_ok());
+        let b = new.route(None, "/api/b").unwrap();
+        let permits: Vec<_> = (0..5).map(|_| b.admit().unwrap()).collect();
+        assert_eq!(permits.len(), 5, "a changed quota starts afresh");
     }
 
     #[test]
