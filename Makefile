@@ -87,6 +87,8 @@ plugins/target/js/plugin_echo.wasm: $(JS_STAMP) FORCE
 test: setup test-models plugins build
 	$(PY) -m pytest -q -p no:warnings tools/tests
 	cargo test --release --workspace
+	# The trace exporter is an opt-in feature; its test builds the server with it.
+	cargo test --release -p batchbox --features otel --test traces
 
 serve: setup plugins build
 	./target/release/batchbox --config shared_config.yaml serve
@@ -101,6 +103,7 @@ test-unit:
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+	cargo clippy --release -p batchbox --all-targets --features otel -- -D warnings
 	cd plugins && cargo fmt --all --check && cargo clippy --release --workspace --all-targets -- -D warnings
 
 # One build for `make test` and `make serve`: every package and target, so the two select the

@@ -265,3 +265,38 @@ fn only_the_documented_parse_errors_answer_without_json() {
         assert_served(&server, status);
     }
 }
+
+#[test]
+fn an_answer_sent_before_the_body_was_read_says_that_the_connection_closes() {
+    let server = Server::launch(&config("edge-early-answer", "keep_alive_idle_ms: 10000"));
+    let host = server.address().to_owned();
+    let mut stream = connect(&server);
+    // Read one response head, whatever follows it.
+    let head = |stream: &mut TcpStream| {
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before a whole head: {answer:?}");
+            answer.push(byte[0]);
+        }
+        String::from_utf8(answer).unwrap().to_ascii_lowercase()
+    };
+    // Without a body, a refusal leaves the connection open for the next request.
+    stream
+        .write_all(format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+        .unwrap();
+    let first = head(&mut stream);
+    assert!(first.starts_with("http/1.1 404") && !first.contains("connection: close"), "{first}");
+    let mut rest =
+        vec![0u8; first.split("content-length: ").nth(1).unwrap().split("\r\n").next().unwrap().parse().unwrap()];
+    stream.read_exact(&mut rest).unwrap();
+    // With a body not yet sent, the 404 comes first and says the connection closes; then it does.
+    stream
+        .write_all(format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: 5\r\n\r\n").as_bytes())
+        .unwrap();
+    let second = head(&mut stream);
+    assert!(second.starts_with("http/1.1 404") && second.contains("connection: close"), "{second}");
+    let (_, waited) = read_until_closed(&mut stream);
+    assert!(waited < Duration::from_secs(5), "still open after {waited:?}");
+    assert_served(&server, "an early answer");
+}

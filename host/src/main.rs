@@ -15,6 +15,9 @@ use batchbox_server::{self as server, App, ConnectionLimits};
 use batchbox_tenants::Tenants;
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "otel")]
+mod otel;
+
 #[derive(Parser)]
 #[command(version, about = "Serve a libtorch classifier with batched inference")]
 struct Cli {
@@ -62,7 +65,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    let _traces = init_logs(cli.log_format)?;
     let (bind, port) = match cli.command {
         Command::Serve { bind, port } => (bind, port),
         _ => (None, None),
@@ -113,19 +116,42 @@ async fn reload_on_sighup(app: Arc<App>) {
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`). Every request has a line of target
-/// `access`; a plugin's output has its tenant and request id.
-fn init_logs(format: Option<LogFormat>) {
+/// `access`; a plugin's output has its tenant and request id. With the `otel` feature and an OTLP
+/// endpoint set, traces are exported too (see `otel.rs`); they are sent until the guard this
+/// returns is dropped.
+fn init_logs(format: Option<LogFormat>) -> anyhow::Result<TraceGuard> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr);
-    match format.unwrap_or(if terminal { LogFormat::Text } else { LogFormat::Json }) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format.unwrap_or(if terminal { LogFormat::Text } else { LogFormat::Json }) {
         // One object per line, the event's fields at the top level, for collectors.
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
         // Colours for a person at a terminal; plain text when redirected.
-        LogFormat::Text => logs.with_ansi(terminal).init(),
+        LogFormat::Text => logs.with_ansi(terminal).boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    #[cfg(feature = "otel")]
+    {
+        let (traces, guard) = otel::layer()?.unzip();
+        registry.with(traces).init();
+        Ok(guard)
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        registry.init();
+        Ok(None)
     }
 }
+
+/// What sends traces until `main` ends: the `otel` feature's exporter, when one is configured.
+#[cfg(feature = "otel")]
+type TraceGuard = Option<otel::Traces>;
+#[cfg(not(feature = "otel"))]
+type TraceGuard = Option<std::convert::Infallible>;
 
 /// `/metrics` alone on `bind` (`server.metrics_bind`), until shutdown.
 async fn serve_metrics(bind: SocketAddr, config: &Config, metrics: PrometheusHandle) -> anyhow::Result<()> {

@@ -25,14 +25,17 @@ struct Job {
     batch_ids: Vec<u64>,
     stats: RunStats,
     reply: oneshot::Sender<Result<Inference, ModelError>>,
+    /// The caller's trace span (its `infer`), which the passes that compute it are traced under.
+    span: tracing::Span,
 }
 
 /// A batch taken for the model: its number, its rows, and their token ids (copied, so the pass
-/// runs without the lock).
+/// runs without the lock), with the trace spans of the calls it serves, in row order.
 pub(crate) struct Taken {
     pub id: u64,
     pub rows: Vec<Row>,
     pub inputs: Vec<Vec<u32>>,
+    pub callers: Vec<tracing::Span>,
 }
 
 /// What the model thread should do next.
@@ -98,6 +101,7 @@ impl Queue {
             computed: Duration::ZERO,
             batch_ids: Vec::new(),
             reply,
+            span: tracing::Span::current(),
         };
         self.jobs.insert(id, job);
         Ok(answer)
@@ -147,7 +151,10 @@ impl Queue {
                 let id = self.next_batch;
                 self.next_batch += 1;
                 let inputs = batch.rows.iter().map(|r| self.jobs[&r.request].sequences[r.index].clone()).collect();
-                Step::Run(Taken { id, rows: batch.rows, inputs })
+                let mut requests: Vec<RequestId> = batch.rows.iter().map(|r| r.request).collect();
+                requests.dedup();
+                let callers = requests.iter().map(|r| self.jobs[r].span.clone()).collect();
+                Step::Run(Taken { id, rows: batch.rows, inputs, callers })
             }
             Next::WaitUntil(at) => Step::WaitUntil(at),
             Next::Idle => Step::Idle,
@@ -230,7 +237,7 @@ mod tests {
     /// starting with `poison` fails.
     fn run_all(queue: &mut Queue, poison: u32) -> usize {
         let mut passes = 0;
-        while let Step::Run(Taken { id, rows, inputs }) = queue.next(Instant::now()) {
+        while let Step::Run(Taken { id, rows, inputs, .. }) = queue.next(Instant::now()) {
             let results = inputs
                 .iter()
                 .map(|ids| match ids[0] {

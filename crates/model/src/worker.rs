@@ -40,6 +40,7 @@ struct Prepared<Batch> {
     rows: Vec<Row>,
     inputs: Vec<Vec<u32>>,
     padded: Batch,
+    callers: Vec<tracing::Span>,
 }
 
 /// The batch type of backend `B`.
@@ -53,9 +54,9 @@ type BatchOf<B> = <<B as Backend>::Padder as Pad>::Batch;
 /// is free, so a request that arrives mid-pass waits for that pass alone.
 pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
     let (padder, prepare_ahead) = (backend.padder(), backend.prepare_ahead());
-    let prepare = move |Taken { id, rows, inputs }: Taken| {
+    let prepare = move |Taken { id, rows, inputs, callers }: Taken| {
         let padded = padder.pad(&inputs.iter().map(Vec::as_slice).collect::<Vec<_>>());
-        Prepared { id, rows, inputs, padded }
+        Prepared { id, rows, inputs, padded, callers }
     };
     // A rendezvous channel: the preparer holds at most one batch, handed over when the model is free.
     let (ready, prepared) = std::sync::mpsc::sync_channel::<Prepared<BatchOf<B>>>(0);
@@ -77,13 +78,14 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
     } else {
         Box::new(std::iter::from_fn(|| next_batch(&shared).map(prepare)))
     };
-    for Prepared { id: batch_id, rows, inputs, padded } in batches {
+    for Prepared { id: batch_id, rows, inputs, padded, callers } in batches {
         let started = Instant::now();
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let mut splits = 0;
-        let results = run_split(&mut backend, padder, &refs, Some(&padded), &mut splits);
-        let elapsed = started.elapsed();
         let padded_len = refs.iter().map(|row| row.len()).max().unwrap_or(0);
+        let mut splits = 0;
+        let results = pass_span(batch_id, rows.len(), padded_len, &callers)
+            .in_scope(|| run_split(&mut backend, padder, &refs, Some(&padded), &mut splits));
+        let elapsed = started.elapsed();
         // Only a pass that ran whole says what a pass of its shape costs: one split after running
         // out of memory was several passes, and a failed one may have stopped early.
         let whole = splits == 0 && results.iter().all(Result::is_ok);
@@ -107,6 +109,16 @@ pub(super) fn serve<B: Backend>(mut backend: B, shared: Arc<Shared>) {
     // knows the module was freed (`Model`'s `Drop` relies on the thread ending after this).
     drop(backend);
     drop(shared);
+}
+
+/// A pass's trace span (`batch`): a child of the first call it serves (that request's `infer`),
+/// and linked to the others', so each request's trace shows the passes it waited for.
+fn pass_span(id: u64, rows: usize, padded_len: usize, callers: &[tracing::Span]) -> tracing::Span {
+    let span = tracing::debug_span!(parent: callers.first().and_then(tracing::Span::id), "batch", batch_id = id, rows, padded_len);
+    for caller in callers.iter().skip(1) {
+        span.follows_from(caller);
+    }
+    span
 }
 
 /// Waits for the next batch and copies its rows out; `None` once the model is dropped.

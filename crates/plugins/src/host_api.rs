@@ -9,6 +9,7 @@ use batchbox_batcher::scheduler::Rejected;
 use batchbox_metrics::names;
 use batchbox_model::{Encoding, ModelError, Task};
 use batchbox_tenants::TenantLimits;
+use tracing::Instrument;
 
 /// What one request's host calls have asked for so far.
 #[derive(Debug, Default)]
@@ -144,8 +145,9 @@ impl RequestState {
         }
         let started = Instant::now();
         let model = self.model.clone();
+        let span = tracing::debug_span!("tokenize", texts = texts.len());
         // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
-        let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).await?;
+        let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).instrument(span).await?;
         let took = started.elapsed();
         self.host_time += took;
         self.tokenize_time += took;
@@ -158,7 +160,8 @@ impl RequestState {
             return Ok(Err(self.refused(refused)));
         }
         let started = Instant::now();
-        let result = self.model.infer(&self.tenant, sequences, self.deadline).await;
+        let span = tracing::debug_span!("infer", sequences = sequences.len());
+        let result = self.model.infer(&self.tenant, sequences, self.deadline).instrument(span).await;
         self.host_time += started.elapsed();
         if let Ok(inference) = &result {
             self.queue_time += inference.queued;

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use metrics::Histogram;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use wasmtime::component::{Component, ComponentExportIndex, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
@@ -432,6 +433,7 @@ impl PluginRuntime {
             Some((sandbox, instance)) => (sandbox, Some(instance)),
             None => (self.sandbox(plugin)?, None),
         };
+        let span = tracing::debug_span!("plugin", tenant = &*plugin.tenant);
         let outcome = sandbox
             .run(plugin, request_id, async |store, plugin| {
                 let instance = match idle {
@@ -444,6 +446,7 @@ impl PluginRuntime {
                 let response = instance.batchbox_plugin_handler().call_handle(&mut *store, &request).await?;
                 Ok(Ok((response, instance)))
             })
+            .instrument(span)
             .await;
         *split = sandbox.record(plugin, &outcome);
         let (response, instance) = outcome?;

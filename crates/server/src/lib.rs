@@ -31,6 +31,8 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
 use serde_json::json;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use batchbox_metrics::{PrometheusHandle, Scrape, names};
 use batchbox_model::Model;
@@ -314,8 +316,23 @@ impl App {
         let started = Instant::now();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let body_expected = !hyper::body::Body::is_end_stream(request.body());
         let mut served = Served::default();
-        let mut response = self.route(id, request, &mut served).await.unwrap_or_else(ApiError::into_response);
+        // The root of the request's trace (exported with the `otel` feature): plugin, tokenize,
+        // infer and the model's passes are traced under it.
+        let span = tracing::debug_span!("request", request_id = id, method = %method, path = %path, tenant = Empty, status = Empty);
+        let routed = self.route(id, request, &mut served).instrument(span.clone()).await;
+        let mut response = routed.unwrap_or_else(ApiError::into_response);
+        // Answered before its body was read (a 404, a 401, a quota): the rest of the body may
+        // still be on its way, so hyper closes the connection after the response. Saying so lets
+        // the client open a new one, rather than send its next request on one about to close.
+        if body_expected && !served.body_read {
+            response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        span.record("status", response.status().as_u16());
+        if let Some(tenant) = &served.tenant {
+            span.record("tenant", tenant.as_str());
+        }
         response.headers_mut().insert("x-request-id", HeaderValue::from(id));
         served.log(id, &method, &path, &response, started);
         response
@@ -421,6 +438,7 @@ impl App {
         loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
         let _in_flight = tenant.admit()?;
         let request = self.plugin_request(tenant, request).await?;
+        served.body_read = true;
         let (response, split) = loaded.plugins.handle_timed(&tenant.name, id, request).await;
         served.split = Some(split);
         plugin_response(response?, &tenant.limits)
@@ -549,11 +567,13 @@ fn now() -> String {
 }
 
 /// What the access log says of a request beyond its method, path and response: the tenant whose
-/// route it was, and where the plugin runtime's time went, once known.
+/// route it was, and where the plugin runtime's time went, once known; and whether its body was
+/// read whole.
 #[derive(Default)]
 struct Served {
     tenant: Option<String>,
     split: Option<plugins::TimeSplit>,
+    body_read: bool,
 }
 
 impl Served {
