@@ -133,6 +133,7 @@ bench: setup plugins $(BENCH_MODEL)/manifest.json
 	cargo bench -p batchbox --bench runtime
 	cargo bench -p batchbox --bench plugins
 	$(PY) tools/bench_metrics.py
+	$(PY) tools/bench_reload.py
 
 # The server's memory under 50,000 one-sentence requests at 64 clients (REQUESTS, CLIENTS, DTYPE:
 # see tools/soak.sh), sampled every 1,000, plotted to target/soak/soak-rss.png. About half an
