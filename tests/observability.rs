@@ -10,7 +10,8 @@ use batchbox_metrics::{Scrape, names};
 use common::{PREDICT, Server, workspace, write_config};
 use serde_json::{Value, json};
 
-/// Tenant `a` classifies (at most 100 tokens a request), tenant `b` is hostile (50 ms of CPU).
+/// Tenant `a` classifies (at most 100 tokens a request), tenant `b` is hostile (50 ms of CPU, and
+/// 1 MiB per host call).
 fn config(name: &str, server: &str) -> PathBuf {
     write_config(
         name,
@@ -20,7 +21,7 @@ fn config(name: &str, server: &str) -> PathBuf {
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}"{server} }}
 tenants:
   - {{ name: a, wasm: "{{classifier}}", routes: [{PREDICT}], limits: {{ max_tokens: 100 }} }}
-  - {{ name: b, wasm: "{{hostile}}", routes: [/b], limits: {{ cpu_ms: 50, wall_ms: 5000 }} }}
+  - {{ name: b, wasm: "{{hostile}}", routes: [/b], limits: {{ cpu_ms: 50, wall_ms: 5000, max_hostcall_bytes: 1048576 }} }}
 "#
         ),
     )
@@ -45,6 +46,7 @@ fn a_scrape_counts_exactly_what_happened_and_v1_models_agrees() {
     assert_eq!((status, answer["error"]["quota"].as_str()), (429, Some("max_tokens")), "{answer}");
     assert_eq!(server.post("/b/loop", "").0, 500);
     assert_eq!(server.post("/b/ok", "").0, 200);
+    assert_eq!(server.post("/b/huge-response?n=2097152", "").0, 429);
 
     let (status, text) = get_text(&server, &format!("{}/metrics", server.base));
     assert_eq!(status, 200);
@@ -57,13 +59,17 @@ fn a_scrape_counts_exactly_what_happened_and_v1_models_agrees() {
     assert_eq!(value(names::REQUESTS, &[a, ("status", "4xx")]), 2.0);
     assert_eq!(value(names::REQUESTS, &[b, ("status", "5xx")]), 1.0);
     assert_eq!(value(names::REQUESTS, &[b, ("status", "2xx")]), 1.0);
+    assert_eq!(value(names::REQUESTS, &[b, ("status", "4xx")]), 1.0);
     assert_eq!(count(names::REQUEST_SECONDS, &[a]), 5.0);
-    assert_eq!(count(names::REQUEST_SECONDS, &[b]), 2.0);
+    assert_eq!(count(names::REQUEST_SECONDS, &[b]), 3.0);
     // Every request ran its plugin, so each has its time split.
     for split in [names::TOKENIZE_SECONDS, names::QUEUE_SECONDS, names::INFERENCE_SECONDS, names::PLUGIN_SECONDS] {
-        assert_eq!((count(split, &[a]), count(split, &[b])), (5.0, 2.0), "{split}");
+        assert_eq!((count(split, &[a]), count(split, &[b])), (5.0, 3.0), "{split}");
     }
     assert_eq!(value(names::PLUGIN_TRAPS, &[b, ("kind", "cpu")]), 1.0);
+    // A response over max_hostcall_bytes: the plugin is stopped, and the quota refused it.
+    assert_eq!(value(names::PLUGIN_TRAPS, &[b, ("kind", "hostcall")]), 1.0);
+    assert_eq!(value(names::QUOTA_REJECTIONS, &[b, ("quota", "max_hostcall_bytes")]), 1.0);
     for kind in batchbox_metrics::TRAP_KINDS {
         assert_eq!(value(names::PLUGIN_TRAPS, &[a, ("kind", kind)]), 0.0, "{kind}");
     }

@@ -591,6 +591,12 @@ impl Sandbox {
             && let Some(kind) = e.trap_kind()
         {
             metrics::counter!(names::PLUGIN_TRAPS, "tenant" => state.tenant.to_string(), "kind" => kind).increment(1);
+            // Passing max_hostcall_bytes is a quota's refusal too, counted as the host calls' are.
+            if let PluginError::HostcallBytes { .. } = e {
+                let quota = "max_hostcall_bytes";
+                metrics::counter!(names::QUOTA_REJECTIONS, "tenant" => state.tenant.to_string(), "quota" => quota)
+                    .increment(1);
+            }
         }
         let split = TimeSplit {
             tokenize: state.tokenize_time,
