@@ -92,13 +92,16 @@ const SECONDS_BUCKETS: [f64; 16] =
 /// Upper bounds of the rows-per-pass histogram's buckets.
 const ROWS_BUCKETS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
-/// The "2xx"…"5xx" label of a status code.
-pub fn status_class(status: u16) -> &'static str {
+/// The `status` label values of [`names::REQUESTS`]: a status code's class.
+pub const STATUS_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// Which of [`STATUS_CLASSES`] a status code is in (the host answers 200 to 599 only).
+pub fn status_class(status: u16) -> usize {
     match status {
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        200..=299 => 0,
+        300..=399 => 1,
+        400..=499 => 2,
+        _ => 3,
     }
 }
 

@@ -393,9 +393,7 @@ impl App {
             Ok(response) => response.status(),
             Err(e) => e.status_and_code().0,
         };
-        let (name, class) = (tenant.name.clone(), batchbox_metrics::status_class(status.as_u16()));
-        metrics::counter!(names::REQUESTS, "tenant" => name.clone(), "status" => class).increment(1);
-        metrics::histogram!(names::REQUEST_SECONDS, "tenant" => name).record(started.elapsed().as_secs_f64());
+        tenant.record(status.as_u16(), started.elapsed());
         result
     }
 

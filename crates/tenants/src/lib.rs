@@ -5,8 +5,10 @@
 //! is compared with every known hash in constant time, so neither timing nor logs reveal keys.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use batchbox_metrics::names;
+use metrics::{Counter, Histogram};
 use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -24,6 +26,25 @@ pub struct Tenant {
     pub limits: TenantLimits,
     key_hashes: Vec<KeyHash>,
     in_flight: Arc<Semaphore>,
+    metrics: RequestMetrics,
+}
+
+/// A tenant's request counters (one per status class) and latency histogram, registered once
+/// when the tenant is loaded, so that a request records into them without looking them up.
+struct RequestMetrics {
+    by_class: [Counter; 4],
+    seconds: Histogram,
+}
+
+impl RequestMetrics {
+    fn new(tenant: &str) -> Self {
+        let counter =
+            |class: &'static str| metrics::counter!(names::REQUESTS, "tenant" => tenant.to_owned(), "status" => class);
+        Self {
+            by_class: batchbox_metrics::STATUS_CLASSES.map(counter),
+            seconds: metrics::histogram!(names::REQUEST_SECONDS, "tenant" => tenant.to_owned()),
+        }
+    }
 }
 
 /// Why a request may not reach its tenant.
@@ -61,7 +82,14 @@ impl Tenant {
             limits: config.limits,
             key_hashes: config.key_hashes.clone(),
             in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent)),
+            metrics: RequestMetrics::new(&config.name),
         }
+    }
+
+    /// Counts a request on one of the tenant's routes: its status, and how long it took.
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.metrics.by_class[batchbox_metrics::status_class(status)].increment(1);
+        self.metrics.seconds.record(elapsed.as_secs_f64());
     }
 
     /// Anyone may call a tenant without keys.
