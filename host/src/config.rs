@@ -151,8 +151,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_text(path, &text)
+    }
+
+    /// [`Config::load`] of `text`, read from `path` by the caller.
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: Config =
-            yaml_serde::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+            yaml_serde::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for model in &mut config.models {
             model.path = base.join(&model.path);

@@ -6,8 +6,9 @@
 //! - The file is read again, with the command line's overrides, and checked whole. A reload
 //!   that changes what cannot be reloaded is refused: `server` (sockets, connection limits, the
 //!   plugin pool) other than `admin_keys`, and `api` (every model's queue is built from it).
-//! - A model whose entry is unchanged is shared with the running config. A new one loads and warms
-//!   up on its own thread while the running config serves, and is served once the swap is done.
+//! - A model whose entry is unchanged is shared with the running config. New ones load and warm up
+//!   one after another (each on its model thread) while the running config serves, and are
+//!   served once the swap is done.
 //!   A model removed, or changed (a removal and an addition under one name), stops once the last
 //!   request of the old config is done: its queue drains first.
 //! - Every tenant's plugin is loaded and configured again (compiled code comes from the cache, so
@@ -21,7 +22,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -66,53 +67,68 @@ pub struct Loader {
     path: PathBuf,
     overrides: Overrides,
     plugins: PluginHost,
-    /// The config the current generation was built from, and its version (1 at startup).
-    running: Mutex<Option<(Config, u64)>>,
+    /// The config the current generation was built from, and its version (1 at startup). Held
+    /// for a whole build, so builds run one at a time; a build that succeeds records its config
+    /// here, as `App` installs every generation a build answers.
+    running: tokio::sync::Mutex<Option<(Config, u64)>>,
 }
 
 impl Loader {
-    /// A loader for the file at `path`, and the file as the command line has it. The plugin
-    /// engine is sized by it: `server.max_instances` and `server.plugin_cache_dir` hold for the
-    /// life of the process.
-    pub fn open(path: &Path, overrides: Overrides) -> anyhow::Result<(Self, Config)> {
-        let mut config = Config::load(path)?;
-        overrides.apply(&mut config);
+    /// A loader for the file at `path`, and the file as the command line has it (its config and
+    /// text). The plugin engine is sized by it: `server.max_instances` and
+    /// `server.plugin_cache_dir` hold for the life of the process.
+    pub fn open(path: &Path, overrides: Overrides) -> anyhow::Result<(Self, Config, String)> {
+        let (config, text) = read(path, overrides)?;
         let plugins = PluginHost::new(config.server.max_instances, &config.server.plugin_cache_dir)?;
-        Ok((Self { path: path.to_owned(), overrides, plugins, running: Mutex::new(None) }, config))
+        let running = tokio::sync::Mutex::new(None);
+        Ok((Self { path: path.to_owned(), overrides, plugins, running }, config, text))
     }
 
-    /// The first generation, of `config`.
-    pub async fn first(&self, config: Config) -> anyhow::Result<Loaded> {
-        self.build(config, None, "startup").await
+    /// The first generation, of `config` (whose file held `text`).
+    pub async fn first(&self, config: Config, text: &str) -> anyhow::Result<Loaded> {
+        self.build(config, text, None, "startup").await
     }
 
     /// Builds `config`'s generation, sharing `current`'s unchanged models, and records `config`
     /// as the running one.
-    async fn build(&self, config: Config, current: Option<&Loaded>, trigger: &str) -> anyhow::Result<Loaded> {
+    async fn build(
+        &self,
+        config: Config,
+        text: &str,
+        current: Option<&Loaded>,
+        trigger: &str,
+    ) -> anyhow::Result<Loaded> {
         let started = Instant::now();
-        let running = self.running.lock().expect("running config").clone();
-        if let Some((old, _)) = &running {
+        let mut running = self.running.lock().await;
+        if let Some((old, _)) = running.as_ref() {
             let fixed = unreloadable_changes(old, &config);
             anyhow::ensure!(fixed.is_empty(), "these cannot change without a restart: {}", fixed.join(", "));
         }
         let (models, kept) = self.models(&config, running.as_ref().map(|(c, _)| c), current).await?;
         let by_name: HashMap<String, Arc<Model>> = models.iter().cloned().collect();
-        let plugins = PluginRuntime::load(&self.plugins, &config.tenants, with_caches(&by_name)).await?;
+        let plugins = match PluginRuntime::load(&self.plugins, &config.tenants, with_caches(&by_name)).await {
+            Ok(plugins) => plugins,
+            Err(e) => {
+                // Models loaded for this build stop their threads as they go: off the async workers.
+                drop(by_name);
+                let _ = tokio::task::spawn_blocking(move || drop(models)).await;
+                return Err(e.into());
+            }
+        };
         let tenants = match current {
             Some(current) => Tenants::succeeding(&config.tenants, &current.tenants),
             None => Tenants::new(&config.tenants),
         };
-        let plugin_hashes = config.tenants.iter().map(plugin_sha256).collect::<anyhow::Result<Vec<_>>>()?;
-        // Nothing can fail past here: the shared models' queues take the new tenants' shares.
-        for name in &kept {
-            by_name[name.as_str()].set_queue_shares(&config.queue_shares(name))?;
-        }
         for tenant in config.tenants.iter().filter(|t| t.key_hashes.is_empty()) {
             tracing::warn!(tenant = tenant.name, "tenant has no keys: anyone may call it");
         }
         let version = running.as_ref().map_or(1, |(_, version)| version + 1);
-        let changes = running.as_ref().map(|(old, _)| changes(old, &config, &plugin_hashes, current));
-        let about = about(&self.path, &config, &plugin_hashes, version, trigger, changes)?;
+        let changes = running.as_ref().map(|(old, _)| changes(old, &config, &plugins, current)).unwrap_or_default();
+        let about = about(&self.path, text, &config, &plugins, version, trigger, changes);
+        // Nothing can fail past here: the shared models' queues take the new tenants' shares.
+        for name in &kept {
+            by_name[name.as_str()].set_queue_shares(&config.queue_shares(name))?;
+        }
         tracing::info!(
             version,
             models = models.len(),
@@ -121,7 +137,7 @@ impl Loader {
             "config loaded"
         );
         let admin_keys = config.server.admin_key_hashes.clone();
-        *self.running.lock().expect("running config") = Some((config, version));
+        *running = Some((config, version));
         Ok(Loaded { models, plugins, tenants, admin_keys, about })
     }
 
@@ -158,11 +174,19 @@ impl Loader {
 impl Reload for Loader {
     fn next<'a>(&'a self, current: &'a Loaded, trigger: &'static str) -> NextFuture<'a> {
         Box::pin(async move {
-            let mut config = Config::load(&self.path).map_err(|e| e.to_string())?;
-            self.overrides.apply(&mut config);
-            self.build(config, Some(current), trigger).await.map_err(|e| format!("{e:#}"))
+            let (config, text) = read(&self.path, self.overrides).map_err(|e| format!("{e:#}"))?;
+            self.build(config, &text, Some(current), trigger).await.map_err(|e| format!("{e:#}"))
         })
     }
+}
+
+/// The config file at `path` as the command line has it, and its text (read once, so that the
+/// config and its hash are of the same bytes).
+fn read(path: &Path, overrides: Overrides) -> anyhow::Result<(Config, String)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let mut config = Config::from_text(path, &text)?;
+    overrides.apply(&mut config);
+    Ok((config, text))
 }
 
 /// The keys `new` changes that a reload may not: every `server` key but `admin_keys`, and `api`.
@@ -178,27 +202,13 @@ fn unreloadable_changes(old: &Config, new: &Config) -> Vec<String> {
     changed
 }
 
-/// The SHA-256 of a tenant's plugin file, in hex: what tells one version of it from another.
-fn plugin_sha256(tenant: &TenantConfig) -> anyhow::Result<String> {
-    let wasm = std::fs::read(&tenant.wasm)
-        .with_context(|| format!("tenant {}: reading {}", tenant.name, tenant.wasm.display()))?;
-    Ok(hex(&Sha256::digest(&wasm)))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a reload from `old` to `new` changes, in words, for the log and `/admin/config`.
-fn changes(old: &Config, new: &Config, plugin_hashes: &[String], current: Option<&Loaded>) -> Vec<String> {
+fn changes(old: &Config, new: &Config, plugins: &PluginRuntime, current: Option<&Loaded>) -> Vec<String> {
     let mut changes = Vec::new();
-    let running_hash = |name: &str| {
-        current.and_then(|c| {
-            c.about["tenants"].as_array()?.iter().find(|t| t["name"] == name)?["plugin_sha256"]
-                .as_str()
-                .map(str::to_owned)
-        })
-    };
     for entry in &new.models {
         match old.model(&entry.name) {
             None => changes.push(format!("model {} added", entry.name)),
@@ -209,13 +219,13 @@ fn changes(old: &Config, new: &Config, plugin_hashes: &[String], current: Option
     changes.extend(
         old.models.iter().filter(|m| new.model(&m.name).is_none()).map(|m| format!("model {} removed", m.name)),
     );
-    for (tenant, hash) in new.tenants.iter().zip(plugin_hashes) {
+    for tenant in &new.tenants {
         let Some(was) = old.tenants.iter().find(|t| t.name == tenant.name) else {
             changes.push(format!("tenant {} added", tenant.name));
             continue;
         };
         let what: Vec<&str> = [
-            ("plugin", was.wasm != tenant.wasm || running_hash(&tenant.name).as_deref() != Some(hash.as_str())),
+            ("plugin", current.and_then(|c| c.plugins.wasm_sha256(&tenant.name)) != plugins.wasm_sha256(&tenant.name)),
             ("plugin config", was.config != tenant.config),
             ("routes", was.routes != tenant.routes),
             ("model", was.model != tenant.model),
@@ -244,20 +254,22 @@ fn changes(old: &Config, new: &Config, plugin_hashes: &[String], current: Option
 }
 
 /// What `GET /admin/config` shows of a config: its version, a hash of everything it was built
-/// from (the file, the plugins it names and the keys it read), what changed and why, and its
+/// from (the file's `text`, the plugins it runs and the keys it read), what changed and why, and its
 /// sections, with keys counted but never shown (nor their hashes).
 fn about(
     path: &Path,
+    text: &str,
     config: &Config,
-    plugin_hashes: &[String],
+    plugins: &PluginRuntime,
     version: u64,
     trigger: &str,
-    changes: Option<Vec<String>>,
-) -> anyhow::Result<Value> {
+    changes: Vec<String>,
+) -> Value {
+    let plugin_sha256 = |tenant: &TenantConfig| plugins.wasm_sha256(&tenant.name).unwrap_or_default().to_owned();
     let mut hash = Sha256::new();
-    hash.update(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
-    for (tenant, plugin) in config.tenants.iter().zip(plugin_hashes) {
-        hash.update(plugin);
+    hash.update(text);
+    for tenant in &config.tenants {
+        hash.update(plugin_sha256(tenant));
         tenant.key_hashes.iter().for_each(|key| hash.update(key.0));
     }
     config.server.admin_key_hashes.iter().for_each(|key| hash.update(key.0));
@@ -276,14 +288,13 @@ fn about(
     let tenants: Vec<Value> = config
         .tenants
         .iter()
-        .zip(plugin_hashes)
-        .map(|(t, plugin)| {
+        .map(|t| {
             json!({
                 "name": t.name,
                 "routes": t.routes.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "model": t.model,
                 "plugin": t.wasm,
-                "plugin_sha256": plugin,
+                "plugin_sha256": plugin_sha256(t),
                 "keys": t.key_hashes.len(),
                 "limits": t.limits,
                 "cache": t.cache,
@@ -291,7 +302,7 @@ fn about(
             })
         })
         .collect();
-    Ok(json!({
+    json!({
         "version": version,
         "hash": format!("sha256:{}", hex(&hash.finalize())),
         "path": path,
@@ -303,5 +314,5 @@ fn about(
         "api": config.api,
         "admin_keys": config.server.admin_key_hashes.len(),
         "not_reloadable": ["server (all but admin_keys)", "api"],
-    }))
+    })
 }

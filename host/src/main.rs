@@ -71,16 +71,16 @@ fn main() -> anyhow::Result<()> {
         _ => (None, None),
     };
     let overrides = Overrides { device: cli.device, bind, port };
-    let (loader, config) = Loader::open(&cli.config, overrides)?;
+    let (loader, config, text) = Loader::open(&cli.config, overrides)?;
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Serve { .. } => runtime.block_on(serve(config, loader)),
-        Command::CheckConfig => runtime.block_on(check_config(config, &loader)),
-        Command::Predict { sentences } => runtime.block_on(predict(config, &loader, sentences)),
+        Command::Serve { .. } => runtime.block_on(serve(config, &text, loader)),
+        Command::CheckConfig => runtime.block_on(check_config(config, &text, &loader)),
+        Command::Predict { sentences } => runtime.block_on(predict(config, &text, &loader, sentences)),
     }
 }
 
-async fn serve(config: Config, loader: Loader) -> anyhow::Result<()> {
+async fn serve(config: Config, text: &str, loader: Loader) -> anyhow::Result<()> {
     // Listen first, so /health answers while the model loads and /ready tells when it is done.
     let listener = tokio::net::TcpListener::bind(config.server.bind)
         .await
@@ -100,15 +100,17 @@ async fn serve(config: Config, loader: Loader) -> anyhow::Result<()> {
     let limits = ConnectionLimits::from_config(&config.server);
     let server = tokio::spawn(server::serve(listener, app.clone(), limits, shutdown_signal()));
 
-    app.set_loaded(loader.first(config).await?);
-    tokio::spawn(reload_on_sighup(app));
+    // Caught from now on, so a SIGHUP while the models load does not end the process (SIGHUP's
+    // default); those that arrive meanwhile make one reload once ready.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    app.set_loaded(loader.first(config, text).await?);
+    tokio::spawn(reload_on_sighup(app, hangup));
     server.await?;
     Ok(())
 }
 
 /// Reloads the config file on every SIGHUP; the outcome is logged (see [`App::reload`]).
-async fn reload_on_sighup(app: Arc<App>) {
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+async fn reload_on_sighup(app: Arc<App>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
         // Success and refusal are both logged by `reload`.
         let _ = app.reload("SIGHUP").await;
@@ -175,8 +177,8 @@ async fn metrics_upkeep(metrics: PrometheusHandle) {
 }
 
 /// `check-config`: everything `serve` does before it answers requests, then a summary.
-async fn check_config(config: Config, loader: &Loader) -> anyhow::Result<()> {
-    let loaded = loader.first(config.clone()).await?;
+async fn check_config(config: Config, text: &str, loader: &Loader) -> anyhow::Result<()> {
+    let loaded = loader.first(config.clone(), text).await?;
     for (name, model) in &loaded.models {
         let info = model.info();
         let measured: Vec<String> = info
@@ -233,7 +235,7 @@ const PREDICT_ROUTE: &str = "/api/v1/predict/sentences";
 /// `predict`: the sentences go to the plugin of the tenant that serves [`PREDICT_ROUTE`], as a
 /// request to it would, so the labels and probabilities are the plugin's (post-processing is the
 /// plugin's job, never the host's); this prints them as a table.
-async fn predict(config: Config, loader: &Loader, mut sentences: Vec<String>) -> anyhow::Result<()> {
+async fn predict(config: Config, text: &str, loader: &Loader, mut sentences: Vec<String>) -> anyhow::Result<()> {
     let tenant = Tenants::new(&config.tenants)
         .route(None, PREDICT_ROUTE)
         .map(|tenant| tenant.name.clone())
@@ -241,7 +243,7 @@ async fn predict(config: Config, loader: &Loader, mut sentences: Vec<String>) ->
     if sentences.is_empty() {
         sentences = std::io::stdin().lock().lines().collect::<Result<_, _>>().context("reading stdin")?;
     }
-    let plugins = loader.first(config).await?.plugins;
+    let plugins = loader.first(config, text).await?.plugins;
     let request = json_post(PREDICT_ROUTE, serde_json::to_vec(&serde_json::json!({ "sentences": sentences }))?);
     let response = plugins.handle(&tenant, 0, request).await?;
     let answer: serde_json::Value = serde_json::from_slice(&response.body)

@@ -45,13 +45,9 @@ where
         resource = resource.with_service_name("batchbox");
     }
     let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build();
-    // batchbox's own spans and events (events are sent as the events of their span); nothing of
-    // the libraries'.
-    let ours = Targets::new()
-        .with_target("batchbox", Level::DEBUG)
-        .with_target("batchbox_server", Level::DEBUG)
-        .with_target("batchbox_plugins", Level::DEBUG)
-        .with_target("batchbox_model", Level::DEBUG);
+    // batchbox's own crates' spans and events (a target matches by prefix, so "batchbox" is every
+    // batchbox_* crate; events are sent as the events of their span); nothing of the libraries'.
+    let ours = Targets::new().with_target("batchbox", Level::DEBUG);
     let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("batchbox")).with_filter(ours);
     Ok(Some((layer, Traces(provider))))
 }

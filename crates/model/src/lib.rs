@@ -272,7 +272,8 @@ impl Model {
         let (path, thread_manifest, thread_shared) = (dir.to_owned(), manifest.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             // Named for its model, so `top -H` (and the reload test) can tell models' threads
-            // apart; threads libtorch starts from it inherit the name.
+            // apart; threads libtorch starts from it inherit the name. Linux keeps 15 bytes of
+            // it: models whose names start alike share what shows.
             .name(format!("model-{}", options.name))
             .spawn(move || match load(&path, &thread_manifest) {
                 Ok(LoadedBackend { backend, device, precision, precision_choice }) => {

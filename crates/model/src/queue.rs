@@ -151,8 +151,13 @@ impl Queue {
                 let id = self.next_batch;
                 self.next_batch += 1;
                 let inputs = batch.rows.iter().map(|r| self.jobs[&r.request].sequences[r.index].clone()).collect();
-                let mut requests: Vec<RequestId> = batch.rows.iter().map(|r| r.request).collect();
-                requests.dedup();
+                // Each call once, in the order of its first row (a call's rows need not be adjacent).
+                let mut requests: Vec<RequestId> = Vec::new();
+                for row in &batch.rows {
+                    if !requests.contains(&row.request) {
+                        requests.push(row.request);
+                    }
+                }
                 let callers = requests.iter().map(|r| self.jobs[r].span.clone()).collect();
                 Step::Run(Taken { id, rows: batch.rows, inputs, callers })
             }

@@ -67,6 +67,8 @@ const KEEP_RESIDENT: usize = 8 << 20;
 /// Requests a reused instance serves before it is replaced by a fresh one: a bound on how long
 /// state a plugin leaves behind (and memory it leaks) can live.
 const REUSE_REQUESTS: u32 = 1_000;
+/// How long configuring a plugin at load may wait for a free instance (a reload, under load).
+const CONFIGURE_WAIT: Duration = Duration::from_secs(30);
 /// Plugins see time only to this precision.
 pub const CLOCK_RESOLUTION: Duration = Duration::from_micros(100);
 
@@ -258,6 +260,8 @@ struct LoadedPlugin {
     /// What the plugin's optional `describe` answered at startup: an OpenAPI fragment.
     description: Option<serde_json::Value>,
     split_metrics: SplitMetrics,
+    /// The SHA-256 of the .wasm file this code was compiled from, in hex.
+    wasm_sha256: String,
 }
 
 /// A tenant's histograms of where its requests' time went, registered once at load, so that a
@@ -366,7 +370,7 @@ impl PluginRuntime {
         let mut components = HashMap::new();
         for tenant in tenants {
             let name = || tenant.name.clone();
-            let component = load_component(&runtime.engine, tenant, &host.cache_dir, &mut components)?;
+            let (component, wasm_sha256) = load_component(&runtime.engine, tenant, &host.cache_dir, &mut components)?;
             let memory_limit = memory_limit(&component, tenant)?;
             // Imports the host does not offer fail here; missing exports in `PluginPre::new`.
             let pre = linker
@@ -394,6 +398,7 @@ impl PluginRuntime {
                 idle: Mutex::new(Vec::new()),
                 description: None,
                 split_metrics: SplitMetrics::new(&tenant.name),
+                wasm_sha256,
             };
             // Configure once now, so a bad config stops startup instead of failing every request.
             let description = runtime.configure(&plugin, describe).await?;
@@ -431,7 +436,10 @@ impl PluginRuntime {
         let plugin = self.plugins.get(tenant).expect("routes only name loaded tenants");
         let (mut sandbox, idle) = match plugin.idle.lock().expect("idle instances").pop() {
             Some((sandbox, instance)) => (sandbox, Some(instance)),
-            None => (self.sandbox(plugin)?, None),
+            None => {
+                let permit = self.instances.clone().try_acquire_owned().map_err(|_| PluginError::NoCapacity)?;
+                (self.sandbox(plugin, permit), None)
+            }
         };
         let span = tracing::debug_span!("plugin", tenant = &*plugin.tenant);
         let outcome = sandbox
@@ -454,6 +462,11 @@ impl PluginRuntime {
         Ok(response)
     }
 
+    /// The SHA-256 (hex) of the .wasm file the tenant's plugin runs: which version it is.
+    pub fn wasm_sha256(&self, tenant: &str) -> Option<&str> {
+        Some(&self.plugins.get(tenant)?.wasm_sha256)
+    }
+
     /// What the tenant's plugin says of its API (`describe`, after `configure`), if anything.
     pub fn description(&self, tenant: &str) -> Option<&serde_json::Value> {
         self.plugins.get(tenant)?.description.as_ref()
@@ -466,7 +479,12 @@ impl PluginRuntime {
         plugin: &LoadedPlugin,
         describe: Option<ComponentExportIndex>,
     ) -> Result<String, PluginError> {
-        self.sandbox(plugin)?
+        // A reload configures beside live traffic: it waits for a free instance, as requests do not.
+        let permit = tokio::time::timeout(CONFIGURE_WAIT, self.instances.clone().acquire_owned())
+            .await
+            .map_err(|_| PluginError::NoCapacity)?
+            .expect("the instance semaphore is never closed");
+        self.sandbox(plugin, permit)
             .run(plugin, 0, async |store, plugin| {
                 let instance = plugin.pre.instance_pre().instantiate_async(&mut *store).await?;
                 let handler = bindings::Plugin::new(&mut *store, &instance)?;
@@ -483,10 +501,8 @@ impl PluginRuntime {
             .await
     }
 
-    /// A fresh store, within the tenant's limits; `NoCapacity` when every instance the pool holds
-    /// is in use.
-    fn sandbox(&self, plugin: &LoadedPlugin) -> Result<Sandbox, PluginError> {
-        let permit = self.instances.clone().try_acquire_owned().map_err(|_| PluginError::NoCapacity)?;
+    /// A fresh store, within the tenant's limits, in the pool slot `permit` holds.
+    fn sandbox(&self, plugin: &LoadedPlugin, permit: OwnedSemaphorePermit) -> Sandbox {
         // An instance that is reused keeps its pipes: twice the room, and it retires once a
         // request's worth is used (`LoadedPlugin::keep_idle`), so each request has at least
         // `OUTPUT_CAPACITY`.
@@ -528,7 +544,7 @@ impl PluginRuntime {
             // Over the limit: trap. Otherwise let other tasks run, then check again next tick.
             Ok(if guest_time > cpu_limit { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
-        Ok(Sandbox { store, stdout: Output::new(stdout), stderr: Output::new(stderr), requests: 0, _permit: permit })
+        Sandbox { store, stdout: Output::new(stdout), stderr: Output::new(stderr), requests: 0, _permit: permit }
     }
 }
 
@@ -715,27 +731,28 @@ fn start_epoch_ticker(engine: &Engine) {
 
 /// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before:
 /// by another tenant of this process (`components`, by key), or by any process (the cache
-/// directory, whose file names are the keys).
+/// directory, whose file names are the keys). Also answers the SHA-256 of the .wasm it read.
 fn load_component(
     engine: &Engine,
     tenant: &TenantConfig,
     cache_dir: &Path,
     components: &mut HashMap<String, Component>,
-) -> Result<Component, PluginError> {
+) -> Result<(Component, String), PluginError> {
     let plugin = tenant.name.clone();
     let wasm = std::fs::read(&tenant.wasm).map_err(|source| PluginError::Read {
         tenant: plugin.clone(),
         path: tenant.wasm.clone(),
         source,
     })?;
+    let wasm_sha256 = hex(&Sha256::digest(&wasm));
     let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut engine_hash);
     let mut key = Sha256::new();
-    key.update(&wasm);
+    key.update(&wasm_sha256);
     key.update(engine_hash.finish().to_le_bytes());
-    let key: String = key.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let key = hex(&key.finalize()[..16]);
     if let Some(component) = components.get(&key) {
-        return Ok(component.clone());
+        return Ok((component.clone(), wasm_sha256));
     }
     let cached = cache_dir.join(format!("{key}.cwasm"));
 
@@ -743,7 +760,7 @@ fn load_component(
         // SAFETY: the cache directory is the operator's (like the .wasm files) and the file name
         // carries the hash of both the source and the engine's settings.
         match unsafe { Component::deserialize_file(engine, &cached) } {
-            Ok(component) => return Ok(components.entry(key).or_insert(component).clone()),
+            Ok(component) => return Ok((components.entry(key).or_insert(component).clone(), wasm_sha256)),
             Err(e) => tracing::warn!(tenant = plugin, error = %e, "ignoring unusable cached plugin code"),
         }
     }
@@ -763,7 +780,11 @@ fn load_component(
     }
     // SAFETY: `compiled` was produced by this engine a moment ago.
     let component = unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)?;
-    Ok(components.entry(key).or_insert(component).clone())
+    Ok((components.entry(key).or_insert(component).clone(), wasm_sha256))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The tenant's memory limit for this plugin: `limits.memory_bytes`, or by default the plugin's

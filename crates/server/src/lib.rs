@@ -62,7 +62,8 @@ pub struct Loaded {
 /// The future of one [`Reload::next`].
 pub type NextFuture<'a> = Pin<Box<dyn Future<Output = Result<Loaded, String>> + Send + 'a>>;
 
-/// Builds the next generation from the config file, for [`App::reload`].
+/// Builds the next generation from the config file, for [`App::reload`], which asks for one at
+/// a time and installs every generation it is answered.
 pub trait Reload: Send + Sync {
     /// What the config file describes now, built beside `current` (whose unchanged models it
     /// shares) without touching what `current` serves; or why it cannot be, in words for the
@@ -79,7 +80,8 @@ pub struct App {
     reload: Option<Arc<dyn Reload>>,
     /// Held for the whole of a reload, so that reloads run one at a time.
     reloading: tokio::sync::Mutex<()>,
-    /// The last reload that was refused: when, what asked, and why (for `GET /admin/config`).
+    /// The last reload that was refused: when, what asked, and why (for `GET /admin/config`). Kept
+    /// after later reloads succeed: it may be older than the running config.
     last_refused: Mutex<Option<serde_json::Value>>,
     /// The metrics recorder's handle, if metrics are on: `/v1/models` reads its counters.
     metrics: Option<PrometheusHandle>,
@@ -312,21 +314,24 @@ impl App {
         }
     }
 
-    async fn handle(&self, request: hyper::Request<Incoming>) -> Response {
+    async fn handle(self: &Arc<Self>, request: hyper::Request<Incoming>) -> Response {
         let started = Instant::now();
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-        let body_expected = !hyper::body::Body::is_end_stream(request.body());
-        let mut served = Served::default();
+        let (parts, body) = request.into_parts();
+        let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+        let body_expected = !hyper::body::Body::is_end_stream(&body);
+        let (mut body, mut served) = (Some(body), Served::default());
         // The root of the request's trace (exported with the `otel` feature): plugin, tokenize,
         // infer and the model's passes are traced under it.
         let span = tracing::debug_span!("request", request_id = id, method = %method, path = %path, tenant = Empty, status = Empty);
-        let routed = self.route(id, request, &mut served).instrument(span.clone()).await;
+        let routed = self.route(id, &parts, &mut body, &mut served).instrument(span.clone()).await;
         let mut response = routed.unwrap_or_else(ApiError::into_response);
-        // Answered before its body was read (a 404, a 401, a quota): the rest of the body may
-        // still be on its way, so hyper closes the connection after the response. Saying so lets
-        // the client open a new one, rather than send its next request on one about to close.
-        if body_expected && !served.body_read {
+        // Answered without reading its body whole (a 404, a 401, a quota, a body too large): a
+        // small body is read and dropped, so the connection can carry the next request. Otherwise
+        // hyper closes it after the response (HTTP/1.1), and saying so lets the client open a new
+        // one rather than send its next request on one about to close.
+        let reusable = !body_expected || served.body_read || drained(body.take()).await;
+        if !reusable {
             response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
         span.record("status", response.status().as_u16());
@@ -338,22 +343,25 @@ impl App {
         response
     }
 
+    /// Answers the request whose head is `parts`; its body is taken from `body` only by a
+    /// tenant's route, once the key and quotas let it through.
     async fn route(
-        &self,
+        self: &Arc<Self>,
         id: u64,
-        request: hyper::Request<Incoming>,
+        parts: &hyper::http::request::Parts,
+        body: &mut Option<Incoming>,
         served: &mut Served,
     ) -> Result<Response, ApiError> {
-        let host = target_host(&request)?;
-        let path = request.uri().path().to_owned();
+        let host = target_host(parts)?;
+        let path = parts.uri.path().to_owned();
         let metrics = self.metrics_route();
         if self.routes == Routes::MetricsOnly && path != "/metrics" {
             return Err(ApiError::NotFound(path));
         }
         let host_route = matches!(path.as_str(), "/health" | "/ready" | "/v1/models" | "/openapi.json")
             || (path == "/metrics" && metrics.is_some());
-        if host_route && request.method() != Method::GET {
-            return Err(ApiError::MethodNotAllowed { method: request.method().clone(), path, allow: "GET" });
+        if host_route && parts.method != Method::GET {
+            return Err(ApiError::MethodNotAllowed { method: parts.method.clone(), path, allow: "GET" });
         }
         if let ("/metrics", Some(metrics)) = (path.as_str(), metrics) {
             let mut response = hyper::Response::new(Full::new(Bytes::from(metrics.render())));
@@ -381,14 +389,14 @@ impl App {
                 return Ok(json_response(StatusCode::OK, &document));
             }
             "/admin/reload" | "/admin/config" if !loaded.admin_keys.is_empty() => {
-                return self.admin(&loaded, &path, &request).await;
+                return self.admin(&loaded, &path, parts).await;
             }
             _ => {}
         }
         let tenant = loaded.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let started = Instant::now();
         served.tenant = Some(tenant.name.clone());
-        let result = self.for_tenant(&loaded, tenant, id, request, served).await;
+        let result = self.for_tenant(&loaded, tenant, id, parts, body, served).await;
         let status = match &result {
             Ok(response) => response.status(),
             Err(e) => e.status_and_code().0,
@@ -401,20 +409,24 @@ impl App {
     /// file (200 with the new config's summary, or 422 `reload_refused` with why); `GET
     /// /admin/config` shows the running config and the last refused reload.
     async fn admin(
-        &self,
+        self: &Arc<Self>,
         loaded: &Loaded,
         path: &str,
-        request: &hyper::Request<Incoming>,
+        parts: &hyper::http::request::Parts,
     ) -> Result<Response, ApiError> {
-        let allow = if path == "/admin/reload" { Method::POST } else { Method::GET };
-        if request.method() != allow {
-            let allow = if allow == Method::POST { "POST" } else { "GET" };
-            return Err(ApiError::MethodNotAllowed { method: request.method().clone(), path: path.to_owned(), allow });
+        let (method, allow) = if path == "/admin/reload" { (Method::POST, "POST") } else { (Method::GET, "GET") };
+        if parts.method != method {
+            return Err(ApiError::MethodNotAllowed { method: parts.method.clone(), path: path.to_owned(), allow });
         }
-        let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
+        let key = single_header(&parts.headers, AUTHORIZATION, "several Authorization headers: send one")?;
         batchbox_tenants::check_key(&loaded.admin_keys, key.map(HeaderValue::as_bytes))?;
-        let body = if allow == Method::POST {
-            json!({ "status": "reloaded", "config": self.reload("POST /admin/reload").await? })
+        let body = if method == Method::POST {
+            // A task of its own: the reload goes on to its end if the caller hangs up.
+            let app = self.clone();
+            let reload = tokio::spawn(async move { app.reload("POST /admin/reload").await });
+            let about =
+                reload.await.unwrap_or_else(|e| Err(ApiError::ReloadRefused(format!("the reload failed: {e}"))))?;
+            json!({ "status": "reloaded", "config": about })
         } else {
             let mut about = loaded.about.clone();
             about["last_refused_reload"] = self.last_refused.lock().expect("last refused").clone().into();
@@ -429,13 +441,15 @@ impl App {
         loaded: &Loaded,
         tenant: &Tenant,
         id: u64,
-        request: hyper::Request<Incoming>,
+        parts: &hyper::http::request::Parts,
+        body: &mut Option<Incoming>,
         served: &mut Served,
     ) -> Result<Response, ApiError> {
-        let key = single_header(request.headers(), AUTHORIZATION, "several Authorization headers: send one")?;
+        let key = single_header(&parts.headers, AUTHORIZATION, "several Authorization headers: send one")?;
         loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
         let _in_flight = tenant.admit()?;
-        let request = self.plugin_request(tenant, request).await?;
+        let body = body.take().expect("only a tenant's route reads the body");
+        let request = self.plugin_request(tenant, parts, body).await?;
         served.body_read = true;
         let (response, split) = loaded.plugins.handle_timed(&tenant.name, id, request).await;
         served.split = Some(split);
@@ -499,17 +513,17 @@ impl App {
     async fn plugin_request(
         &self,
         tenant: &Tenant,
-        request: hyper::Request<Incoming>,
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
     ) -> Result<plugins::Request, ApiError> {
         let limit = self.max_body_bytes;
         // n bytes pass the server's limit (413) or the tenant's quota (429).
         let check_size =
             |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
-        let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if let Some(declared) = declared {
             check_size(declared)?;
         }
-        let (parts, body) = request.into_parts();
         let withheld = withheld_from_plugins(&parts.headers);
         let read_limit = limit.min(tenant.limits.max_body_bytes);
         let read = Limited::new(body, read_limit).collect();
@@ -536,6 +550,20 @@ impl App {
             body: body.to_bytes().to_vec(),
         })
     }
+}
+
+/// What a request answered without reading its body may still have read of it, and for how
+/// long, so that its connection carries the next request: a small body on its way, not a large
+/// one, nor a slow one.
+const DRAIN_BYTES: usize = 64 << 10;
+const DRAIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Whether the rest of an unread body (`None`: taken and left half read) arrived whole within
+/// [`DRAIN_BYTES`] and [`DRAIN_WAIT`], and was dropped.
+async fn drained(body: Option<Incoming>) -> bool {
+    let Some(body) = body else { return false };
+    let read = Limited::new(body, DRAIN_BYTES).collect();
+    matches!(tokio::time::timeout(DRAIN_WAIT, read).await, Ok(Ok(_)))
 }
 
 /// How long a retired generation may wait for its last request before it is let go anyway (it
@@ -601,9 +629,9 @@ impl Served {
 
 /// The host a request is for (RFC 9112 §3.2): the authority of an absolute-form target wins over
 /// `Host`; several `Host` headers, or none on HTTP/1.1 without one in the target, are refused.
-fn target_host(request: &hyper::Request<Incoming>) -> Result<Option<String>, ApiError> {
-    let first = single_header(request.headers(), HOST, "several Host headers: send one")?;
-    if let Some(host) = request.uri().host() {
+fn target_host(request: &hyper::http::request::Parts) -> Result<Option<String>, ApiError> {
+    let first = single_header(&request.headers, HOST, "several Host headers: send one")?;
+    if let Some(host) = request.uri.host() {
         return Ok(Some(host.to_owned()));
     }
     match first {
@@ -611,7 +639,7 @@ fn target_host(request: &hyper::Request<Incoming>) -> Result<Option<String>, Api
             .to_str()
             .map(|h| Some(h.to_owned()))
             .map_err(|_| ApiError::BadRequest("the Host header is not visible ASCII")),
-        None if request.version() == hyper::Version::HTTP_11 => {
+        None if request.version == hyper::Version::HTTP_11 => {
             Err(ApiError::BadRequest("HTTP/1.1 requests need a Host header"))
         }
         None => Ok(None),
