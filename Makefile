@@ -90,6 +90,11 @@ test: setup test-models plugins build
 	# The trace exporter is an opt-in feature; its test builds the server with it.
 	cargo test --release -p batchbox --features otel --test traces
 
+# The Containerfile linted, every Kubernetes overlay rendered and validated, and the manifests
+# checked against the config they mount (tools/tests/test_deploy.py; `make test` runs it too).
+deploy-check: $(VENV_STAMP)
+	$(PY) -m pytest -q -p no:warnings tools/tests/test_deploy.py
+
 serve: setup plugins build
 	./target/release/batchbox --config shared_config.yaml serve
 
