@@ -15,9 +15,17 @@ TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-n
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 
-.PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check clean
+.PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check deploy-check clean
 
-setup: $(VENV_STAMP) $(JS_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
+setup: $(VENV_STAMP) $(JS_STAMP) wasm-target haproxy $(DEFAULT_MODEL)/manifest.json
+
+# HAProxy, the load balancer of tests/failover.rs, from Debian where it is missing (as root; anyone
+# else is told how).
+.PHONY: haproxy
+haproxy:
+	@test -x /usr/sbin/haproxy || command -v haproxy >/dev/null || \
+	  { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy; } || \
+	  { echo "tests/failover.rs needs haproxy: sudo apt-get install haproxy"; exit 1; }
 
 # The venv, and `.venv/torch`: the link .cargo/config.toml points torch-sys at.
 $(VENV_STAMP): tools/requirements.txt

@@ -1,0 +1,218 @@
+//! Several replicas behind a real load balancer, on loopback: two `batchbox serve` processes
+//! behind HAProxy (active health checks on `/ready`, retries of a request whose replica failed
+//! it: prediction is idempotent), 32 `loadgen` clients for 60 s, and one replica stopped in the
+//! middle, then started again.
+//!
+//! - SIGKILL: requests in flight on the killed replica are lost by it; HAProxy sends them again
+//!   to the other one. The claim: no client sees a failure, and the restarted replica takes
+//!   traffic again once `/ready`.
+//! - SIGTERM: the replica drains (stops accepting, finishes what it has); nothing is lost.
+//!
+//! Alone in its binary: two servers and 32 clients fill the 2-core machine. Needs `haproxy`
+//! (`make setup` installs the Debian package where it is missing).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, workspace, write_config};
+use serde_json::{Value, json};
+
+const CLIENTS: usize = 32;
+const RUN: Duration = Duration::from_secs(60);
+/// When, into the run, one replica is stopped.
+const STOP_AT: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn replica_config(name: &str, port: u16) -> PathBuf {
+    write_config(
+        name,
+        &format!(
+            r#"{{model_and_api}}
+server: {{ bind: "127.0.0.1:{port}", plugin_cache_dir: "{{cache}}", shutdown_grace_ms: 20000 }}
+tenants:
+  - {{ name: classifier, wasm: "{{classifier}}", routes: [/api/v1/predict/sentences], limits: {{ wall_ms: 120000, max_concurrent: 256 }} }}
+"#
+        ),
+    )
+}
+
+/// HAProxy in front of `replicas`: least-connections balancing, `/ready` checked every 200 ms
+/// (down after 2 failures, up after 2 successes), and a request retried on another replica when
+/// its connection fails or its replica closes without an answer.
+fn haproxy_config(front: u16, stats: u16, replicas: &[u16]) -> PathBuf {
+    let servers: String =
+        replicas.iter().enumerate().map(|(i, port)| format!("  server r{i} 127.0.0.1:{port} check\n")).collect();
+    let text = format!(
+        "global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 120s
+  timeout server 120s
+  retries 3
+  option redispatch 1
+  retry-on conn-failure empty-response response-timeout
+frontend batchbox
+  bind 127.0.0.1:{front}
+  default_backend replicas
+backend replicas
+  balance leastconn
+  option httpchk GET /ready
+  http-check expect status 200
+  default-server inter 200ms fall 2 rise 2
+{servers}listen stats
+  bind 127.0.0.1:{stats}
+  stats enable
+  stats uri /stats
+"
+    );
+    let path = workspace().join("target/http-tests/failover-haproxy.cfg");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn haproxy() -> PathBuf {
+    let found = ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"].map(PathBuf::from);
+    found.into_iter().find(|p| p.exists()).expect("haproxy is missing: `make setup` installs it")
+}
+
+/// The load balancer, stopped on drop.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HAProxy's statistics, one map per line of its CSV (frontend, each server, backend); none
+/// while it is starting.
+fn stats(port: u16) -> Vec<HashMap<String, String>> {
+    let Ok(mut response) = ureq::get(format!("http://127.0.0.1:{port}/stats;csv")).call() else { return Vec::new() };
+    let text = response.body_mut().read_to_string().unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().trim_start_matches("# ").split(',').map(str::to_owned).collect();
+    lines.map(|l| header.iter().cloned().zip(l.split(',').map(str::to_owned)).collect()).collect()
+}
+
+fn server_status(port: u16, server: &str) -> String {
+    stats(port).into_iter().find(|row| row["svname"] == server).map(|row| row["status"].clone()).unwrap_or_default()
+}
+
+/// Waits until HAProxy says `server` is `status`, for at most 30 s.
+fn wait_for_status(stats_port: u16, server: &str, status: &str) -> Duration {
+    let started = Instant::now();
+    while !server_status(stats_port, server).starts_with(status) {
+        assert!(started.elapsed() < Duration::from_secs(30), "{server} never became {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+/// Requests a replica answered 2xx, from its own /metrics.
+fn answered(server: &Server) -> f64 {
+    let (_, text) =
+        (0, server.agent.get(format!("{}/metrics", server.base)).call().unwrap().body_mut().read_to_string().unwrap());
+    batchbox_metrics::Scrape::parse(&text)
+        .value(batchbox_metrics::names::REQUESTS, &[("tenant", "classifier"), ("status", "2xx")])
+}
+
+fn loadgen() -> PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_batchbox")).with_file_name("loadgen");
+    assert!(path.exists(), "{} is missing: `cargo build --release --workspace` builds it", path.display());
+    path
+}
+
+/// One run: the load through HAProxy, replica 0 stopped with `signal` at [`STOP_AT`] and
+/// started again once it has exited. Returns loadgen's report, HAProxy's backend line, and
+/// how many requests the restarted replica answered.
+fn run(signal: &str) -> (Value, HashMap<String, String>, f64) {
+    let ports = [free_port(), free_port()];
+    let configs: Vec<PathBuf> =
+        ports.iter().enumerate().map(|(i, port)| replica_config(&format!("failover-r{i}"), *port)).collect();
+    let mut replicas: Vec<Server> = configs.iter().map(|c| Server::launch(c)).collect();
+    let (front, stats_port) = (free_port(), free_port());
+    let config = haproxy_config(front, stats_port, &ports);
+    let log = std::fs::File::create(workspace().join("target/http-tests/failover-haproxy.log")).unwrap();
+    let _proxy = Proxy(Command::new(haproxy()).args(["-db", "-f"]).arg(&config).stderr(log).spawn().unwrap());
+    for server in ["r0", "r1"] {
+        wait_for_status(stats_port, server, "UP");
+    }
+
+    let sentences = common::fixture_sentences();
+    let requests = workspace().join("target/http-tests/failover-requests.jsonl");
+    let lines: Vec<String> = sentences.chunks(4).map(|chunk| json!({ "sentences": chunk }).to_string()).collect();
+    std::fs::write(&requests, lines.join("\n")).unwrap();
+    let load = Command::new(loadgen())
+        .args(["--server", &format!("http://127.0.0.1:{front}"), "--requests-file", requests.to_str().unwrap()])
+        .args(["--concurrency", &CLIENTS.to_string(), "--duration", &RUN.as_secs().to_string(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    std::thread::sleep(STOP_AT);
+    let stopped = Instant::now();
+    Command::new("kill").args([&format!("-{signal}"), &replicas[0].child.id().to_string()]).status().unwrap();
+    // A drain takes as long as the replica's requests in flight: bounded by its grace (20 s).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while replicas[0].child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "replica 0 did not exit after SIG{signal}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let down = wait_for_status(stats_port, "r0", "DOWN");
+    replicas[0] = Server::launch(&configs[0]);
+    let up = wait_for_status(stats_port, "r0", "UP");
+    eprintln!(
+        "SIG{signal}: replica 0 exited and was DOWN in HAProxy {down:?} later; restarted, UP {up:?} after /ready ({:?} after the signal)",
+        stopped.elapsed()
+    );
+
+    let output = load.wait_with_output().unwrap();
+    assert!(output.status.success(), "loadgen failed");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let backend = stats(stats_port).into_iter().find(|row| row["svname"] == "BACKEND").unwrap();
+    let after_restart = answered(&replicas[0]);
+    (report, backend, after_restart)
+}
+
+/// The two tests take turns: each fills the machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn check(signal: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (report, backend, after_restart) = run(signal);
+    let (retries, redispatches) = (&backend["wretr"], &backend["wredis"]);
+    eprintln!(
+        "SIG{signal}: {} requests, statuses {}, p50 {} ms, p99 {} ms, max {} ms; HAProxy retries {retries}, \
+         redispatches {redispatches}; the restarted replica answered {after_restart}",
+        report["requests"],
+        report["statuses"],
+        report["latency_ms"]["p50"],
+        report["latency_ms"]["p99"],
+        report["latency_ms"]["max"]
+    );
+    let statuses = report["statuses"].as_object().unwrap();
+    assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "every client request answered 200: {statuses:?}");
+    assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
+    assert!(after_restart > 0.0, "the restarted replica took no traffic");
+}
+
+#[test]
+fn a_replica_killed_under_load_loses_no_client_request_and_takes_traffic_again_once_ready() {
+    check("KILL");
+}
+
+#[test]
+fn a_replica_stopped_with_sigterm_drains_and_loses_no_client_request() {
+    check("TERM");
+}
