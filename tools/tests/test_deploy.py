@@ -92,7 +92,37 @@ def test_probes_ports_and_grace_match_the_config_the_pods_mount(overlay):
     assert container["image"].endswith(":cuda" if overlay == "gpu" else ":cpu")
     # The queue a replica may hold: what it computes in about the same delay (docs/scaling.md).
     (queued,) = [m["pods"]["target"]["averageValue"] for m in one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods"]
-    assert queued == ("16384" if overlay == "gpu" else "2048")
+    assert queued == ("8192" if overlay == "gpu" else "2048")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_selector_selects_the_pods(overlay):
+    docs = render(overlay)
+    deployment = one(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selectors = {
+        "Deployment": deployment["spec"]["selector"]["matchLabels"],
+        "Service": one(docs, "Service")["spec"]["selector"],
+        "PodDisruptionBudget": one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        "NetworkPolicy": one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+    }
+    for kind, selector in selectors.items():
+        assert selector and all(pod_labels.get(k) == v for k, v in selector.items()), (kind, selector, pod_labels)
+    assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
+
+
+def test_the_pods_config_serves_what_the_image_ships():
+    docs = render("cpu")
+    pods = yaml.safe_load(one(docs, "ConfigMap")["data"]["shared_config.yaml"])
+    image = yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text())
+    assert pods["api"] == image["api"]
+    assert [(t["name"], t["routes"]) for t in pods["tenants"]] == [(t["name"], t["routes"]) for t in image["tenants"]]
+    for key in ["bind", "metrics_bind", "shutdown_grace_ms"]:
+        assert pods["server"][key] == image["server"][key], key
+    # The image's files, by the absolute paths the pods' config names.
+    assert pods["models"][0]["path"] == "/opt/batchbox/" + image["models"][0]["path"]
+    assert pods["tenants"][0]["wasm"] == "/opt/batchbox/" + image["tenants"][0]["wasm"]
+    assert pods["server"]["plugin_cache_dir"] == "/opt/batchbox/" + image["server"]["plugin_cache_dir"]
 
 
 def test_service_monitor_network_policy_and_autoscaler_point_at_what_exists():
