@@ -100,9 +100,10 @@ plugins/target/js/plugin_echo.wasm: $(JS_STAMP) FORCE
 # compile faster with an optimised Cranelift.
 test: setup haproxy test-models plugins build
 	$(PY) -m pytest -q -p no:warnings tools/tests
-	cargo test --release --workspace
-	# The trace exporter is an opt-in feature; its test builds the server with it.
+	# The trace exporter is an opt-in feature; its test builds the server with it. First, so that
+	# the workspace's tests leave the default build behind, the one `make serve` runs.
 	cargo test --release -p batchbox --features otel --test traces
+	cargo test --release --workspace
 
 # The Containerfile linted, every Kubernetes overlay rendered and validated, and the manifests
 # checked against the config they mount (tools/tests/test_deploy.py; `make test` runs it too).
