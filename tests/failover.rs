@@ -25,6 +25,9 @@ const CLIENTS: usize = 32;
 const RUN: Duration = Duration::from_secs(60);
 /// When, into the run, one replica is stopped.
 const STOP_AT: Duration = Duration::from_secs(20);
+/// The probe client's window around the stop: from 5 s before it to 20 s after.
+const PROBE_FROM: Duration = Duration::from_secs(15);
+const PROBE_TO: Duration = Duration::from_secs(40);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -126,6 +129,28 @@ fn answered(server: &Server) -> f64 {
         .value(batchbox_metrics::names::REQUESTS, &[("tenant", "classifier"), ("status", "2xx")])
 }
 
+/// A 33rd client, one sentence at a time through the proxy from [`PROBE_FROM`] to [`PROBE_TO`]
+/// into the run: the latency around the stop, and how many of its requests failed.
+fn probe(front: u16) -> (Vec<Duration>, usize) {
+    let started = Instant::now();
+    std::thread::sleep(PROBE_FROM);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    let body = json!({ "sentences": ["The striker scored twice."] }).to_string();
+    let (mut latencies, mut failures) = (Vec::new(), 0);
+    while started.elapsed() < PROBE_TO {
+        let sent = Instant::now();
+        match agent.post(format!("http://127.0.0.1:{front}/api/v1/predict/sentences")).send(&body) {
+            Ok(response) if response.status() == 200 => latencies.push(sent.elapsed()),
+            _ => failures += 1,
+        }
+    }
+    (latencies, failures)
+}
+
 fn loadgen() -> PathBuf {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_batchbox")).with_file_name("loadgen");
     assert!(path.exists(), "{} is missing: `cargo build --release --workspace` builds it", path.display());
@@ -160,6 +185,7 @@ fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
         .spawn()
         .unwrap();
 
+    let probe = std::thread::spawn(move || probe(front));
     std::thread::sleep(STOP_AT);
     let stopped = Instant::now();
     Command::new("kill").args([&format!("-{signal}"), &replicas[0].child.id().to_string()]).status().unwrap();
@@ -179,7 +205,12 @@ fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
 
     let output = load.wait_with_output().unwrap();
     assert!(output.status.success(), "loadgen failed");
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (mut latencies, failures) = probe.join().unwrap();
+    assert_eq!(failures, 0, "the probe's requests around the stop all answered 200");
+    latencies.sort();
+    let p99 = latencies[(latencies.len() * 99).div_ceil(100) - 1];
+    report["probe"] = json!({ "requests": latencies.len(), "p99_ms": p99.as_secs_f64() * 1e3 });
     let backend = stats(stats_port).into_iter().find(|row| row["svname"] == "BACKEND").unwrap();
     let after_restart = answered(&replicas[0]);
     (report, backend, after_restart)
@@ -194,13 +225,14 @@ fn check(signal: &str, retry_on: &str) -> u64 {
     let (report, backend, after_restart) = run(signal, retry_on);
     let (retries, redispatches) = (&backend["wretr"], &backend["wredis"]);
     eprintln!(
-        "SIG{signal}: {} requests, statuses {}, p50 {} ms, p99 {} ms, max {} ms; HAProxy retries {retries}, \
-         redispatches {redispatches}; the restarted replica answered {after_restart}",
+        "SIG{signal}: {} requests, statuses {}, p50 {} ms, p99 {} ms, max {} ms; probe around the stop: {}; \
+         HAProxy retries {retries}, redispatches {redispatches}; the restarted replica answered {after_restart}",
         report["requests"],
         report["statuses"],
         report["latency_ms"]["p50"],
         report["latency_ms"]["p99"],
-        report["latency_ms"]["max"]
+        report["latency_ms"]["max"],
+        report["probe"]
     );
     let statuses = report["statuses"].as_object().unwrap();
     assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "every client request answered 200: {statuses:?}");
