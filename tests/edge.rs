@@ -271,39 +271,29 @@ fn an_answer_sent_without_reading_the_body_keeps_the_connection_only_if_the_body
     let server = Server::launch(&config("edge-early-answer", "keep_alive_idle_ms: 10000"));
     let host = server.address().to_owned();
     let mut stream = connect(&server);
-    // Read one response head, whatever follows it.
-    let head = |stream: &mut TcpStream| {
-        let mut answer = Vec::new();
-        let mut byte = [0u8; 1];
-        while !answer.ends_with(b"\r\n\r\n") {
-            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before a whole head: {answer:?}");
-            answer.push(byte[0]);
+    // POST /nowhere declaring `declared` bytes of body and sending `sent`: the response's head,
+    // lower-cased (its body read too).
+    let post = |stream: &mut TcpStream, declared: usize, sent: &str| {
+        let request = format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: {declared}\r\n\r\n{sent}");
+        stream.write_all(request.as_bytes()).unwrap();
+        let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before a whole head: {head:?}");
+            head.push(byte[0]);
         }
-        String::from_utf8(answer).unwrap().to_ascii_lowercase()
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        let length = head.split("content-length: ").nth(1).unwrap().split("\r\n").next().unwrap();
+        stream.read_exact(&mut vec![0u8; length.parse().unwrap()]).unwrap();
+        head
     };
     // Without a body, a refusal leaves the connection open for the next request.
-    stream
-        .write_all(format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\n\r\n").as_bytes())
-        .unwrap();
-    let first = head(&mut stream);
+    let first = post(&mut stream, 0, "");
     assert!(first.starts_with("http/1.1 404") && !first.contains("connection: close"), "{first}");
-    let mut rest =
-        vec![0u8; first.split("content-length: ").nth(1).unwrap().split("\r\n").next().unwrap().parse().unwrap()];
-    stream.read_exact(&mut rest).unwrap();
     // A small body that arrives with its request is read and dropped: the connection stays.
-    stream
-        .write_all(format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: 5\r\n\r\nhello").as_bytes())
-        .unwrap();
-    let kept = head(&mut stream);
+    let kept = post(&mut stream, 5, "hello");
     assert!(kept.starts_with("http/1.1 404") && !kept.contains("connection: close"), "{kept}");
-    let mut rest =
-        vec![0u8; kept.split("content-length: ").nth(1).unwrap().split("\r\n").next().unwrap().parse().unwrap()];
-    stream.read_exact(&mut rest).unwrap();
     // With a body that does not come, the 404 says the connection closes; then it does.
-    stream
-        .write_all(format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: 5\r\n\r\n").as_bytes())
-        .unwrap();
-    let second = head(&mut stream);
+    let second = post(&mut stream, 5, "");
     assert!(second.starts_with("http/1.1 404") && second.contains("connection: close"), "{second}");
     let (_, waited) = read_until_closed(&mut stream);
     assert!(waited < Duration::from_secs(5), "still open after {waited:?}");
