@@ -164,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             tenants,
             admin_keys: Vec::new(),
             about: Value::Null,
+            settled_shares: Vec::new(),
         });
         tokio::spawn(server::serve(
             listener,

@@ -125,9 +125,16 @@ impl Loader {
         let version = running.as_ref().map_or(1, |(_, version)| version + 1);
         let changes = running.as_ref().map(|(old, _)| changes(old, &config, &plugins, current)).unwrap_or_default();
         let about = about(&self.path, text, &config, &plugins, version, trigger, changes);
-        // Nothing can fail past here: the shared models' queues take the new tenants' shares.
+        // Nothing can fail past here. The shared models' queues take the new tenants' shares at
+        // once, beside those of the tenants the reload removes (their requests in flight still
+        // queue); `App` settles them on the new shares alone once those requests are done.
+        let limit = config.api.max_queued_tokens.get();
+        let mut settled_shares = Vec::new();
         for name in &kept {
-            by_name[name.as_str()].set_queue_shares(&config.queue_shares(name))?;
+            let (model, shares) = (&by_name[name.as_str()], config.queue_shares(name));
+            let leaving = running.as_ref().map(|(old, _)| old.queue_shares(name)).unwrap_or_default();
+            model.set_queue_shares(&while_leaving(&shares, &leaving, limit))?;
+            settled_shares.push((model.clone(), shares));
         }
         tracing::info!(
             version,
@@ -138,7 +145,7 @@ impl Loader {
         );
         let admin_keys = config.server.admin_key_hashes.clone();
         *running = Some((config, version));
-        Ok(Loaded { models, plugins, tenants, admin_keys, about })
+        Ok(Loaded { models, plugins, tenants, admin_keys, about, settled_shares })
     }
 
     /// Every model of `config`, in its order: those whose entry `old` has unchanged, shared with
@@ -187,6 +194,19 @@ fn read(path: &Path, overrides: Overrides) -> anyhow::Result<(Config, String)> {
     let mut config = Config::from_text(path, &text)?;
     overrides.apply(&mut config);
     Ok((config, text))
+}
+
+/// A queue's shares while a reload's previous config drains: the new config's `shares`, and the
+/// old shares of the tenants it no longer has (from `old`), all scaled down together when they
+/// add up to more than the queue's `limit`.
+fn while_leaving(shares: &[(String, usize)], old: &[(String, usize)], limit: usize) -> Vec<(String, usize)> {
+    let leaving = old.iter().filter(|(name, _)| !shares.iter().any(|(kept, _)| kept == name));
+    let mut all: Vec<(String, usize)> = shares.iter().chain(leaving).cloned().collect();
+    let total: usize = all.iter().map(|(_, share)| share).sum();
+    if total > limit {
+        all.iter_mut().for_each(|(_, share)| *share = (*share as u128 * limit as u128 / total as u128) as usize);
+    }
+    all
 }
 
 /// The keys `new` changes that a reload may not: every `server` key but `admin_keys`, and `api`.
@@ -315,4 +335,25 @@ fn about(
         "admin_keys": config.server.admin_key_hashes.len(),
         "not_reloadable": ["server (all but admin_keys)", "api"],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shares(list: &[(&str, usize)]) -> Vec<(String, usize)> {
+        list.iter().map(|(name, share)| (name.to_string(), *share)).collect()
+    }
+
+    #[test]
+    fn a_removed_tenant_keeps_a_share_while_the_old_config_drains_and_all_fit_the_queue() {
+        // b leaves, c arrives: b keeps a share beside a's and c's, everything scaled to fit.
+        let during = while_leaving(&shares(&[("a", 500), ("c", 500)]), &shares(&[("a", 500), ("b", 500)]), 1000);
+        assert_eq!(during, shares(&[("a", 333), ("c", 333), ("b", 333)]));
+        // Room to spare: nothing is scaled.
+        let roomy = while_leaving(&shares(&[("a", 100)]), &shares(&[("a", 100), ("b", 200)]), 1000);
+        assert_eq!(roomy, shares(&[("a", 100), ("b", 200)]));
+        // Nobody leaves: the new shares as they are.
+        assert_eq!(while_leaving(&shares(&[("a", 1000)]), &shares(&[("a", 400)]), 1000), shares(&[("a", 1000)]));
+    }
 }

@@ -226,6 +226,9 @@ impl Inference {
     }
 }
 
+/// Each tenant's share of a model's queue, in tokens, by tenant name.
+pub type QueueShares = Vec<(String, usize)>;
+
 /// Who a call is for, so the scheduler can share the model fairly.
 pub const DEFAULT_TENANT: &str = "default";
 

@@ -35,7 +35,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use batchbox_metrics::{PrometheusHandle, Scrape, names};
-use batchbox_model::Model;
+use batchbox_model::{Model, QueueShares};
 use batchbox_plugins::{self as plugins, PluginError, PluginRuntime};
 use batchbox_tenants::{AccessError, KeyHash, Tenant, TenantLimits, Tenants};
 pub use config::ServerConfig;
@@ -57,6 +57,10 @@ pub struct Loaded {
     /// What `GET /admin/config` shows of this config (never a key or a key's hash), and what
     /// `POST /admin/reload` answers once it is swapped in.
     pub about: serde_json::Value,
+    /// The shares of each model's queue this config gives its tenants, for the models it shares
+    /// with the previous config. A reload sets them once the previous config's last request is
+    /// done: until then, tenants the reload removed keep a share for their requests in flight.
+    pub settled_shares: Vec<(Arc<Model>, QueueShares)>,
 }
 
 /// The future of one [`Reload::next`].
@@ -292,7 +296,7 @@ impl App {
 
     /// Builds the config file's next generation and swaps it in, or leaves the running one
     /// untouched and says why (`ReloadRefused`). Answers the new generation's `about`.
-    pub async fn reload(&self, trigger: &'static str) -> Result<serde_json::Value, ApiError> {
+    pub async fn reload(self: &Arc<Self>, trigger: &'static str) -> Result<serde_json::Value, ApiError> {
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.current()?;
         let reload = self.reload.as_ref().ok_or(ApiError::ReloadRefused("this server does not reload".into()))?;
@@ -300,8 +304,9 @@ impl App {
             Ok(next) => {
                 drop(current);
                 let old = self.install(next).expect("a generation was current");
-                tokio::spawn(retire(old));
-                let about = self.current()?.about.clone();
+                let new = self.current()?;
+                let about = new.about.clone();
+                tokio::spawn(self.clone().retire(old, new));
                 tracing::info!(trigger, version = %about["version"], changes = %about["changes"], "config reloaded");
                 Ok(about)
             }
@@ -570,20 +575,32 @@ async fn drained(body: Option<Incoming>) -> bool {
 /// then ends with that request): longer than any request may take under the default limits.
 const RETIRE_WAIT: Duration = Duration::from_secs(600);
 
-/// Waits until no request holds `old` (each one holds it to its end), then drops it off the async
-/// workers: dropping a model the new config left out stops its thread and waits for it.
-async fn retire(old: Arc<Loaded>) {
-    let version = old.about["version"].clone();
-    let started = Instant::now();
-    while Arc::strong_count(&old) > 1 && started.elapsed() < RETIRE_WAIT {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let drained = Arc::strong_count(&old) == 1;
-    let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-    if drained {
-        tracing::info!(%version, waited_ms = started.elapsed().as_millis() as u64, "previous config retired");
-    } else {
-        tracing::warn!(%version, "previous config still has requests after {RETIRE_WAIT:?}; it ends with the last");
+impl App {
+    /// Waits until no request holds `old` (each one holds it to its end), then drops it off the
+    /// async workers (dropping a model the new config left out stops its thread and waits for
+    /// it), and gives the queues `new`'s shares if `new` is still the current config.
+    async fn retire(self: Arc<Self>, old: Arc<Loaded>, new: Arc<Loaded>) {
+        let version = old.about["version"].clone();
+        let started = Instant::now();
+        while Arc::strong_count(&old) > 1 && started.elapsed() < RETIRE_WAIT {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let drained = Arc::strong_count(&old) == 1;
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        if drained {
+            tracing::info!(%version, waited_ms = started.elapsed().as_millis() as u64, "previous config retired");
+        } else {
+            tracing::warn!(%version, "previous config still has requests after {RETIRE_WAIT:?}; it ends with the last");
+        }
+        // Not while a reload runs, and not over a newer config's shares.
+        let _one_at_a_time = self.reloading.lock().await;
+        if self.current().is_ok_and(|current| Arc::ptr_eq(&current, &new)) {
+            for (model, shares) in &new.settled_shares {
+                if let Err(e) = model.set_queue_shares(shares) {
+                    tracing::error!(error = %e, "cannot settle the queue shares");
+                }
+            }
+        }
     }
 }
 
