@@ -55,7 +55,12 @@ fn haproxy_config(front: u16, stats: u16, replicas: &[u16], retry_on: &str) -> P
     let text = format!(
         "global
   maxconn 4096
+  # One line per request, with its termination state, to target/http-tests/failover-haproxy-<signal>.log:
+  # what to read when a client request fails.
+  log stderr format raw local0
 defaults
+  log global
+  option httplog
   mode http
   timeout connect 1s
   timeout client 120s
@@ -167,7 +172,8 @@ fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
     let mut replicas: Vec<Server> = configs.iter().map(|c| Server::launch(c)).collect();
     let (front, stats_port) = (free_port(), free_port());
     let config = haproxy_config(front, stats_port, &ports, retry_on);
-    let log = std::fs::File::create(workspace().join("target/http-tests/failover-haproxy.log")).unwrap();
+    let log =
+        std::fs::File::create(workspace().join(format!("target/http-tests/failover-haproxy-{signal}.log"))).unwrap();
     let _proxy = Proxy(Command::new(haproxy()).args(["-db", "-f"]).arg(&config).stderr(log).spawn().unwrap());
     for server in ["r0", "r1"] {
         wait_for_status(stats_port, server, "UP");
