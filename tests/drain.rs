@@ -75,19 +75,11 @@ fn count(outcomes: &Value, outcome: &str) -> u64 {
     outcomes[outcome].as_u64().unwrap_or(0)
 }
 
-/// The `loadgen` binary, a package of its own: built beside `batchbox` by the workspace build
-/// that `make test` runs first (cargo gives a test the paths of its own package's binaries only).
-fn loadgen() -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_batchbox")).with_file_name("loadgen");
-    assert!(path.exists(), "{} is missing: `cargo build --release --workspace` builds it", path.display());
-    path
-}
-
 #[test]
 fn sigterm_under_64_clients_answers_every_accepted_request_refuses_new_connections_and_exits_0_within_the_grace() {
     let mut server = Server::launch(&config());
     // Enough requests that the clients are still sending when the server has gone.
-    let output = Command::new(loadgen())
+    let output = Command::new(common::loadgen())
         .current_dir(workspace())
         .args(["--server", &server.base, "--requests-file", requests_file().to_str().unwrap()])
         .args(["--concurrency", &CLIENTS.to_string(), "--requests", "100000", "--duration", "600", "--json"])

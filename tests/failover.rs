@@ -156,12 +156,6 @@ fn probe(front: u16) -> (Vec<Duration>, usize) {
     (latencies, failures)
 }
 
-fn loadgen() -> PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_batchbox")).with_file_name("loadgen");
-    assert!(path.exists(), "{} is missing: `cargo build --release --workspace` builds it", path.display());
-    path
-}
-
 /// One run: the load through HAProxy (retrying on `retry_on`), replica 0 stopped with `signal` at
 /// [`STOP_AT`] and started again once it has exited. Returns loadgen's report, HAProxy's backend
 /// line, and how many requests the restarted replica answered.
@@ -183,7 +177,7 @@ fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
     let requests = workspace().join("target/http-tests/failover-requests.jsonl");
     let lines: Vec<String> = sentences.chunks(4).map(|chunk| json!({ "sentences": chunk }).to_string()).collect();
     std::fs::write(&requests, lines.join("\n")).unwrap();
-    let load = Command::new(loadgen())
+    let load = Command::new(common::loadgen())
         .args(["--server", &format!("http://127.0.0.1:{front}"), "--requests-file", requests.to_str().unwrap()])
         .args(["--concurrency", &CLIENTS.to_string(), "--duration", &RUN.as_secs().to_string(), "--json"])
         .stdout(Stdio::piped())

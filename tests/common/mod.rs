@@ -255,6 +255,14 @@ pub fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     )
 }
 
+/// The `loadgen` binary, a package of its own: built beside `batchbox` by the workspace build
+/// that `make test` runs first (cargo gives a test the paths of its own package's binaries only).
+pub fn loadgen() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_batchbox")).with_file_name("loadgen");
+    assert!(path.exists(), "{} is missing: `cargo build --release --workspace` builds it", path.display());
+    path
+}
+
 /// The median of some durations.
 pub fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
