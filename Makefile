@@ -36,7 +36,7 @@ haproxy:
 # The venv, and `.venv/torch`: the link .cargo/config.toml points torch-sys at.
 $(VENV_STAMP): tools/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r tools/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir -r tools/requirements.txt
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/torch
 	touch $@
 
@@ -100,9 +100,6 @@ plugins/target/js/plugin_echo.wasm: $(JS_STAMP) FORCE
 # compile faster with an optimised Cranelift.
 test: setup haproxy test-models plugins build
 	$(PY) -m pytest -q -p no:warnings tools/tests
-	# The trace exporter is an opt-in feature; its test builds the server with it. First, so that
-	# the workspace's tests leave the default build behind, the one `make serve` runs.
-	cargo test --release -p batchbox --features otel --test traces
 	cargo test --release --workspace
 
 # The Containerfile linted, every Kubernetes overlay rendered and validated, and the manifests
@@ -119,11 +116,12 @@ test-unit:
 	cargo test --release -p batchbox-batcher -p batchbox-model -p batchbox-tenants
 
 # The gates CI runs before the tests: formatting (rustfmt.toml) and clippy with every warning an
-# error, for the host workspace and for the plugins' (guests and examples/plugin-echo).
+# error, for the host workspace (and the server without its default `otel` feature) and for the
+# plugins' (guests and examples/plugin-echo).
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
-	cargo clippy --release -p batchbox --all-targets --features otel -- -D warnings
+	cargo clippy --release -p batchbox --all-targets --no-default-features -- -D warnings
 	cd plugins && cargo fmt --all --check && cargo clippy --release --workspace --all-targets -- -D warnings
 
 # One build for `make test` and `make serve`: every package and target, so the two select the

@@ -2,8 +2,7 @@
 //! OTLP/HTTP (JSON) to a collector this test plays, and each request's trace has the shape the
 //! README promises: request → plugin → tokenize and infer → the model's batch.
 //!
-//! Built only with the feature: `cargo test --release -p batchbox --features otel --test traces`
-//! (`make test` runs it).
+//! Built only with the feature, which is a default one: `make test` runs it with the rest.
 #![cfg(feature = "otel")]
 
 mod common;

@@ -1,4 +1,5 @@
-//! OpenTelemetry trace export, with the `otel` cargo feature (off by default).
+//! OpenTelemetry trace export, with the `otel` cargo feature (a default one, dormant until an
+//! endpoint is set).
 //!
 //! The spans themselves are always in the code, at debug level, so that they cost nothing unless
 //! something records them: `request` (the server), `plugin` (the plugin runtime), `tokenize` and
