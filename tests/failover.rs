@@ -47,8 +47,8 @@ tenants:
 }
 
 /// HAProxy in front of `replicas`: least-connections balancing, `/ready` checked every 200 ms
-/// (down after 2 failures, up after 2 successes), and a request retried on another replica on
-/// the `retry_on` conditions (HAProxy's names).
+/// (down after 2 failures, up after 2 successes), each request buffered whole and retried on
+/// another replica on the `retry_on` conditions (HAProxy's names).
 fn haproxy_config(front: u16, stats: u16, replicas: &[u16], retry_on: &str) -> PathBuf {
     let servers: String =
         replicas.iter().enumerate().map(|(i, port)| format!("  server r{i} 127.0.0.1:{port} check\n")).collect();
@@ -68,6 +68,10 @@ defaults
   retries 3
   option redispatch 1
   retry-on {retry_on}
+  # Wait for the whole request before choosing a replica: HAProxy can only retry a request it holds
+  # whole, and one whose body came after its headers (a client's two writes) was sent on before it
+  # arrived, then lost with its replica as a 502 (seen once in a capture of a SIGKILL run).
+  option http-buffer-request
 frontend batchbox
   bind 127.0.0.1:{front}
   default_backend replicas
@@ -166,8 +170,7 @@ fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
     let mut replicas: Vec<Server> = configs.iter().map(|c| Server::launch(c)).collect();
     let (front, stats_port) = (free_port(), free_port());
     let config = haproxy_config(front, stats_port, &ports, retry_on);
-    let log =
-        std::fs::File::create(workspace().join(format!("target/http-tests/failover-haproxy-{signal}.log"))).unwrap();
+    let log = std::fs::File::create(haproxy_log(signal)).unwrap();
     let _proxy = Proxy(Command::new(haproxy()).args(["-db", "-f"]).arg(&config).stderr(log).spawn().unwrap());
     for server in ["r0", "r1"] {
         wait_for_status(stats_port, server, "UP");
@@ -219,6 +222,22 @@ fn run(signal: &str, retry_on: &str) -> (Value, HashMap<String, String>, f64) {
 /// The two tests take turns: each fills the machine.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Where HAProxy logs `signal`'s run: one line per request, with its termination state.
+fn haproxy_log(signal: &str) -> PathBuf {
+    workspace().join(format!("target/http-tests/failover-haproxy-{signal}.log"))
+}
+
+/// The lines of HAProxy's log for `signal`'s run whose request ended with a termination state other
+/// than `----` (a normal end): what explains a failed client request.
+fn unclean_requests(signal: &str) -> String {
+    std::fs::read_to_string(haproxy_log(signal))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" \"POST ") && !l.contains(" ---- "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Runs [`run`] and checks its claims; answers HAProxy's retry count.
 fn check(signal: &str, retry_on: &str) -> u64 {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -235,7 +254,13 @@ fn check(signal: &str, retry_on: &str) -> u64 {
         report["probe"]
     );
     let statuses = report["statuses"].as_object().unwrap();
-    assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "every client request answered 200: {statuses:?}");
+    assert_eq!(
+        statuses.keys().collect::<Vec<_>>(),
+        ["200"],
+        "every client request answered 200: {statuses:?}; HAProxy's requests that ended otherwise (none \
+         logged: it never saw the request whole):\n{}",
+        unclean_requests(signal)
+    );
     assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
     assert!(after_restart > 0.0, "the restarted replica took no traffic");
     retries.parse().unwrap()
