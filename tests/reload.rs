@@ -545,5 +545,5 @@ fn admin_routes_need_admin_keys_and_refused_reloads_say_why_and_change_nothing()
 
 fn hex_sha256(text: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }

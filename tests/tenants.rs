@@ -18,7 +18,7 @@ const HOSTILE_KEY: &str = "hostile-secret-key";
 const HOSTILE_CPU_MS: u64 = 300;
 
 fn sha256(key: &str) -> String {
-    batchbox_tenants::KeyHash::of(key).0.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(batchbox_tenants::KeyHash::of(key).0)
 }
 
 /// Three tenants with keys (alpha: the default model; beta: a second model, reached by Host

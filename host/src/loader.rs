@@ -222,10 +222,6 @@ fn unreloadable_changes(old: &Config, new: &Config) -> Vec<String> {
     changed
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What a reload from `old` to `new` changes, in words, for the log and `/admin/config`.
 fn changes(old: &Config, new: &Config, plugins: &PluginRuntime, current: Option<&Loaded>) -> Vec<String> {
     let mut changes = Vec::new();
@@ -324,7 +320,7 @@ fn about(
         .collect();
     json!({
         "version": version,
-        "hash": format!("sha256:{}", hex(&hash.finalize())),
+        "hash": format!("sha256:{}", hex::encode(hash.finalize())),
         "path": path,
         "trigger": trigger,
         "changes": changes,

@@ -744,13 +744,13 @@ fn load_component(
         path: tenant.wasm.clone(),
         source,
     })?;
-    let wasm_sha256 = hex(&Sha256::digest(&wasm));
+    let wasm_sha256 = hex::encode(Sha256::digest(&wasm));
     let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut engine_hash);
     let mut key = Sha256::new();
     key.update(&wasm_sha256);
     key.update(engine_hash.finish().to_le_bytes());
-    let key = hex(&key.finalize()[..16]);
+    let key = hex::encode(&key.finalize()[..16]);
     if let Some(component) = components.get(&key) {
         return Ok((component.clone(), wasm_sha256));
     }
@@ -781,10 +781,6 @@ fn load_component(
     // SAFETY: `compiled` was produced by this engine a moment ago.
     let component = unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)?;
     Ok((components.entry(key).or_insert(component).clone(), wasm_sha256))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The tenant's memory limit for this plugin: `limits.memory_bytes`, or by default the plugin's

@@ -265,15 +265,9 @@ impl KeyHash {
         Self(sha2::Sha256::digest(key.as_bytes()).into())
     }
 
-    fn from_hex(hex: &str) -> Result<Self, String> {
-        let bad = || "sha256: expects 64 hex digits".to_string();
-        if hex.len() != 64 || !hex.is_ascii() {
-            return Err(bad());
-        }
+    fn from_hex(digits: &str) -> Result<Self, String> {
         let mut bytes = [0u8; 32];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
+        hex::decode_to_slice(digits, &mut bytes).map_err(|_| "sha256: expects 64 hex digits".to_string())?;
         Ok(Self(bytes))
     }
 }
