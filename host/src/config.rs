@@ -149,13 +149,19 @@ impl Config {
     /// Reads, parses and checks the file at `path`: relative paths are taken from its directory,
     /// a tenant without `model` gets the first one, and every tenant's keys are read and hashed.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_text(path, &text)
+        Self::read(path).map(|(config, _)| config)
     }
 
-    /// [`Config::load`] of `text`, read from `path` by the caller.
-    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+    /// [`Config::load`], and the text it parsed: a reload hashes what it serves, not a second read.
+    pub fn read(path: &Path) -> Result<(Self, String), ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config = Self::from_text(path, &text)?;
+        Ok((config, text))
+    }
+
+    /// [`Config::read`] of `text`, read from `path`.
+    fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: Config =
             yaml_serde::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));

@@ -190,8 +190,7 @@ impl Reload for Loader {
 /// The config file at `path` as the command line has it, and its text (read once, so that the
 /// config and its hash are of the same bytes).
 fn read(path: &Path, overrides: Overrides) -> anyhow::Result<(Config, String)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-    let mut config = Config::from_text(path, &text)?;
+    let (mut config, text) = Config::read(path)?;
     overrides.apply(&mut config);
     Ok((config, text))
 }
