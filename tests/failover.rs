@@ -143,11 +143,7 @@ fn answered(server: &Server) -> f64 {
 fn probe(front: u16) -> (Vec<Duration>, usize) {
     let started = Instant::now();
     std::thread::sleep(PROBE_FROM);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into();
+    let agent = common::agent();
     let body = json!({ "sentences": ["The striker scored twice."] }).to_string();
     let (mut latencies, mut failures) = (Vec::new(), 0);
     while started.elapsed() < PROBE_TO {

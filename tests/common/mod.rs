@@ -97,12 +97,7 @@ impl Server {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let base = line.trim().strip_prefix("listening on ").expect("the server prints its address").to_owned();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into();
-        let server = Server { child, base, agent };
+        let server = Server { child, base, agent: agent() };
         let deadline = Instant::now() + Duration::from_secs(120);
         while server.get("/ready").0 != 200 {
             assert!(Instant::now() < deadline, "the server did not become ready");
@@ -253,6 +248,15 @@ pub fn batchbox(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         output.status.success(),
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
     )
+}
+
+/// A client for the tests: statuses as answers, not errors, and a bound on every call.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
 }
 
 /// The `loadgen` binary, a package of its own: built beside `batchbox` by the workspace build
