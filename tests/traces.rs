@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{PREDICT, Server, write_config};
+use common::{PREDICT, Server, predict_body, write_config};
 use serde_json::Value;
 
 /// A collector: answers every OTLP/HTTP export with 200 and keeps the JSON bodies.
@@ -95,8 +95,12 @@ fn spans(bodies: &[Value]) -> Vec<Span> {
         .collect()
 }
 
+/// The trace and span a client sends in its `traceparent` (W3C Trace Context's own example).
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
 #[test]
-fn each_request_is_traced_from_the_request_through_its_plugin_to_the_models_passes() {
+fn each_request_is_traced_from_the_request_through_its_plugin_to_the_models_passes_and_joins_a_client_trace() {
     let (endpoint, received) = collector();
     let config = write_config(
         "traces",
@@ -125,10 +129,15 @@ tenants: [{{ name: sentence-classifier, wasm: "{{classifier}}", routes: [{PREDIC
         }
     });
 
+    // A fifth from a client that traces its own calls: it joins the client's trace.
+    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    let (status, body) = server.post_with(PREDICT, predict_body(), &[("traceparent", &traceparent)]);
+    assert_eq!(status, 200, "{body}");
+
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
         let spans = spans(&received.lock().unwrap());
-        if spans.iter().filter(|s| s.name == "request" && s.attribute("path").as_deref() == Some(PREDICT)).count() == 4
+        if spans.iter().filter(|s| s.name == "request" && s.attribute("path").as_deref() == Some(PREDICT)).count() == 5
             && spans.iter().any(|s| s.name == "batch")
         {
             break spans;
@@ -145,7 +154,11 @@ tenants: [{{ name: sentence-classifier, wasm: "{{classifier}}", routes: [{PREDIC
             .clone()
     };
     for request in spans.iter().filter(|s| s.name == "request" && s.attribute("path").as_deref() == Some(PREDICT)) {
-        assert_eq!(request.parent, "", "a request starts its trace");
+        if request.trace == CLIENT_TRACE {
+            assert_eq!(request.parent, CLIENT_SPAN, "the request is a child of the client's span");
+        } else {
+            assert_eq!(request.parent, "", "a request without traceparent starts its trace");
+        }
         assert_eq!(request.attribute("status").as_deref(), Some("200"), "{request:?}");
         assert_eq!(request.attribute("tenant").as_deref(), Some("sentence-classifier"), "{request:?}");
         let plugin = child(request, "plugin");
@@ -156,6 +169,8 @@ tenants: [{{ name: sentence-classifier, wasm: "{{classifier}}", routes: [{PREDIC
             spans.iter().filter(|s| s.name == "batch" && (s.parent == infer.id || s.links.contains(&infer.id))).count();
         assert!(computed_by >= 1, "no batch span computed {infer:?}");
     }
+    let joined = spans.iter().filter(|s| s.name == "request" && s.trace == CLIENT_TRACE).count();
+    assert_eq!(joined, 1, "the request with traceparent joined its client's trace");
     let batch = spans.iter().find(|s| s.name == "batch").unwrap();
     assert!(batch.attribute("rows").is_some() && batch.attribute("padded_len").is_some(), "{batch:?}");
 }

@@ -96,7 +96,10 @@ async fn serve(config: Config, text: &str, loader: Loader) -> anyhow::Result<()>
         }
     }
     let loader = Arc::new(loader);
-    let app = Arc::new(App::new(&config.server, metrics).reloading(loader.clone()));
+    let app = App::new(&config.server, metrics).reloading(loader.clone());
+    #[cfg(feature = "otel")]
+    let app = app.joining_traces(otel::join_client_trace);
+    let app = Arc::new(app);
     let limits = ConnectionLimits::from_config(&config.server);
     let server = tokio::spawn(server::serve(listener, app.clone(), limits, shutdown_signal()));
 

@@ -6,12 +6,17 @@
 //! `infer` (the plugin's host calls) and `batch` (a forward pass on the model thread, the child of
 //! the first request it computes and linked to the others). This module exports them over
 //! OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set;
-//! the other standard `OTEL_*` variables (protocol, headers, batch delay, service name) apply.
+//! the other standard `OTEL_*` variables (protocol, headers, batch delay, service name) apply. A
+//! request that carries a W3C `traceparent` joins its client's trace ([`join_client_trace`]).
 
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Level;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::registry::LookupSpan;
@@ -51,4 +56,14 @@ where
     let ours = Targets::new().with_target("batchbox", Level::DEBUG);
     let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("batchbox")).with_filter(ours);
     Ok(Some((layer, Traces(provider))))
+}
+
+/// Makes a request's `span` a child of its client's trace when the request carries a valid W3C
+/// `traceparent` (and `tracestate`); a request without one starts a trace of its own.
+pub fn join_client_trace(headers: &batchbox_server::HeaderMap, span: &tracing::Span) {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if parent.span().span_context().is_valid() {
+        // Refused only for a span nothing records (no exporter configured): no trace to join.
+        let _ = span.set_parent(parent);
+    }
 }

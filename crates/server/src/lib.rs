@@ -40,6 +40,7 @@ use batchbox_plugins::{self as plugins, PluginError, PluginRuntime};
 use batchbox_tenants::{AccessError, KeyHash, Tenant, TenantLimits, Tenants};
 pub use config::ServerConfig;
 pub use connections::{ConnectionLimits, serve};
+pub use hyper::HeaderMap;
 
 type Response = hyper::Response<Full<Bytes>>;
 
@@ -91,10 +92,17 @@ pub struct App {
     metrics: Option<PrometheusHandle>,
     /// Which routes this listener answers.
     routes: Routes,
+    /// Makes a request's span a child of the trace its client sent, if any (see [`JoinTrace`]).
+    join_trace: Option<JoinTrace>,
     max_body_bytes: usize,
     body_read_timeout: Duration,
     next_request_id: AtomicU64,
 }
+
+/// Given a request's headers and its `request` span, not yet entered, makes the span a child of
+/// the caller's trace (W3C `traceparent`, say): the host's trace exporter provides it, so that
+/// this crate carries no tracing backend.
+pub type JoinTrace = fn(&HeaderMap, &tracing::Span);
 
 /// The routes a listener answers.
 #[derive(Clone, Copy, PartialEq)]
@@ -252,6 +260,7 @@ impl App {
             last_refused: Mutex::new(None),
             metrics,
             routes: Routes::All { exposes_metrics },
+            join_trace: None,
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: Duration::from_millis(server.body_read_timeout_ms.get()),
             next_request_id: AtomicU64::new(1),
@@ -261,6 +270,11 @@ impl App {
     /// This app, reloading its config with `reload` (see [`App::reload`]).
     pub fn reloading(self, reload: Arc<dyn Reload>) -> Self {
         Self { reload: Some(reload), ..self }
+    }
+
+    /// This app, joining each request's trace to its client's with `join`.
+    pub fn joining_traces(self, join: JoinTrace) -> Self {
+        Self { join_trace: Some(join), ..self }
     }
 
     /// Answers `GET /metrics` alone: the app of the `server.metrics_bind` listener.
@@ -326,9 +340,12 @@ impl App {
         let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
         let body_expected = !hyper::body::Body::is_end_stream(&body);
         let (mut body, mut served) = (Some(body), Served::default());
-        // The root of the request's trace (exported with the `otel` feature): plugin, tokenize,
-        // infer and the model's passes are traced under it.
+        // The root of the request's trace (exported with the `otel` feature), or a child of its
+        // client's: plugin, tokenize, infer and the model's passes are traced under it.
         let span = tracing::debug_span!("request", request_id = id, method = %method, path = %path, tenant = Empty, status = Empty);
+        if let Some(join) = self.join_trace {
+            join(&parts.headers, &span);
+        }
         let routed = self.route(id, &parts, &mut body, &mut served).instrument(span.clone()).await;
         let mut response = routed.unwrap_or_else(ApiError::into_response);
         // Answered without reading its body whole (a 404, a 401, a quota, a body too large): a
