@@ -285,14 +285,18 @@ fn a_bad_config_stops_startup_naming_the_key() {
 }
 
 #[test]
-fn compiled_plugins_are_cached_on_disk_across_restarts() {
+fn compiled_plugins_are_cached_on_disk_across_restarts_and_old_ones_are_trimmed() {
     // A cache of its own: other tests' servers must not write into it meanwhile.
     let cache = workspace().join("target/http-tests/plugin-cache-restarts");
     let _ = std::fs::remove_dir_all(&cache);
     let shared = workspace().join("target/http-tests/plugin-cache");
     let text = std::fs::read_to_string(config("restarts-base", "{}")).unwrap();
     let config = workspace().join("target/http-tests/restarts.yaml");
-    std::fs::write(&config, text.replace(shared.to_str().unwrap(), cache.to_str().unwrap())).unwrap();
+    // A budget of 1 byte: nothing may stay but what the config uses.
+    let text = text
+        .replace(shared.to_str().unwrap(), cache.to_str().unwrap())
+        .replace("shutdown_grace_ms: 10000 }", "shutdown_grace_ms: 10000, plugin_cache_max_bytes: 1 }");
+    std::fs::write(&config, text).unwrap();
     let cached = || -> Vec<(PathBuf, std::time::SystemTime)> {
         let mut files: Vec<_> = std::fs::read_dir(&cache)
             .unwrap()
@@ -307,8 +311,13 @@ fn compiled_plugins_are_cached_on_disk_across_restarts() {
     let first = cached();
     // One file per distinct .wasm (the sentence classifier and hostile), named by its hash.
     assert_eq!(first.len(), 2, "{first:?}");
+    // An older plugin version's code, left by an earlier config.
+    let stale = cache.join("00000000000000000000000000000000.cwasm");
+    std::fs::write(&stale, [0; 4096]).unwrap();
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
     drop(Server::launch(&config));
-    assert_eq!(cached(), first, "a restart reuses the compiled code instead of writing it again");
+    assert!(!stale.exists(), "over its budget, the cache dropped code no plugin of the config uses");
+    assert_eq!(cached(), first, "a restart reuses the compiled code instead of writing it again, and keeps it");
 }
 
 fn probabilities(body: &Value) -> Vec<Vec<f64>> {

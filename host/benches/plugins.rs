@@ -126,7 +126,11 @@ fn main() -> anyhow::Result<()> {
         };
         let models = [(config.models[0].name.clone(), model.clone())];
         let by_name = models.iter().cloned().collect();
-        let host = PluginHost::new(config.server.max_instances, &config.server.plugin_cache_dir)?;
+        let host = PluginHost::new(
+            config.server.max_instances,
+            &config.server.plugin_cache_dir,
+            config.server.plugin_cache_max_bytes,
+        )?;
         let plugins = PluginRuntime::load(&host, &config.tenants, with_caches(&by_name)).await?;
         let request = |path: &str, body: &[u8]| json_post(path, body.to_vec());
 

@@ -79,7 +79,11 @@ impl Loader {
     /// `server.plugin_cache_dir` hold for the life of the process.
     pub fn open(path: &Path, overrides: Overrides) -> anyhow::Result<(Self, Config, String)> {
         let (config, text) = read(path, overrides)?;
-        let plugins = PluginHost::new(config.server.max_instances, &config.server.plugin_cache_dir)?;
+        let plugins = PluginHost::new(
+            config.server.max_instances,
+            &config.server.plugin_cache_dir,
+            config.server.plugin_cache_max_bytes,
+        )?;
         let running = tokio::sync::Mutex::new(None);
         Ok((Self { path: path.to_owned(), overrides, plugins, running }, config, text))
     }

@@ -14,6 +14,7 @@
 //!   (wasmtime's hostcall fuel, checked before copying), and the texts, sequences and tokens
 //!   its host calls may ask for (checked before any work).
 
+mod cache;
 mod clock;
 mod host_api;
 mod model;
@@ -37,6 +38,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use batchbox_metrics::names;
 use batchbox_tenants::{TenantConfig, TenantLimits};
+use cache::CodeCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use bindings::exports::batchbox::plugin::handler::{Request, Response};
@@ -329,12 +331,13 @@ pub struct PluginHost {
     /// One permit per instance the pooling allocator has room for: a request that finds none
     /// is refused at once (503), before any store is made.
     instances: Arc<Semaphore>,
-    cache_dir: PathBuf,
+    cache: CodeCache,
 }
 
 impl PluginHost {
-    /// The engine for `max_instances` instances at once, caching compiled plugins in `cache_dir`.
-    pub fn new(max_instances: u32, cache_dir: &Path) -> Result<Self, PluginError> {
+    /// The engine for `max_instances` instances at once, caching compiled plugins in `cache_dir`
+    /// (kept under `cache_max_bytes`, by the policy in `cache.rs`).
+    pub fn new(max_instances: u32, cache_dir: &Path, cache_max_bytes: u64) -> Result<Self, PluginError> {
         let host_error = |e: wasmtime::Error| PluginError::Compile { tenant: "*".into(), message: e.to_string() };
         let engine = new_engine(max_instances).map_err(host_error)?;
         let mut linker: Linker<RequestState> = Linker::new(&engine);
@@ -343,7 +346,7 @@ impl PluginHost {
             .map_err(host_error)?;
         start_epoch_ticker(&engine);
         let instances = Arc::new(Semaphore::new(max_instances as usize));
-        Ok(Self { engine, linker, instances, cache_dir: cache_dir.to_owned() })
+        Ok(Self { engine, linker, instances, cache: CodeCache::new(cache_dir, cache_max_bytes) })
     }
 }
 
@@ -370,7 +373,7 @@ impl PluginRuntime {
         let mut components = HashMap::new();
         for tenant in tenants {
             let name = || tenant.name.clone();
-            let (component, wasm_sha256) = load_component(&runtime.engine, tenant, &host.cache_dir, &mut components)?;
+            let (component, wasm_sha256) = load_component(&runtime.engine, tenant, &host.cache, &mut components)?;
             let memory_limit = memory_limit(&component, tenant)?;
             // Imports the host does not offer fail here; missing exports in `PluginPre::new`.
             let pre = linker
@@ -404,6 +407,15 @@ impl PluginRuntime {
             let description = runtime.configure(&plugin, describe).await?;
             plugin.description = openapi_fragment(&description, &tenant.name)?;
             runtime.plugins.insert(tenant.name.clone(), plugin);
+        }
+        // Only once every plugin is loaded: a file this config uses may be older than one it
+        // compiled, and must not go before it is read.
+        let in_use = components.into_keys().collect();
+        match host.cache.trim(&in_use) {
+            Ok((0, _)) => {}
+            Ok((files, bytes)) => tracing::info!(files, bytes, "removed old compiled plugins from the cache"),
+            // A read-only cache (an image's), say: it only saves time.
+            Err(e) => tracing::warn!(error = %e, "cannot trim the compiled-plugin cache"),
         }
         Ok(runtime)
     }
@@ -730,12 +742,12 @@ fn start_epoch_ticker(engine: &Engine) {
 }
 
 /// Compiles a plugin, or loads the machine code compiled for this exact .wasm and engine before:
-/// by another tenant of this process (`components`, by key), or by any process (the cache
-/// directory, whose file names are the keys). Also answers the SHA-256 of the .wasm it read.
+/// by another tenant of this process (`components`, by key), or by any process (the cache,
+/// whose file names are the keys). Also answers the SHA-256 of the .wasm it read.
 fn load_component(
     engine: &Engine,
     tenant: &TenantConfig,
-    cache_dir: &Path,
+    cache: &CodeCache,
     components: &mut HashMap<String, Component>,
 ) -> Result<(Component, String), PluginError> {
     let plugin = tenant.name.clone();
@@ -754,29 +766,16 @@ fn load_component(
     if let Some(component) = components.get(&key) {
         return Ok((component.clone(), wasm_sha256));
     }
-    let cached = cache_dir.join(format!("{key}.cwasm"));
-
-    if cached.is_file() {
-        // SAFETY: the cache directory is the operator's (like the .wasm files) and the file name
-        // carries the hash of both the source and the engine's settings.
-        match unsafe { Component::deserialize_file(engine, &cached) } {
-            Ok(component) => return Ok((components.entry(key).or_insert(component).clone(), wasm_sha256)),
-            Err(e) => tracing::warn!(tenant = plugin, error = %e, "ignoring unusable cached plugin code"),
-        }
+    if let Some(component) = cache.get(engine, &key) {
+        return Ok((components.entry(key).or_insert(component).clone(), wasm_sha256));
     }
     let compile_error = |e: wasmtime::Error| PluginError::Compile { tenant: plugin.clone(), message: format!("{e:#}") };
     let started = Instant::now();
     let compiled = engine.precompile_component(&wasm).map_err(compile_error)?;
     tracing::info!(tenant = plugin, elapsed_ms = started.elapsed().as_millis() as u64, "compiled plugin");
     // The cache only saves time: failing to write it is worth a warning, not an error.
-    let write = std::fs::create_dir_all(cache_dir).and_then(|()| {
-        // Named for this process: servers sharing the directory may compile the same plugin at once.
-        let partial = cached.with_extension(format!("{}.partial", std::process::id()));
-        std::fs::write(&partial, &compiled)?;
-        std::fs::rename(&partial, &cached)
-    });
-    if let Err(e) = write {
-        tracing::warn!(tenant = plugin, path = %cached.display(), error = %e, "cannot cache compiled plugin");
+    if let Err(e) = cache.put(&key, &compiled) {
+        tracing::warn!(tenant = plugin, error = %e, "cannot cache compiled plugin");
     }
     // SAFETY: `compiled` was produced by this engine a moment ago.
     let component = unsafe { Component::deserialize(engine, &compiled) }.map_err(compile_error)?;

@@ -72,7 +72,7 @@ async fn served(limits: Value) -> (PluginRuntime, Arc<Fake>) {
     let fake = Arc::new(Fake { manifest, inferred: AtomicUsize::new(0) });
     let model: Arc<dyn PluginModel> = fake.clone();
     let cache = root.join("target/plugin-cache");
-    let host = PluginHost::new(4, &cache).unwrap();
+    let host = PluginHost::new(4, &cache, u64::MAX).unwrap();
     let runtime = PluginRuntime::load(&host, std::slice::from_ref(&tenant), |_| model.clone()).await.unwrap();
     (runtime, fake)
 }

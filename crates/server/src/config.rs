@@ -22,6 +22,9 @@ pub struct ServerConfig {
     pub max_instances: u32,
     /// Compiled plugins are kept here so a restart does not recompile them. Relative to the config file.
     pub plugin_cache_dir: PathBuf,
+    /// The cache's budget: once a config's plugins are loaded, the files it does not use go,
+    /// oldest first, until the directory fits (the files it uses always stay).
+    pub plugin_cache_max_bytes: u64,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     pub shutdown_grace_ms: u64,
     /// A request's headers must arrive within this long of the connection opening or of the
@@ -69,6 +72,7 @@ impl Default for ServerConfig {
             max_body_bytes: 2 << 20,
             max_instances: 256,
             plugin_cache_dir: PathBuf::from("target/plugin-cache"),
+            plugin_cache_max_bytes: 4 << 30,
             shutdown_grace_ms: 10_000,
             header_read_timeout_ms: NonZeroU64::new(10_000).unwrap(),
             keep_alive_idle_ms: NonZeroU64::new(10_000).unwrap(),
