@@ -98,6 +98,8 @@ fn spans(bodies: &[Value]) -> Vec<Span> {
 /// The trace and span a client sends in its `traceparent` (W3C Trace Context's own example).
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+/// A trace the client does not sample (flags 00).
+const UNSAMPLED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 #[test]
 fn each_request_is_traced_from_the_request_through_its_plugin_to_the_models_passes_and_joins_a_client_trace() {
@@ -130,14 +132,17 @@ tenants: [{{ name: sentence-classifier, wasm: "{{classifier}}", routes: [{PREDIC
     });
 
     // A fifth from a client that traces its own calls: it joins the client's trace.
-    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
-    let (status, body) = server.post_with(PREDICT, predict_body(), &[("traceparent", &traceparent)]);
-    assert_eq!(status, 200, "{body}");
+    // A sixth whose client does not sample its trace: it starts its own, recorded as usual.
+    for traceparent in [format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"), format!("00-{UNSAMPLED_TRACE}-{CLIENT_SPAN}-00")]
+    {
+        let (status, body) = server.post_with(PREDICT, predict_body(), &[("traceparent", &traceparent)]);
+        assert_eq!(status, 200, "{body}");
+    }
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let spans = loop {
         let spans = spans(&received.lock().unwrap());
-        if spans.iter().filter(|s| s.name == "request" && s.attribute("path").as_deref() == Some(PREDICT)).count() == 5
+        if spans.iter().filter(|s| s.name == "request" && s.attribute("path").as_deref() == Some(PREDICT)).count() == 6
             && spans.iter().any(|s| s.name == "batch")
         {
             break spans;
@@ -171,6 +176,7 @@ tenants: [{{ name: sentence-classifier, wasm: "{{classifier}}", routes: [{PREDIC
     }
     let joined = spans.iter().filter(|s| s.name == "request" && s.trace == CLIENT_TRACE).count();
     assert_eq!(joined, 1, "the request with traceparent joined its client's trace");
+    assert!(spans.iter().all(|s| s.trace != UNSAMPLED_TRACE), "an unsampled traceparent is not joined");
     let batch = spans.iter().find(|s| s.name == "batch").unwrap();
     assert!(batch.attribute("rows").is_some() && batch.attribute("padded_len").is_some(), "{batch:?}");
 }

@@ -149,6 +149,7 @@ impl Loader {
         );
         let admin_keys = config.server.admin_key_hashes.clone();
         *running = Some((config, version));
+        self.plugins.trim_cache(&plugins);
         Ok(Loaded { models, plugins, tenants, admin_keys, about, settled_shares })
     }
 

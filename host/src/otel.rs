@@ -7,7 +7,8 @@
 //! the first request it computes and linked to the others). This module exports them over
 //! OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set;
 //! the other standard `OTEL_*` variables (protocol, headers, batch delay, service name) apply. A
-//! request that carries a W3C `traceparent` joins its client's trace ([`join_client_trace`]).
+//! request that carries a sampled W3C `traceparent` joins its client's trace
+//! ([`join_client_trace`]).
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -59,10 +60,13 @@ where
 }
 
 /// Makes a request's `span` a child of its client's trace when the request carries a valid W3C
-/// `traceparent` (and `tracestate`); a request without one starts a trace of its own.
+/// `traceparent` (and `tracestate`) that the client samples; otherwise the request starts a trace
+/// of its own. An unsampled parent would leave the request unrecorded, and with it the `batch`
+/// span of every pass it computed first, which other requests' traces link to.
 pub fn join_client_trace(headers: &batchbox_server::HeaderMap, span: &tracing::Span) {
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if parent.span().span_context().is_valid() {
+    let sampled = parent.span().span_context().is_sampled();
+    if sampled {
         // Refused only for a span nothing records (no exporter configured): no trace to join.
         let _ = span.set_parent(parent);
     }

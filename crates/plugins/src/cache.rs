@@ -3,20 +3,25 @@
 //! compiling again. Processes that share the directory share the files.
 //!
 //! Policy: the directory is kept under a size budget, `server.plugin_cache_max_bytes`. Once a
-//! config's plugins are loaded, the files it does not use are removed, the oldest compiled first,
+//! config is in service (at startup, after a reload), the files it does not use are removed, the
+//! oldest compiled first,
 //! until the directory fits; the files it uses are never removed, even when they alone are over
 //! the budget. Without it, every plugin version a reload ever loaded stayed on disk for good (a
 //! JavaScript or Python plugin compiles to about 36 MB). A file removed while another process
 //! uses it costs that process a compile on its next load, nothing more: loaded code lives in
-//! memory (a mapped file stays readable after it is removed).
+//! memory (a mapped file stays readable after it is removed). A file half-written by a process that
+//! died (`<key>.<pid>.partial`) goes at the next trim once it is an hour old.
 
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+/// How old a `.partial` file must be before [`CodeCache::trim`] takes it for a dead process's.
+const STALE_PARTIAL: Duration = Duration::from_secs(3600);
 
 /// The cache directory and its budget.
 pub struct CodeCache {
@@ -65,8 +70,11 @@ impl CodeCache {
         let path = self.path(key);
         // Named for this process: servers sharing the directory may compile the same plugin at once.
         let partial = path.with_extension(format!("{}.partial", std::process::id()));
-        std::fs::write(&partial, compiled)?;
-        std::fs::rename(&partial, &path)
+        let written = std::fs::write(&partial, compiled).and_then(|()| std::fs::rename(&partial, &path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        written
     }
 
     /// Removes the files not `in_use`, oldest first, until the directory fits its budget (see the
@@ -80,12 +88,19 @@ impl CodeCache {
         let mut entries = Vec::new();
         for file in files {
             let path = file?.path();
-            let key = match (path.file_stem(), path.extension()) {
-                (Some(stem), Some(ext)) if ext == "cwasm" => stem.to_string_lossy().into_owned(),
-                _ => continue,
-            };
             // Gone already: another process trimmed it.
             let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let key = match (path.file_stem(), path.extension()) {
+                (Some(stem), Some(ext)) if ext == "cwasm" => stem.to_string_lossy().into_owned(),
+                // Half-written by a process that died (a live one renames it within seconds).
+                (_, Some(ext))
+                    if ext == "partial" && meta.modified()?.elapsed().unwrap_or_default() > STALE_PARTIAL =>
+                {
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                _ => continue,
+            };
             entries.push(Entry { key, bytes: meta.len(), compiled: meta.modified()? });
         }
         let (mut files, mut bytes) = (0, 0);
@@ -121,7 +136,6 @@ fn evictions(mut entries: Vec<Entry>, max_bytes: u64, in_use: &HashSet<String>) 
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Duration;
 
     fn entry(key: usize, bytes: u64, age_s: u64) -> Entry {
         Entry { key: key.to_string(), bytes, compiled: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 - age_s) }
@@ -157,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn trim_removes_old_unused_files_from_the_directory_and_leaves_other_files_alone() {
+    fn trim_removes_old_unused_files_and_dead_partial_ones_and_leaves_other_files_alone() {
         let dir = std::env::temp_dir().join(format!("batchbox-code-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let cache = CodeCache::new(&dir, 250);
@@ -168,11 +182,19 @@ mod tests {
             file.set_modified(now - Duration::from_secs(age_s)).unwrap();
         }
         std::fs::write(dir.join("notes.txt"), [0; 1000]).unwrap();
+        // Half-written files: one by a process that died two hours ago, one being written now.
+        let (dead, live) = (dir.join("dead.1.partial"), dir.join("live.2.partial"));
+        for partial in [&dead, &live] {
+            std::fs::write(partial, [0; 1000]).unwrap();
+        }
+        let file = std::fs::File::options().write(true).open(&dead).unwrap();
+        file.set_modified(now - Duration::from_secs(7200)).unwrap();
 
         let in_use = HashSet::from(["used".to_string()]);
         assert_eq!(cache.trim(&in_use).unwrap(), (1, 100), "300 bytes over a budget of 250: the oldest went");
         assert!(!cache.path("old").exists() && cache.path("used").exists() && cache.path("new").exists());
         assert!(dir.join("notes.txt").exists(), "only .cwasm files are the cache's");
+        assert!(!dead.exists() && live.exists(), "a dead process's partial file goes, a live one's stays");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

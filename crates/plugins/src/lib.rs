@@ -19,7 +19,7 @@ mod clock;
 mod host_api;
 mod model;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -348,6 +348,18 @@ impl PluginHost {
         let instances = Arc::new(Semaphore::new(max_instances as usize));
         Ok(Self { engine, linker, instances, cache: CodeCache::new(cache_dir, cache_max_bytes) })
     }
+
+    /// Trims the compiled-plugin cache to its budget, keeping the code `serving` uses (the
+    /// policy is in `cache.rs`). Called once a config is in service, so that a config that fails
+    /// to load, or a reload refused at its last step, costs no cached code.
+    pub fn trim_cache(&self, serving: &PluginRuntime) {
+        match self.cache.trim(&serving.code_keys) {
+            Ok((0, _)) => {}
+            Ok((files, bytes)) => tracing::info!(files, bytes, "removed old compiled plugins from the cache"),
+            // A read-only cache (an image's), say: it only saves time.
+            Err(e) => tracing::warn!(error = %e, "cannot trim the compiled-plugin cache"),
+        }
+    }
 }
 
 /// Every tenant's plugin, ready to instantiate: one config's generation.
@@ -356,6 +368,8 @@ pub struct PluginRuntime {
     plugins: HashMap<String, LoadedPlugin>,
     /// The host's instance permits, shared with every generation.
     instances: Arc<Semaphore>,
+    /// The cache keys of its plugins' compiled code: what trimming the cache must keep.
+    code_keys: HashSet<String>,
 }
 
 impl PluginRuntime {
@@ -367,8 +381,12 @@ impl PluginRuntime {
         model_for: impl Fn(&TenantConfig) -> Arc<dyn PluginModel>,
     ) -> Result<Self, PluginError> {
         let linker = &host.linker;
-        let mut runtime =
-            Self { engine: host.engine.clone(), plugins: HashMap::new(), instances: host.instances.clone() };
+        let mut runtime = Self {
+            engine: host.engine.clone(),
+            plugins: HashMap::new(),
+            instances: host.instances.clone(),
+            code_keys: HashSet::new(),
+        };
         // Tenants that run the same .wasm share its compiled code.
         let mut components = HashMap::new();
         for tenant in tenants {
@@ -408,15 +426,7 @@ impl PluginRuntime {
             plugin.description = openapi_fragment(&description, &tenant.name)?;
             runtime.plugins.insert(tenant.name.clone(), plugin);
         }
-        // Only once every plugin is loaded: a file this config uses may be older than one it
-        // compiled, and must not go before it is read.
-        let in_use = components.into_keys().collect();
-        match host.cache.trim(&in_use) {
-            Ok((0, _)) => {}
-            Ok((files, bytes)) => tracing::info!(files, bytes, "removed old compiled plugins from the cache"),
-            // A read-only cache (an image's), say: it only saves time.
-            Err(e) => tracing::warn!(error = %e, "cannot trim the compiled-plugin cache"),
-        }
+        runtime.code_keys = components.into_keys().collect();
         Ok(runtime)
     }
 

@@ -22,8 +22,8 @@ pub struct ServerConfig {
     pub max_instances: u32,
     /// Compiled plugins are kept here so a restart does not recompile them. Relative to the config file.
     pub plugin_cache_dir: PathBuf,
-    /// The cache's budget: once a config's plugins are loaded, the files it does not use go,
-    /// oldest first, until the directory fits (the files it uses always stay).
+    /// The cache's budget: once a config is in service, the files it does not use go, oldest
+    /// compiled first, until the directory fits (the files it uses always stay).
     pub plugin_cache_max_bytes: u64,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     pub shutdown_grace_ms: u64,
