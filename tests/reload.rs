@@ -34,6 +34,11 @@ const ADMIN: (&str, &str) = ("authorization", "Bearer admin-key-for-tests");
 const SERVER: &str = r#"server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}", admin_keys: ["file:admin.keys"], keep_alive_idle_ms: 60000, header_read_timeout_ms: 60000 }"#;
 
 /// `POST /admin/reload` with the admin key: its status and body.
+/// The `x-request-id` the server gave a response.
+fn request_id(response: &ureq::http::Response<ureq::Body>) -> u64 {
+    response.headers()["x-request-id"].to_str().unwrap().parse().unwrap()
+}
+
 fn reload(server: &Server) -> (u16, Value) {
     server.post_with("/admin/reload", "", &[ADMIN])
 }
@@ -389,16 +394,17 @@ fn a_model_removed_while_its_queue_holds_work_answers_every_queued_request_and_s
     let sentences = common::fixture_sentences();
     let heavy = json!({ "sentences": sentences }).to_string();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let removed_at = Mutex::new(None::<Instant>);
+    let reload_id = Mutex::new(None::<u64>);
     let answers = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..6)
             .map(|_| {
                 scope.spawn(|| {
                     let mut answers = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
-                        let started = Instant::now();
-                        let (status, body) = server.post("/second", &heavy);
-                        answers.push((started, status, body));
+                        let response = server.send("/second", &heavy, &[]);
+                        let id = request_id(&response);
+                        let (status, body) = common::read(response);
+                        answers.push((id, status, body));
                     }
                     answers
                 })
@@ -416,8 +422,9 @@ fn a_model_removed_while_its_queue_holds_work_answers_every_queued_request_and_s
             std::thread::sleep(Duration::from_millis(5));
         }
         two_models(false);
-        *removed_at.lock().unwrap() = Some(Instant::now());
-        let (status, body) = reload(&server);
+        let response = server.send("/admin/reload", "", &[ADMIN]);
+        *reload_id.lock().unwrap() = Some(request_id(&response));
+        let (status, body) = common::read(response);
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["config"]["changes"], json!(["model second removed", "tenant second removed"]));
         // New requests find the tenant gone; those queued before the swap are still answered.
@@ -426,12 +433,14 @@ fn a_model_removed_while_its_queue_holds_work_answers_every_queued_request_and_s
         stop.store(true, Ordering::SeqCst);
         clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<_>>()
     });
-    let removed_at = removed_at.into_inner().unwrap().unwrap();
+    // Request ids order the generations: a request numbered below the reload ran on the config
+    // from before it (the server takes the config, then the id), so it never found the tenant gone.
+    let reload_id = reload_id.into_inner().unwrap().unwrap();
     let mut counts = std::collections::BTreeMap::new();
-    for (started, status, body) in &answers {
+    for (id, status, body) in &answers {
         match status {
             200 => assert_eq!(body["predictions"].as_array().map(Vec::len), Some(sentences.len()), "{body}"),
-            404 => assert!(*started >= removed_at, "404 only for requests sent after the reload began: {body}"),
+            404 => assert!(*id > reload_id, "404 only for requests after the reload (#{reload_id}): #{id} {body}"),
             503 => assert!(body["error"]["code"].is_string(), "a clear 503: {body}"),
             _ => panic!("unexpected answer {status}: {body}"),
         }

@@ -335,7 +335,11 @@ impl App {
 
     async fn handle(self: &Arc<Self>, request: hyper::Request<Incoming>) -> Response {
         let started = Instant::now();
-        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        // The generation first, then the id (AcqRel): a request whose id is below a reload
+        // request's runs on the config from before that reload, so logs and tests can tell which
+        // config answered what.
+        let generation = self.current();
+        let id = self.next_request_id.fetch_add(1, Ordering::AcqRel);
         let (parts, body) = request.into_parts();
         let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
         let body_expected = !hyper::body::Body::is_end_stream(&body);
@@ -346,7 +350,7 @@ impl App {
         if let Some(join) = self.join_trace {
             join(&parts.headers, &span);
         }
-        let routed = self.route(id, &parts, &mut body, &mut served).instrument(span.clone()).await;
+        let routed = self.route(id, generation, &parts, &mut body, &mut served).instrument(span.clone()).await;
         let mut response = routed.unwrap_or_else(ApiError::into_response);
         // Answered without reading its body whole (a 404, a 401, a quota, a body too large): a
         // small body is read and dropped, so the connection can carry the next request. Otherwise
@@ -365,11 +369,13 @@ impl App {
         response
     }
 
-    /// Answers the request whose head is `parts`; its body is taken from `body` only by a
-    /// tenant's route, once the key and quotas let it through.
+    /// Answers the request whose head is `parts` under `generation` (the config current when it
+    /// started); its body is taken from `body` only by a tenant's route, once the key and quotas
+    /// let it through.
     async fn route(
         self: &Arc<Self>,
         id: u64,
+        generation: Result<Arc<Loaded>, ApiError>,
         parts: &hyper::http::request::Parts,
         body: &mut Option<Incoming>,
         served: &mut Served,
@@ -394,8 +400,9 @@ impl App {
         if path == "/health" {
             return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })));
         }
-        // Everything else needs a config loaded, and runs wholly under the one current now.
-        let loaded = self.current()?;
+        // Everything else needs a config loaded, and runs wholly under the one current when the
+        // request started.
+        let loaded = generation?;
         match path.as_str() {
             "/ready" => {
                 let versions: serde_json::Map<String, serde_json::Value> = loaded
