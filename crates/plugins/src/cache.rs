@@ -90,18 +90,18 @@ impl CodeCache {
             let path = file?.path();
             // Gone already: another process trimmed it.
             let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let key = match (path.file_stem(), path.extension()) {
-                (Some(stem), Some(ext)) if ext == "cwasm" => stem.to_string_lossy().into_owned(),
-                // Half-written by a process that died (a live one renames it within seconds).
-                (_, Some(ext))
-                    if ext == "partial" && meta.modified()?.elapsed().unwrap_or_default() > STALE_PARTIAL =>
-                {
-                    let _ = std::fs::remove_file(&path);
-                    continue;
+            let modified = meta.modified()?;
+            match path.extension().and_then(|ext| ext.to_str()) {
+                Some("cwasm") => {
+                    let key = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                    entries.push(Entry { key, bytes: meta.len(), compiled: modified });
                 }
-                _ => continue,
-            };
-            entries.push(Entry { key, bytes: meta.len(), compiled: meta.modified()? });
+                // Half-written by a process that died (a live one renames it within seconds).
+                Some("partial") if modified.elapsed().unwrap_or_default() > STALE_PARTIAL => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {}
+            }
         }
         let (mut files, mut bytes) = (0, 0);
         for entry in evictions(entries, self.max_bytes, in_use) {
