@@ -67,7 +67,7 @@ pub fn join_client_trace(headers: &batchbox_server::HeaderMap, span: &tracing::S
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     let sampled = parent.span().span_context().is_sampled();
     if sampled {
-        // Refused only for a span nothing records (no exporter configured): no trace to join.
+        // Refused only for a span nothing records, which the server does not pass here.
         let _ = span.set_parent(parent);
     }
 }

@@ -347,7 +347,8 @@ impl App {
         // The root of the request's trace (exported with the `otel` feature), or a child of its
         // client's: plugin, tokenize, infer and the model's passes are traced under it.
         let span = tracing::debug_span!("request", request_id = id, method = %method, path = %path, tenant = Empty, status = Empty);
-        if let Some(join) = self.join_trace {
+        // A span nothing records (no exporter) has no trace to join: no header parsed for it.
+        if let Some(join) = self.join_trace.filter(|_| !span.is_disabled()) {
             join(&parts.headers, &span);
         }
         let routed = self.route(id, generation, &parts, &mut body, &mut served).instrument(span.clone()).await;
