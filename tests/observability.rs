@@ -130,11 +130,11 @@ fn every_request_has_one_json_access_line_with_its_id_tenant_status_bytes_and_ti
         command.env("RUST_LOG", "error,access=info").stderr(file);
     });
     let response = server.send(PREDICT, r#"["The striker scored twice."]"#, &[]);
-    let id: u64 = response.headers()["x-request-id"].to_str().unwrap().parse().unwrap();
+    let id = common::request_id(&response);
     let (status, body) = common::read(response);
     assert_eq!(status, 200, "{body}");
     let refused = server.send("/nowhere", "", &[]);
-    let refused_id: u64 = refused.headers()["x-request-id"].to_str().unwrap().parse().unwrap();
+    let refused_id = common::request_id(&refused);
     assert_eq!(refused.status(), 404);
 
     let text = std::fs::read_to_string(&log).unwrap();

@@ -34,11 +34,6 @@ const ADMIN: (&str, &str) = ("authorization", "Bearer admin-key-for-tests");
 const SERVER: &str = r#"server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}", admin_keys: ["file:admin.keys"], keep_alive_idle_ms: 60000, header_read_timeout_ms: 60000 }"#;
 
 /// `POST /admin/reload` with the admin key: its status and body.
-/// The `x-request-id` the server gave a response.
-fn request_id(response: &ureq::http::Response<ureq::Body>) -> u64 {
-    response.headers()["x-request-id"].to_str().unwrap().parse().unwrap()
-}
-
 fn reload(server: &Server) -> (u16, Value) {
     server.post_with("/admin/reload", "", &[ADMIN])
 }
@@ -402,7 +397,7 @@ fn a_model_removed_while_its_queue_holds_work_answers_every_queued_request_and_s
                     let mut answers = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
                         let response = server.send("/second", &heavy, &[]);
-                        let id = request_id(&response);
+                        let id = common::request_id(&response);
                         let (status, body) = common::read(response);
                         answers.push((id, status, body));
                     }
@@ -423,7 +418,7 @@ fn a_model_removed_while_its_queue_holds_work_answers_every_queued_request_and_s
         }
         two_models(false);
         let response = server.send("/admin/reload", "", &[ADMIN]);
-        *reload_id.lock().unwrap() = Some(request_id(&response));
+        *reload_id.lock().unwrap() = Some(common::request_id(&response));
         let (status, body) = common::read(response);
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["config"]["changes"], json!(["model second removed", "tenant second removed"]));

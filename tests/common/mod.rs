@@ -197,6 +197,11 @@ pub fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}")))
 }
 
+/// The `x-request-id` the server gave `response`.
+pub fn request_id(response: &ureq::http::Response<ureq::Body>) -> u64 {
+    response.headers()["x-request-id"].to_str().unwrap().parse().unwrap()
+}
+
 /// Two sentences whose topics the default model gets right: a well-behaved tenant's request.
 pub fn predict_body() -> String {
     serde_json::json!({ "sentences": ["The striker scored twice.", "Parliament passed the budget."] }).to_string()
