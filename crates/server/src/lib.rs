@@ -15,9 +15,14 @@
 //! when its last request is done, which is when a model the new config dropped stops (its queue
 //! drained by the requests that filled it). Reloads run one at a time.
 
+mod access_log;
 mod config;
 mod connections;
+mod error;
+mod models;
 mod openapi;
+mod request;
+mod response;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,21 +31,26 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use batchbox_metrics::{PrometheusHandle, Scrape, names};
+use access_log::Served;
+use batchbox_metrics::PrometheusHandle;
 use batchbox_model::{Model, QueueShares};
-use batchbox_plugins::{self as plugins, PluginError, PluginRuntime};
-use batchbox_tenants::{AccessError, KeyHash, Tenant, TenantLimits, Tenants};
+use batchbox_plugins::PluginRuntime;
+use batchbox_tenants::{KeyHash, Tenant, Tenants};
 pub use config::ServerConfig;
 pub use connections::{ConnectionLimits, serve};
+pub use error::ApiError;
+use error::json_response;
 pub use hyper::HeaderMap;
+use request::{drained, single_header, target_host};
+use response::plugin_response;
 
 type Response = hyper::Response<Full<Bytes>>;
 
@@ -111,141 +121,6 @@ enum Routes {
     All { exposes_metrics: bool },
     /// `/metrics` alone (`server.metrics_bind`).
     MetricsOnly,
-}
-
-/// Every error the host answers a request with; each maps to one status and code, and is
-/// written as the JSON error body.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// No host route and no tenant's route matches the path (404); holds the path.
-    #[error("no route for {0}")]
-    NotFound(String),
-    /// A host route called with a method other than GET (405, with `Allow`).
-    #[error("{method} is not allowed on {path}; use {allow}")]
-    MethodNotAllowed {
-        /// The method the request used.
-        method: Method,
-        /// The request's path.
-        path: String,
-        /// The methods the route takes, for the `Allow` header.
-        allow: &'static str,
-    },
-    /// The body, declared or as read, is over `server.max_body_bytes` (413), checked before any
-    /// plugin runs.
-    #[error("the request body is larger than the limit of {limit} bytes")]
-    BodyTooLarge {
-        /// `server.max_body_bytes`, in bytes.
-        limit: usize,
-    },
-    /// Reading the body failed for a reason other than its size or time, such as a connection
-    /// closed mid-body (400 `bad_body`); holds hyper's error.
-    #[error("cannot read the request body: {0}")]
-    BadBody(String),
-    /// The body did not arrive within `server.body_read_timeout_ms` of the headers (408, with
-    /// `Connection: close`); holds that timeout.
-    #[error("the request body did not arrive within {0:?}")]
-    BodyTimeout(Duration),
-    /// The request's target or its headers are ambiguous (RFC 9112 §3.2).
-    #[error("{0}")]
-    BadRequest(&'static str),
-    /// `/ready`, `/v1/models` or a tenant's route before the models and plugins are loaded (503,
-    /// with `Retry-After`).
-    #[error("the model and plugins are still loading")]
-    NotReady,
-    /// The tenant's keys or quotas refused the request: 401, 403 or 429 (see [`AccessError`]).
-    #[error(transparent)]
-    Access(#[from] AccessError),
-    /// The plugin failed or hit a limit: 429 past its hostcall bytes, 503 when no instance is
-    /// free, 504 past `wall_ms`, otherwise 500.
-    #[error(transparent)]
-    Plugin(#[from] PluginError),
-    /// The plugin's response broke the host's rules: a status outside 200–599, a header only the
-    /// host may set, or over the tenant's header limits (500); the message says which.
-    #[error("the plugin's response was refused: {0}")]
-    BadPluginResponse(String),
-    /// A reload was refused (422): the config file fails its checks, changes what cannot be
-    /// reloaded, or a plugin fails to load or configure. The running config is unchanged.
-    #[error("reload refused, the running config is unchanged: {0}")]
-    ReloadRefused(String),
-}
-
-impl ApiError {
-    /// The status and code of every error, in one exhaustive match: a new variant must be
-    /// mapped here before the host compiles, instead of falling into a 500 by a wildcard.
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
-        use StatusCode as S;
-        match self {
-            Self::NotFound(_) => (S::NOT_FOUND, "not_found"),
-            Self::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Self::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
-            Self::BadBody(_) => (S::BAD_REQUEST, "bad_body"),
-            Self::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
-            Self::BadRequest(_) => (S::BAD_REQUEST, "bad_request"),
-            Self::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
-            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => (S::UNAUTHORIZED, "unauthorized"),
-            Self::Access(AccessError::WrongTenant { .. }) => (S::FORBIDDEN, "forbidden"),
-            Self::Access(AccessError::Quota { .. }) | Self::Plugin(PluginError::HostcallBytes { .. }) => {
-                (S::TOO_MANY_REQUESTS, "quota_exceeded")
-            }
-            Self::Plugin(PluginError::NoCapacity) => (S::SERVICE_UNAVAILABLE, "overloaded"),
-            Self::Plugin(PluginError::WallTimeout { .. }) => (S::GATEWAY_TIMEOUT, "plugin_timeout"),
-            Self::Plugin(PluginError::CpuLimit { .. }) => (S::INTERNAL_SERVER_ERROR, "plugin_cpu_limit"),
-            Self::Plugin(PluginError::MemoryLimit { .. }) => (S::INTERNAL_SERVER_ERROR, "plugin_memory_limit"),
-            // Loading errors stop startup; a request meeting one means the plugin is broken.
-            Self::Plugin(
-                PluginError::Trapped { .. }
-                | PluginError::Read { .. }
-                | PluginError::Compile { .. }
-                | PluginError::MissingExport { .. }
-                | PluginError::MemoryTooSmall { .. }
-                | PluginError::Configure { .. }
-                | PluginError::Describe { .. },
-            ) => (S::INTERNAL_SERVER_ERROR, "plugin_failed"),
-            Self::BadPluginResponse(_) => (S::INTERNAL_SERVER_ERROR, "bad_plugin_response"),
-            Self::ReloadRefused(_) => (S::UNPROCESSABLE_ENTITY, "reload_refused"),
-        }
-    }
-
-    /// Which quota a 429 is about.
-    fn quota(&self) -> Option<&'static str> {
-        match self {
-            Self::Access(AccessError::Quota { quota, .. }) => Some(quota),
-            Self::Plugin(PluginError::HostcallBytes { .. }) => Some("max_hostcall_bytes"),
-            _ => None,
-        }
-    }
-
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        if status.is_server_error() && !matches!(self, Self::NotReady) {
-            tracing::warn!(error = %self, "request failed");
-        }
-        let mut error = json!({ "code": code, "message": self.to_string() });
-        if let Some(quota) = self.quota() {
-            error["quota"] = quota.into();
-        }
-        let mut response = json_response(status, &json!({ "error": error }));
-        let headers = response.headers_mut();
-        match self {
-            Self::MethodNotAllowed { allow, .. } => {
-                headers.insert("allow", HeaderValue::from_static(allow));
-            }
-            Self::NotReady
-            | Self::Plugin(PluginError::NoCapacity)
-            | Self::Access(AccessError::Quota { quota: "max_concurrent", .. }) => {
-                headers.insert("retry-after", HeaderValue::from_static("1"));
-            }
-            Self::Access(AccessError::MissingKey | AccessError::InvalidKey) => {
-                headers.insert("www-authenticate", HeaderValue::from_static("Bearer"));
-            }
-            // The rest of the body may still be on its way: this connection cannot carry another request.
-            Self::BodyTimeout(_) => {
-                headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ => {}
-        }
-        response
-    }
 }
 
 impl App {
@@ -485,115 +360,6 @@ impl App {
         served.split = Some(split);
         plugin_response(response?, &tenant.limits)
     }
-
-    /// Every model: what it is and how it runs, and (with metrics on) its counters and its
-    /// caches', read from the same recorder `/metrics` renders.
-    fn models(&self, loaded: &Loaded) -> serde_json::Value {
-        let scrape = self.metrics.as_ref().map(|m| Scrape::parse(&m.render()));
-        let models: Vec<serde_json::Value> = loaded
-            .models
-            .iter()
-            .map(|(name, model)| {
-                let info = model.info();
-                let m = &info.manifest;
-                let mut described = json!({
-                    "name": name,
-                    "model": m.name,
-                    "version": m.version,
-                    "task": m.task,
-                    "labels": m.labels,
-                    "max_length": m.max_length,
-                    "device": info.device,
-                    "precision": info.precision,
-                    "precision_choice": info.precision_choice,
-                });
-                if let Some(scrape) = &scrape {
-                    let value = |metric| scrape.value(metric, &[("model", name)]) as u64;
-                    let (queued_sequences, queued_tokens) = model.queue_depth();
-                    described["stats"] = json!({
-                        "batches": value(names::BATCHES),
-                        "sequences": value(names::SEQUENCES),
-                        "real_tokens": value(names::REAL_TOKENS),
-                        "padded_tokens": value(names::PADDED_TOKENS),
-                        "rejected": value(names::REJECTED),
-                        "expired": value(names::EXPIRED),
-                        "abandoned": value(names::ABANDONED),
-                        "failed_sequences": value(names::FAILED_SEQUENCES),
-                        "oom_splits": value(names::OOM_SPLITS),
-                        "queued_sequences": queued_sequences,
-                        "queued_tokens": queued_tokens,
-                    });
-                    // Every tenant cache in front of this model, together (tenants are not named here).
-                    described["cache"] = json!({
-                        "hits": value(names::CACHE_HITS),
-                        "misses": value(names::CACHE_MISSES),
-                        "evictions": value(names::CACHE_EVICTIONS),
-                        "entries": value(names::CACHE_ENTRIES),
-                        "bytes": value(names::CACHE_BYTES),
-                    });
-                }
-                described
-            })
-            .collect();
-        json!({ "models": models })
-    }
-
-    /// Reads the body (within the server's and the tenant's limits, and `body_read_timeout`)
-    /// and copies what a plugin sees of the request (see [`withheld_from_plugins`]).
-    async fn plugin_request(
-        &self,
-        tenant: &Tenant,
-        parts: &hyper::http::request::Parts,
-        body: Incoming,
-    ) -> Result<plugins::Request, ApiError> {
-        let limit = self.max_body_bytes;
-        // n bytes pass the server's limit (413) or the tenant's quota (429).
-        let check_size =
-            |n: usize| if n > limit { Err(ApiError::BodyTooLarge { limit }) } else { Ok(tenant.check_body(n)?) };
-        let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if let Some(declared) = declared {
-            check_size(declared)?;
-        }
-        let withheld = withheld_from_plugins(&parts.headers);
-        let read_limit = limit.min(tenant.limits.max_body_bytes);
-        let read = Limited::new(body, read_limit).collect();
-        let body = tokio::time::timeout(self.body_read_timeout, read)
-            .await
-            .map_err(|_| ApiError::BodyTimeout(self.body_read_timeout))?
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    check_size(read_limit + 1).expect_err("one byte past the smaller limit")
-                } else {
-                    ApiError::BadBody(e.to_string())
-                }
-            })?;
-        Ok(plugins::Request {
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-            query: parts.uri.query().unwrap_or_default().to_owned(),
-            headers: parts
-                .headers
-                .iter()
-                .filter(|(name, _)| !withheld.iter().any(|w| w.eq_ignore_ascii_case(name.as_str())))
-                .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
-                .collect(),
-            body: body.to_bytes().to_vec(),
-        })
-    }
-}
-
-/// What a request answered without reading its body may still have read of it, and for how
-/// long, so that its connection carries the next request: a small body on its way, not a large
-/// one, nor a slow one.
-const DRAIN_BYTES: usize = 64 << 10;
-const DRAIN_WAIT: Duration = Duration::from_millis(100);
-
-/// Whether the rest of an unread body (`None`: taken and left half read) arrived whole within
-/// [`DRAIN_BYTES`] and [`DRAIN_WAIT`], and was dropped.
-async fn drained(body: Option<Incoming>) -> bool {
-    let Some(body) = body else { return false };
-    let read = Limited::new(body, DRAIN_BYTES).collect();
-    matches!(tokio::time::timeout(DRAIN_WAIT, read).await, Ok(Ok(_)))
 }
 
 /// How long a retired generation may wait for its last request before it is let go anyway (it
@@ -632,248 +398,4 @@ impl App {
 /// The time now, as RFC 3339 in UTC to the second.
 fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
-/// What the access log says of a request beyond its method, path and response: the tenant whose
-/// route it was, and where the plugin runtime's time went, once known; and whether its body was
-/// read whole.
-#[derive(Default)]
-struct Served {
-    tenant: Option<String>,
-    split: Option<plugins::TimeSplit>,
-    body_read: bool,
-}
-
-impl Served {
-    /// The request's access-log line (target `access`, level info): one per request, host routes
-    /// and refusals included.
-    fn log(self, id: u64, method: &Method, path: &str, response: &Response, started: Instant) {
-        // Milliseconds to the microsecond: finer digits are noise.
-        let ms = |d: Duration| d.as_micros() as f64 / 1e3;
-        let split = self.split.unwrap_or_default();
-        tracing::info!(
-            target: "access",
-            request_id = id,
-            tenant = self.tenant.as_deref().unwrap_or("-"),
-            method = %method,
-            path,
-            status = response.status().as_u16(),
-            bytes = hyper::body::Body::size_hint(response.body()).exact().unwrap_or(0),
-            total_ms = ms(started.elapsed()),
-            tokenize_ms = ms(split.tokenize),
-            queue_ms = ms(split.queue),
-            inference_ms = ms(split.inference),
-            plugin_ms = ms(split.plugin),
-            "request"
-        );
-    }
-}
-
-/// The host a request is for (RFC 9112 §3.2): the authority of an absolute-form target wins over
-/// `Host`; several `Host` headers, or none on HTTP/1.1 without one in the target, are refused.
-fn target_host(request: &hyper::http::request::Parts) -> Result<Option<String>, ApiError> {
-    let first = single_header(&request.headers, HOST, "several Host headers: send one")?;
-    if let Some(host) = request.uri.host() {
-        return Ok(Some(host.to_owned()));
-    }
-    match first {
-        Some(value) => value
-            .to_str()
-            .map(|h| Some(h.to_owned()))
-            .map_err(|_| ApiError::BadRequest("the Host header is not visible ASCII")),
-        None if request.version == hyper::Version::HTTP_11 => {
-            Err(ApiError::BadRequest("HTTP/1.1 requests need a Host header"))
-        }
-        None => Ok(None),
-    }
-}
-
-/// The one value of header `name`, if any; several are refused with `several`.
-fn single_header<'a>(
-    headers: &'a hyper::HeaderMap,
-    name: HeaderName,
-    several: &'static str,
-) -> Result<Option<&'a HeaderValue>, ApiError> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(ApiError::BadRequest(several));
-    }
-    Ok(first)
-}
-
-/// The names of the headers a plugin never sees: the caller's credentials, which stay with the
-/// host; cookies, which a browser sends to every tenant on the same host name; and hop-by-hop
-/// headers (RFC 9110 §7.6.1), which describe this connection only, with any header that
-/// `Connection` names.
-fn withheld_from_plugins(headers: &hyper::HeaderMap) -> Vec<&str> {
-    const WITHHELD: [&str; 11] = [
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    let named = headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim);
-    WITHHELD.into_iter().chain(named).collect()
-}
-
-/// Response headers that are the host's alone: framing and the connection (the host computes
-/// them from the body it sends), and cookies, which every tenant on one host name would share.
-const HOST_RESPONSE_HEADERS: [&str; 9] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "keep-alive",
-    "te",
-    "trailer",
-    "proxy-connection",
-    "set-cookie",
-];
-
-/// A plugin's response as HTTP, once it is checked: a final status (200-599; informational
-/// ones and 101 would change what the connection is), none of [`HOST_RESPONSE_HEADERS`], and
-/// no more headers than the tenant's limits.
-fn plugin_response(response: plugins::Response, limits: &TenantLimits) -> Result<Response, ApiError> {
-    let refuse = |why: String| Err(ApiError::BadPluginResponse(why));
-    if !(200..=599).contains(&response.status) {
-        return refuse(format!("status {} is outside 200-599", response.status));
-    }
-    if response.headers.len() > limits.max_response_headers {
-        return refuse(format!(
-            "{} headers, more than the limit of {}",
-            response.headers.len(),
-            limits.max_response_headers
-        ));
-    }
-    let bytes: usize = response.headers.iter().map(|(name, value)| name.len() + value.len()).sum();
-    if bytes > limits.max_response_header_bytes {
-        return refuse(format!(
-            "{bytes} bytes of headers, more than the limit of {}",
-            limits.max_response_header_bytes
-        ));
-    }
-    let mut http = hyper::Response::new(Full::new(Bytes::from(response.body)));
-    *http.status_mut() = StatusCode::from_u16(response.status).expect("200-599 are valid statuses");
-    for (name, value) in response.headers {
-        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-            return refuse(format!("header name {name:?} is not a valid name"));
-        };
-        if HOST_RESPONSE_HEADERS.contains(&name.as_str()) {
-            return refuse(format!("header {name} is set by the host, not by plugins"));
-        }
-        let Ok(value) = HeaderValue::from_str(&value) else {
-            return refuse(format!("the value of header {name} is not visible ASCII"));
-        };
-        http.headers_mut().append(name, value);
-    }
-    Ok(http)
-}
-
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
-    let mut response = hyper::Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every error variant, its status, code and the headers that go with it: the table the
-    /// README's error list is written from.
-    #[test]
-    fn every_error_maps_to_its_status_code_and_headers() {
-        let tenant = || "t".to_owned();
-        /// An error, its status, its code, and a header it must carry.
-        type Row = (ApiError, u16, &'static str, Option<(&'static str, &'static str)>);
-        let table: Vec<Row> = vec![
-            (ApiError::NotFound("/x".into()), 404, "not_found", None),
-            (
-                ApiError::MethodNotAllowed { method: Method::PUT, path: "/health".into(), allow: "GET" },
-                405,
-                "method_not_allowed",
-                Some(("allow", "GET")),
-            ),
-            (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large", None),
-            (ApiError::BadBody("eof".into()), 400, "bad_body", None),
-            (ApiError::BodyTimeout(Duration::from_secs(1)), 408, "body_timeout", Some(("connection", "close"))),
-            (ApiError::BadRequest("two Host headers"), 400, "bad_request", None),
-            (ApiError::NotReady, 503, "not_ready", Some(("retry-after", "1"))),
-            (AccessError::MissingKey.into(), 401, "unauthorized", Some(("www-authenticate", "Bearer"))),
-            (AccessError::InvalidKey.into(), 401, "unauthorized", Some(("www-authenticate", "Bearer"))),
-            (AccessError::WrongTenant { tenant: tenant() }.into(), 403, "forbidden", None),
-            (
-                AccessError::Quota { tenant: tenant(), quota: "max_concurrent", detail: "64".into() }.into(),
-                429,
-                "quota_exceeded",
-                Some(("retry-after", "1")),
-            ),
-            (
-                AccessError::Quota { tenant: tenant(), quota: "max_body_bytes", detail: "1".into() }.into(),
-                429,
-                "quota_exceeded",
-                None,
-            ),
-            (PluginError::HostcallBytes { tenant: tenant(), limit: 1 }.into(), 429, "quota_exceeded", None),
-            (PluginError::NoCapacity.into(), 503, "overloaded", Some(("retry-after", "1"))),
-            (PluginError::WallTimeout { tenant: tenant(), limit_ms: 1 }.into(), 504, "plugin_timeout", None),
-            (PluginError::CpuLimit { tenant: tenant(), limit_ms: 1 }.into(), 500, "plugin_cpu_limit", None),
-            (PluginError::MemoryLimit { tenant: tenant(), limit: 1 }.into(), 500, "plugin_memory_limit", None),
-            (PluginError::Trapped { tenant: tenant(), message: "panic".into() }.into(), 500, "plugin_failed", None),
-            (
-                PluginError::Read {
-                    tenant: tenant(),
-                    path: "p.wasm".into(),
-                    source: std::io::ErrorKind::NotFound.into(),
-                }
-                .into(),
-                500,
-                "plugin_failed",
-                None,
-            ),
-            (PluginError::Compile { tenant: tenant(), message: "bad".into() }.into(), 500, "plugin_failed", None),
-            (
-                PluginError::MissingExport { tenant: tenant(), message: "handle".into() }.into(),
-                500,
-                "plugin_failed",
-                None,
-            ),
-            (PluginError::Configure { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
-            (PluginError::Describe { tenant: tenant(), message: "no".into() }.into(), 500, "plugin_failed", None),
-            (PluginError::MemoryTooSmall { tenant: tenant(), need: 2, limit: 1 }.into(), 500, "plugin_failed", None),
-            (ApiError::BadPluginResponse("status 101".into()), 500, "bad_plugin_response", None),
-            (ApiError::ReloadRefused("no such file".into()), 422, "reload_refused", None),
-        ];
-        for (error, status, code, header) in table {
-            let what = format!("{error:?}");
-            let response = error.into_response();
-            assert_eq!(response.status().as_u16(), status, "{what}");
-            assert_eq!(response.headers()[CONTENT_TYPE], "application/json", "{what}");
-            if let Some((name, value)) = header {
-                assert_eq!(response.headers()[name], value, "{what}");
-            }
-            let body: serde_json::Value = serde_json::from_slice(&body_bytes(response)).unwrap();
-            assert_eq!(body["error"]["code"], code, "{what}");
-            assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{what}");
-        }
-    }
-
-    fn body_bytes(response: Response) -> Bytes {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        runtime.block_on(response.into_body().collect()).unwrap().to_bytes()
-    }
 }
