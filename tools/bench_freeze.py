@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_model import _pad  # noqa: E402
+from batchbox_export import pad as _pad  # noqa: E402
 from seed_baseline import FIXTURE  # noqa: E402
 
 

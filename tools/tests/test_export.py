@@ -134,7 +134,7 @@ def test_deberta_checkpoint_with_only_spm_model_exports(deberta_checkpoint, tmp_
 
 def test_a_tokenizer_that_disagrees_with_sentencepiece_is_refused(deberta_checkpoint):
     with pytest.raises(ex.ExportError, match="disagrees with SentencePiece"):
-        ex._check_against_sentencepiece(minilm_tokenizer(), deberta_checkpoint / "spm.model")
+        ex.check_against_sentencepiece(minilm_tokenizer(), deberta_checkpoint / "spm.model")
 
 
 @pytest.mark.parametrize("size,hidden,layers,heads,ffn,millions", [

@@ -1,0 +1,113 @@
+"""Tracing each variant, checking it, and writing the model directory whole or not at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checks import agreement, agreement_rows, check_traced, top_labels
+from .errors import ExportError
+from .golden import eager_outputs, golden
+from .rows import pad, random_rows
+from .sources import Source
+from .variants import Variant
+
+FORMAT_VERSION = 1
+TASKS = ("sequence-classification", "token-classification")
+
+
+def trace(module: torch.nn.Module, source: Source, variant: Variant) -> torch.jit.ScriptModule:
+    # Trace on a padded batch at a length the checks don't use: a trace taken without padding
+    # could bake "no mask needed" into the graph.
+    vocab = min(source.vocab_size, source.tokenizer.get_vocab_size())
+    rows = random_rows([11, 6], vocab, torch.Generator().manual_seed(0))
+    example = tuple(t.to(variant.device) for t in pad(rows, source.pad_token_id))
+    with torch.inference_mode():
+        return torch.jit.trace(module, example, check_trace=False)
+
+
+
+def _sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool = True) -> dict:
+    if source.task not in TASKS:
+        raise ExportError(f"unsupported task {source.task!r}")
+    if source.tokenizer.get_vocab_size() > source.vocab_size:
+        raise ExportError(
+            f"tokenizer has {source.tokenizer.get_vocab_size()} ids but the model's vocabulary is {source.vocab_size}"
+        )
+    if not variants:
+        raise ExportError("no variants to export")
+    if any(not v.padding_must_not_matter for v in variants) and Variant("cpu", torch.float32) not in variants:
+        raise ExportError("cpu-int8 is exported beside cpu-float32, whose exact checks prove the attention mask; add cpu-float32")
+    eager = source.module.eval().float()
+    reference = golden(eager, source)
+
+    # Write into a temporary directory beside `out`, then rename: a failed export leaves no half model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp = Path(tmp)
+        report = []
+        agreements = {}
+        # fp32's top labels, computed once for every reduced-precision variant to be compared with.
+        rows = agreement_rows(source, reference["input_ids"])
+        fp32_labels = top_labels(eager, source, rows, "cpu") if any(v.dtype != torch.float32 for v in variants) else []
+        for variant in variants:
+            module = variant.prepare(eager)
+            traced = trace(module, source, variant)
+            if freeze_cuda and variant.device == "cuda":
+                # Weights become constants the JIT can fold: served on an H100, 1.19x the
+                # throughput at 8 clients, the same outputs (BENCHMARKS.md). Not on CPU, where it
+                # did not help. Checked below like any trace.
+                traced = torch.jit.freeze(traced.eval())
+            traced.save(str(tmp / variant.file))
+            # Check what the host will load: the saved file, read back.
+            reloaded = torch.jit.load(str(tmp / variant.file), map_location=variant.device)
+            report += check_traced(module, reloaded, source, variant)
+            outputs = eager_outputs(module, source, reference["input_ids"], variant.device)
+            reference["variants"][variant.name] = [o.flatten().tolist() for o in outputs]
+            if variant.dtype != torch.float32:
+                agreeing, compared = agreement(fp32_labels, top_labels(module, source, rows, variant.device))
+                agreements[variant.name] = {"agreeing": agreeing, "compared": compared}
+                report.append(f"{variant.name} top label agrees with fp32 on {agreeing}/{compared} ({agreeing / compared:.1%})")
+            del module, traced, reloaded
+        source.tokenizer.save(str(tmp / "tokenizer.json"))
+        sha256 = _sha256([tmp / "tokenizer.json"] + [tmp / v.file for v in variants])
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": source.name,
+            "description": source.description,
+            "task": source.task,
+            "labels": source.labels,
+            "max_length": source.max_length,
+            "inputs": ["input_ids", "attention_mask"],
+            "pad_token_id": source.pad_token_id,
+            "vocab_size": source.vocab_size,
+            "variants": {v.name: v.file for v in variants},
+            "version": f"{source.name}-{sha256[:12]}",
+            "sha256": sha256,
+            "torch_version": torch.__version__.split("+")[0],
+            "checks": report,
+            # Top-label agreement of each reduced-precision variant with fp32 (see agreement_rows).
+            "agreement_with_fp32": agreements,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "golden.json").write_text(json.dumps(reference) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        tmp.mkdir()  # TemporaryDirectory wants something to clean up
+    return manifest
+
