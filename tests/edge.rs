@@ -65,6 +65,26 @@ fn read_until_closed(stream: &mut TcpStream) -> (String, Duration) {
     (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
 }
 
+/// Reads the head of one response, lower-cased.
+fn read_head(stream: &mut TcpStream) -> String {
+    let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before a whole head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+/// Reads one response with a `content-length`, leaving the connection open: its head (lower-cased)
+/// and its body.
+fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let head = read_head(stream);
+    let length = head.split("content-length: ").nth(1).unwrap().split("\r\n").next().unwrap();
+    let mut body = vec![0u8; length.parse().unwrap()];
+    stream.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
 fn assert_within(elapsed: Duration, limit_ms: u64, what: &str) {
     let limit = Duration::from_millis(limit_ms);
     // Not before the limit (it is the timeout that closed it), and not long after (it did close).
@@ -276,15 +296,7 @@ fn an_answer_sent_without_reading_the_body_keeps_the_connection_only_if_the_body
     let post = |stream: &mut TcpStream, declared: usize, sent: &str| {
         let request = format!("POST /nowhere HTTP/1.1\r\nhost: {host}\r\ncontent-length: {declared}\r\n\r\n{sent}");
         stream.write_all(request.as_bytes()).unwrap();
-        let (mut head, mut byte) = (Vec::new(), [0u8; 1]);
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed before a whole head: {head:?}");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
-        let length = head.split("content-length: ").nth(1).unwrap().split("\r\n").next().unwrap();
-        stream.read_exact(&mut vec![0u8; length.parse().unwrap()]).unwrap();
-        head
+        read_response(stream).0
     };
     // Without a body, a refusal leaves the connection open for the next request.
     let first = post(&mut stream, 0, "");
@@ -298,4 +310,60 @@ fn an_answer_sent_without_reading_the_body_keeps_the_connection_only_if_the_body
     let (_, waited) = read_until_closed(&mut stream);
     assert!(waited < Duration::from_secs(5), "still open after {waited:?}");
     assert_served(&server, "an early answer");
+}
+
+#[test]
+fn a_request_refused_before_its_body_gets_its_final_status_without_100_continue() {
+    let config = write_config(
+        "edge-expect-continue",
+        &format!(
+            r#"
+{{model_and_api}}
+server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}", max_body_bytes: 1048576 }}
+tenants:
+  - {{ name: a, wasm: "{{classifier}}", routes: [{PREDICT}], keys: [env:EDGE_KEY_A], limits: {{ max_concurrent: 1 }} }}
+  - {{ name: b, wasm: "{{classifier}}", routes: [/b], keys: [env:EDGE_KEY_B] }}
+"#
+        ),
+    );
+    let server = Server::launch_with_env(&config, &[("EDGE_KEY_A", "key-of-a"), ("EDGE_KEY_B", "key-of-b")]);
+    let host = server.address().to_owned();
+    // Sends a request's head with `Expect: 100-continue` and no body; answers the first head the
+    // server sends back, lower-cased, and the connection.
+    let ask = |path: &str, key: Option<&str>, length: usize| {
+        let mut stream = connect(&server);
+        let authorization = key.map(|k| format!("authorization: Bearer {k}\r\n")).unwrap_or_default();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {host}\r\n{authorization}content-type: application/json\r\n\
+             expect: 100-continue\r\ncontent-length: {length}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        (read_head(&mut stream), stream)
+    };
+    let body = body();
+    // Let through: the client is told to send its body, and is answered once it has.
+    let (head, mut holding) = ask(PREDICT, Some("key-of-a"), body.len());
+    assert!(head.starts_with("http/1.1 100 continue"), "{head}");
+    // While that request holds tenant a's only slot, every refusal comes without `100 Continue`:
+    // the final status, `Connection: close`, and the connection closed without waiting for a body.
+    let refusals = [
+        (PREDICT, None, 100_000, "401"),
+        (PREDICT, Some("key-of-b"), 100_000, "403"),
+        ("/nowhere", Some("key-of-a"), 100_000, "404"),
+        ("/b", Some("key-of-b"), 2 << 20, "413"),
+        (PREDICT, Some("key-of-a"), 100, "429"),
+    ];
+    for (path, key, length, status) in refusals {
+        let (head, mut stream) = ask(path, key, length);
+        assert!(head.starts_with(&format!("http/1.1 {status} ")), "{path} {key:?}: {head}");
+        assert!(head.contains("connection: close"), "{path} {key:?}: {head}");
+        let (rest, waited) = read_until_closed(&mut stream);
+        assert!(waited < Duration::from_secs(5), "{status}: still open after {waited:?}");
+        let error: Value = serde_json::from_str(&rest).unwrap_or_else(|e| panic!("{status}: {e}: {rest:?}"));
+        assert!(error["error"]["code"].is_string(), "{status}: {rest}");
+    }
+    holding.write_all(body.as_bytes()).unwrap();
+    let (head, answer) = read_response(&mut holding);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap()["predictions"], json!(["sports"]));
 }

@@ -49,7 +49,7 @@ pub use connections::{ConnectionLimits, serve};
 pub use error::ApiError;
 use error::json_response;
 pub use hyper::HeaderMap;
-use request::{drained, single_header, target_host};
+use request::{drained, expects_continue, single_header, target_host};
 use response::plugin_response;
 
 type Response = hyper::Response<Full<Bytes>>;
@@ -231,8 +231,12 @@ impl App {
         // Answered without reading its body whole (a 404, a 401, a quota, a body too large): a
         // small body is read and dropped, so the connection can carry the next request. Otherwise
         // hyper closes it after the response (HTTP/1.1), and saying so lets the client open a new
-        // one rather than send its next request on one about to close.
-        let reusable = !body_expected || served.body_read || drained(body.take()).await;
+        // one rather than send its next request on one about to close. A client that sent
+        // `Expect: 100-continue` is waiting for leave to send its body, and reading the body would
+        // give it (hyper sends `100 Continue` when the body is first read): it gets the final
+        // status alone (RFC 9110 §10.1.1), and the connection closes.
+        let reusable =
+            !body_expected || served.body_read || (!expects_continue(&parts.headers) && drained(body.take()).await);
         if !reusable {
             response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }

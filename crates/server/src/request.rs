@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Limited};
+use hyper::HeaderMap;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
 
 use batchbox_plugins as plugins;
 use batchbox_tenants::Tenant;
@@ -63,6 +64,13 @@ impl App {
 /// one, nor a slow one.
 const DRAIN_BYTES: usize = 64 << 10;
 const DRAIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Whether the client waits for `100 Continue` before it sends the body (RFC 9110 §10.1.1). hyper
+/// answers it when the body is first read, so a body is read only once the request is let through
+/// (its route, key, quotas and declared length): a refused client never sends it.
+pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
+    headers.get(EXPECT).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
 
 /// Whether the rest of an unread body (`None`: taken and left half read) arrived whole within
 /// [`DRAIN_BYTES`] and [`DRAIN_WAIT`], and was dropped.
