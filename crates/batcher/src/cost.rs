@@ -37,6 +37,10 @@ pub const SLOWER_AT_MOST: f64 = 16.0;
 /// ...and at least this many times less.
 pub const FASTER_AT_MOST: f64 = 4.0;
 
+/// The share of the predicted time a split must save over a pass of every row, for
+/// [`CostModel::first_pass_rows`] to split.
+pub const SPLIT_SAVES_AT_LEAST: f64 = 0.1;
+
 /// Features are scaled so that a full 32 × 256 batch gives values of order 1 to 10.
 fn features(rows: usize, len: usize) -> [f64; 3] {
     let tokens = rows as f64 * len as f64;
@@ -96,6 +100,42 @@ impl CostModel {
         let room = (target - c[0]).max(target / 2.0);
         // `room / per_row` is finite and at most huge; the cast saturates.
         (((room / per_row).floor()).max(1.0) as usize).clamp(1, cap.max(1))
+    }
+
+    /// How many of `lengths` (rows in the order a batch would take them, at most `cap` a pass)
+    /// the next pass should take: the first pass of the split of `lengths` into consecutive
+    /// passes, each padded to its longest row, whose predicted total time is least, if it saves at
+    /// least [`SPLIT_SAVES_AT_LEAST`] of taking them all (up to `cap`) in the first. Where a pass
+    /// costs little more than its tokens (a CPU), rows much shorter than the first are left to a
+    /// pass of their own rather than padded; where each pass has a large fixed cost (a GPU waiting
+    /// on kernel launches), passes stay full. All of them (up to `cap`) until the model predicts.
+    pub fn first_pass_rows(&self, lengths: &[usize], cap: usize) -> usize {
+        let (n, cap) = (lengths.len(), cap.max(1));
+        let Some(c) = self.coefficients.filter(|_| n > 1) else { return n.clamp(1, cap) };
+        let predict = |rows: usize, len: usize| {
+            let x = features(rows, len);
+            c[0] * x[0] + c[1] * x[1] + c[2] * x[2]
+        };
+        // least[i]: the least predicted time for lengths[i..]; first[i]: the rows of its first pass.
+        let (mut least, mut first) = (vec![0.0; n + 1], vec![0; n + 1]);
+        for i in (0..n).rev() {
+            least[i] = f64::INFINITY;
+            let mut longest = 0;
+            for j in i + 1..=(i + cap).min(n) {
+                longest = longest.max(lengths[j - 1]);
+                let total = predict(j - i, longest) + least[j];
+                // Among equals (to rounding), the fuller pass: its rows are answered sooner.
+                if total <= least[i] + least[i] * 1e-9 {
+                    (least[i], first[i]) = (total, j - i);
+                }
+            }
+        }
+        // Taking every row it may is the old rule: a split must be predicted to save a tenth of
+        // that, so that a fit still unsure of the fixed cost does not break passes up for nothing.
+        let all = n.min(cap);
+        let longest = lengths[..all].iter().copied().max().unwrap_or(1);
+        let taking_all = predict(all, longest) + least[all];
+        if least[0] > taking_all * (1.0 - SPLIT_SAVES_AT_LEAST) { all } else { first[0] }
     }
 
     fn predict_secs(&self, rows: usize, len: usize) -> Option<f64> {
@@ -301,7 +341,89 @@ mod tests {
         assert_eq!(model.rows_within(256, ms(200.0), 32), 3);
     }
 
+    /// A model taught `truth`-like passes, plus `fixed_ms` per pass.
+    fn taught(fixed_ms: f64) -> CostModel {
+        let mut model = CostModel::default();
+        for _ in 0..10 {
+            for (rows, len) in shapes().take(8) {
+                model.observe(rows, len, ms(truth(rows, len) + fixed_ms));
+            }
+        }
+        model
+    }
+
+    /// The predicted time of running `lengths` in consecutive passes of the given sizes.
+    fn total_ms(model: &CostModel, lengths: &[usize], passes: &[usize]) -> f64 {
+        let mut start = 0;
+        let mut total = 0.0;
+        for &rows in passes {
+            let longest = lengths[start..start + rows].iter().copied().max().unwrap();
+            total += model.predict(rows, longest).unwrap().as_secs_f64() * 1e3;
+            start += rows;
+        }
+        total
+    }
+
+    /// Splits `lengths` pass by pass as the scheduler would, each pass taking `first_pass_rows`.
+    fn passes(model: &CostModel, lengths: &[usize], cap: usize) -> Vec<usize> {
+        let mut passes = Vec::new();
+        let mut start = 0;
+        while start < lengths.len() {
+            let rows = model.first_pass_rows(&lengths[start..], cap);
+            passes.push(rows);
+            start += rows;
+        }
+        passes
+    }
+
+    #[test]
+    fn rows_of_one_length_fill_each_pass() {
+        for fixed_ms in [0.0, 2.0, 30.0] {
+            assert_eq!(passes(&taught(fixed_ms), &[40; 70], 32), [32, 32, 6], "fixed cost {fixed_ms} ms");
+        }
+        // Before the model predicts: every row it may take.
+        assert_eq!(CostModel::default().first_pass_rows(&[50, 10, 5], 32), 3);
+    }
+
+    #[test]
+    fn short_rows_are_not_padded_to_long_ones_when_a_pass_costs_little_more_than_its_tokens() {
+        // 8 rows of 60 tokens, then 24 of 8: one pass pads the short ones to 60.
+        let lengths: Vec<usize> = [60; 8].into_iter().chain([8; 24]).collect();
+        assert_eq!(passes(&taught(0.5), &lengths, 32), [8, 24]);
+        // Where every pass has a large fixed cost, one full pass is cheaper.
+        assert_eq!(passes(&taught(200.0), &lengths, 32), [32]);
+    }
+
+    #[test]
+    fn a_split_that_saves_under_a_tenth_is_not_taken() {
+        // 16 rows of 60 and 16 of 50: two passes would save about 5% of one.
+        let lengths: Vec<usize> = [60; 16].into_iter().chain([50; 16]).collect();
+        let model = taught(0.5);
+        let (one, two) = (total_ms(&model, &lengths, &[32]), total_ms(&model, &lengths, &[16, 16]));
+        assert!(two < one && two > one * (1.0 - SPLIT_SAVES_AT_LEAST), "{one} ms, split {two} ms");
+        assert_eq!(passes(&model, &lengths, 32), [32]);
+    }
+
     proptest! {
+        #[test]
+        fn the_passes_chosen_are_never_predicted_slower_than_full_ones(
+            mut lengths in proptest::collection::vec(1usize..300, 1..100),
+            cap in 1usize..40,
+            fixed_ms in 0.0f64..100.0,
+            sorted: bool,
+        ) {
+            if sorted {
+                lengths.sort_unstable_by(|a, b| b.cmp(a));
+            }
+            let model = taught(fixed_ms);
+            let chosen = passes(&model, &lengths, cap);
+            prop_assert!(chosen.iter().all(|&rows| (1..=cap).contains(&rows)));
+            prop_assert_eq!(chosen.iter().sum::<usize>(), lengths.len());
+            let full: Vec<usize> = lengths.chunks(cap).map(<[usize]>::len).collect();
+            let (chosen_ms, full_ms) = (total_ms(&model, &lengths, &chosen), total_ms(&model, &lengths, &full));
+            prop_assert!(chosen_ms <= full_ms * (1.0 + 1e-6), "{:?}: {} ms, full passes {} ms", chosen, chosen_ms, full_ms);
+        }
+
         #[test]
         fn predictions_are_finite_and_grow_with_rows_and_length(
             passes in proptest::collection::vec((1usize..40, 1usize..512, 0.0f64..3000.0), 0..60),

@@ -3,7 +3,11 @@
 //!
 //! - **Length grouping.** A batch is built around an anchor sequence, which sets its padded
 //!   length; the rest of the batch is the waiting sequences closest to it in length (never longer),
-//!   so padding stays small whatever order requests arrived in.
+//!   so padding stays small whatever order requests arrived in. How many it takes comes from the
+//!   [`CostModel`]: the first pass of the split of what waits (in the order a batch takes it)
+//!   into passes whose predicted total time is least. Where a pass costs little beyond its
+//!   tokens (a CPU), short sequences are left for a pass of their own rather than padded to a
+//!   long anchor; where every pass has a large fixed cost (a GPU), passes stay full.
 //! - **Fairness.** Callers are grouped by tenant, and each tenant's recent use of the model is
 //!   kept as padded tokens with exponential decay (half-life `usage_half_life`). Each batch is
 //!   filled tenant by tenant, least recent use first (then least waiting work): a light tenant's
@@ -500,7 +504,13 @@ impl Scheduler {
             let w = &self.tenants[t].queue[i];
             (rank[&t], w.passed_over < starving, std::cmp::Reverse(w.row.len), w.row.request, w.row.index)
         });
-        let mut taken: Vec<(usize, usize)> = candidates.into_iter().take(capacity - 1).collect();
+        // As many as the cheapest split of what waits puts in its first pass: rows much shorter
+        // than the anchor go to a pass of their own when padding them costs more than a pass.
+        let lengths: Vec<usize> = std::iter::once(padded_len)
+            .chain(candidates.iter().take(SPLIT_HORIZON * capacity).map(|&(t, i)| self.tenants[t].queue[i].row.len))
+            .collect();
+        let rows_now = self.cost.first_pass_rows(&lengths, capacity);
+        let mut taken: Vec<(usize, usize)> = candidates.into_iter().take(rows_now - 1).collect();
         rows.extend(taken.iter().map(|&(t, i)| self.tenants[t].queue[i].row));
 
         // Sequences overtaken by a later request of their own tenant were passed over; after
@@ -544,6 +554,10 @@ impl Scheduler {
         }
     }
 }
+
+/// How far ahead a batch looks when it splits what waits into passes: this many passes' worth of
+/// rows (see [`CostModel::first_pass_rows`]).
+const SPLIT_HORIZON: usize = 4;
 
 /// The tenant's anchor: its longest-waiting starving sequence if any, else its longest one
 /// (earliest first among equals).
@@ -839,6 +853,33 @@ mod tests {
         assert_eq!(s.complete(&next.rows), vec![100]);
         let waited = pass_ms(running.rows.len(), running.padded_len) + pass_ms(next.rows.len(), next.padded_len);
         assert!(waited <= 200.0 + pass_ms(2, 14), "waited {waited:.1} ms");
+    }
+
+    #[test]
+    fn once_passes_are_measured_short_sequences_run_apart_from_long_ones_unless_passes_cost_much_more() {
+        let t0 = Instant::now();
+        let lengths = |batches: Vec<Batch>| -> Vec<Vec<usize>> {
+            batches.iter().map(|b| b.rows.iter().map(|r| r.len).collect()).collect()
+        };
+        // One-sentence requests of 60 and 8 tokens from many clients, as under `make soak`.
+        let submit_all = |s: &mut Scheduler| {
+            for r in 0..32u64 {
+                s.submit(r, "a", &[if r % 4 == 0 { 60 } else { 8 }], None, t0).unwrap();
+            }
+        };
+        let mut cpu = Scheduler::new(config(32, 8192, 0, usize::MAX));
+        // Before any pass is measured, a batch takes all it may.
+        submit_all(&mut cpu);
+        assert_eq!(lengths(drain(&mut cpu, t0, &mut |_, _| {})), [[vec![60; 8], vec![8; 24]].concat()]);
+        // Taught a CPU's pass times (2 ms a pass, the rest per token): two passes, no padding.
+        teach(&mut cpu, 24, 0.0);
+        submit_all(&mut cpu);
+        assert_eq!(lengths(drain(&mut cpu, t0, &mut |_, _| {})), [vec![60; 8], vec![8; 24]]);
+        // Taught passes that each cost 200 ms more (a GPU waiting on launches): one full pass.
+        let mut gpu = Scheduler::new(config(32, 8192, 0, usize::MAX));
+        teach(&mut gpu, 24, 200.0);
+        submit_all(&mut gpu);
+        assert_eq!(lengths(drain(&mut gpu, t0, &mut |_, _| {})), [[vec![60; 8], vec![8; 24]].concat()]);
     }
 
     #[test]
