@@ -15,6 +15,9 @@ JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
+# What an export depends on: a change to any of it re-exports the models.
+EXPORT_SOURCES := $(EXPORT) $(wildcard tools/batchbox_export/*.py tools/batchbox_export/*/*.py) \
+	tools/batchbox_export/agreement_texts.txt
 
 .PHONY: setup serve test test-unit lint test-models plugins bench bench-cpu soak drain gpu-bundle gpu-check deploy-check clean
 
@@ -44,15 +47,15 @@ $(VENV_STAMP): tools/requirements.txt
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-$(DEFAULT_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
+$(DEFAULT_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES)
 	$(PY) $(EXPORT) default --out $(DEFAULT_MODEL)
 
 # Tiny DeBERTa-v3-style checkpoints (spm.model, no tokenizer.json), as a user would bring them.
-models/test/tiny-deberta/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtures/make_deberta_checkpoint.py
+models/test/tiny-deberta/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-best
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-best --out models/test/tiny-deberta
 
-models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT) tests/fixtures/make_deberta_checkpoint.py
+models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-ner --token-classification
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-ner --out models/test/tiny-deberta-ner
 
@@ -131,7 +134,7 @@ lint: setup
 build:
 	cargo build --release --workspace --all-targets
 
-$(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT)
+$(BENCH_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES)
 	$(PY) $(EXPORT) synthetic --size base --out $(BENCH_MODEL)
 
 # DeBERTa-v3-base's shapes as a user's checkpoint (random weights), exported like one.
@@ -139,7 +142,7 @@ BASE_CHECKPOINT := models/checkpoints/deberta-v3-base
 $(BASE_CHECKPOINT)/config.json: $(VENV_STAMP) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py $(BASE_CHECKPOINT) --size base
 
-models/deberta-v3-base/manifest.json: $(BASE_CHECKPOINT)/config.json $(EXPORT)
+models/deberta-v3-base/manifest.json: $(BASE_CHECKPOINT)/config.json $(EXPORT_SOURCES)
 	$(PY) $(EXPORT) checkpoint $(BASE_CHECKPOINT) --name deberta-v3-base --out models/deberta-v3-base
 
 # fp32, bf16, int8 and auto against the seed's way in Python, over HTTP, on this CPU.

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checks import agreement, agreement_rows, check_traced, top_labels
+from .checks import AGREEMENT_MAX_TOKENS, agreement, check_traced, invariance, invariance_bound, invariance_sets, sorted_outputs
 from .errors import ExportError
-from .golden import eager_outputs, golden
-from .rows import pad, random_rows
+from .golden import agreement_texts, eager_outputs, golden
+from .rows import encode, pad, random_rows
 from .sources import Source
 from .variants import Variant
 
@@ -29,7 +29,6 @@ def trace(module: torch.nn.Module, source: Source, variant: Variant) -> torch.ji
     example = tuple(t.to(variant.device) for t in pad(rows, source.pad_token_id))
     with torch.inference_mode():
         return torch.jit.trace(module, example, check_trace=False)
-
 
 
 def _sha256(files: list[Path]) -> str:
@@ -50,20 +49,22 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
         )
     if not variants:
         raise ExportError("no variants to export")
-    if any(not v.padding_must_not_matter for v in variants) and Variant("cpu", torch.float32) not in variants:
-        raise ExportError("cpu-int8 is exported beside cpu-float32, whose exact checks prove the attention mask; add cpu-float32")
     eager = source.module.eval().float()
     reference = golden(eager, source)
+    # What every variant is compared with fp32 on, and checked for batch invariance with; the
+    # server's `cpu_dtype: auto` reads both from golden.json and checks the same.
+    rows = [e.ids for e in encode(source.tokenizer, agreement_texts(), min(source.max_length, AGREEMENT_MAX_TOKENS))]
+    sets = invariance_sets(rows)
+    reference["agreement_ids"] = rows
+    reference["invariance"] = sets
+    fp32_outputs = sorted_outputs(eager, source, rows, "cpu")
 
     # Write into a temporary directory beside `out`, then rename: a failed export leaves no half model.
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp = Path(tmp)
         report = []
-        agreements = {}
-        # fp32's top labels, computed once for every reduced-precision variant to be compared with.
-        rows = agreement_rows(source, reference["input_ids"])
-        fp32_labels = top_labels(eager, source, rows, "cpu") if any(v.dtype != torch.float32 for v in variants) else []
+        agreements, invariances = {}, {}
         for variant in variants:
             module = variant.prepare(eager)
             traced = trace(module, source, variant)
@@ -78,10 +79,24 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
             report += check_traced(module, reloaded, source, variant)
             outputs = eager_outputs(module, source, reference["input_ids"], variant.device)
             reference["variants"][variant.name] = [o.flatten().tolist() for o in outputs]
-            if variant.dtype != torch.float32:
-                agreeing, compared = agreement(fp32_labels, top_labels(module, source, rows, variant.device))
-                agreements[variant.name] = {"agreeing": agreeing, "compared": compared}
-                report.append(f"{variant.name} top label agrees with fp32 on {agreeing}/{compared} ({agreeing / compared:.1%})")
+            # What the host will serve (the file read back), compared with fp32 and with itself alone.
+            outputs = sorted_outputs(reloaded, source, rows, variant.device)
+            agreed = agreements[variant.name] = agreement(fp32_outputs, outputs)
+            report.append(
+                f"{variant.name} top label agrees with fp32 on {agreed['agreeing']}/{agreed['compared']} "
+                f"({agreed['agreeing'] / agreed['compared']:.1%}) over {agreed['texts']} texts, max |dp| {agreed['max_abs_diff']:.2e}"
+                + ("" if agreed["holds"] else f": under {agreed['min_agreement']:.0%}, so `cpu_dtype: auto` will not choose it")
+            )
+            bound = invariance_bound(variant.dtype)
+            regroup = None if variant.dtype == torch.float32 else outputs
+            moved = invariances[variant.name] = invariance(reloaded, source, rows, sets, variant.device, bound, regroup)
+            report.append(
+                f"{variant.name} batch invariance: a text's probabilities move by {moved['max_abs_diff']:.2e} at most between "
+                f"alone and beside {moved['probes'] + moved['neighbours'] - 1} others"
+                + (f", or regrouped ({moved['regrouped']} texts)" if moved["regrouped"] else "")
+                + f" (bound {moved['bound']:g})"
+                + ("" if moved["holds"] else ": NOT batch-invariant, so `cpu_dtype: auto` will not choose it")
+            )
             del module, traced, reloaded
         source.tokenizer.save(str(tmp / "tokenizer.json"))
         sha256 = _sha256([tmp / "tokenizer.json"] + [tmp / v.file for v in variants])
@@ -100,8 +115,10 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
             "sha256": sha256,
             "torch_version": torch.__version__.split("+")[0],
             "checks": report,
-            # Top-label agreement of each reduced-precision variant with fp32 (see agreement_rows).
+            # Each variant against fp32 on the agreement texts, and how far a text's probabilities
+            # move with its neighbours (batchbox_export.checks); what `cpu_dtype: auto` measures too.
             "agreement_with_fp32": agreements,
+            "invariance": invariances,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "golden.json").write_text(json.dumps(reference) + "\n")

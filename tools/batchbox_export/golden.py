@@ -3,6 +3,7 @@ from `golden.json`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,7 +12,6 @@ from .rows import encode, pad, rows_of
 
 if TYPE_CHECKING:
     from .sources import Source
-
 
 
 GOLDEN_TEXTS = [
@@ -24,6 +24,13 @@ GOLDEN_TEXTS = [
     # Longer than any max length used here, so the golden file covers truncation too.
     " ".join(["The telescope observed a distant galaxy whose light left it billions of years ago."] * 40),
 ]
+
+
+def agreement_texts() -> list[str]:
+    """What variants are compared with fp32 on: the golden texts, then `agreement_texts.txt`
+    (written for this, never request traffic; `# ` lines are comments)."""
+    lines = (Path(__file__).parent / "agreement_texts.txt").read_text(encoding="utf-8").splitlines()
+    return GOLDEN_TEXTS + [line for line in lines if line and not line.startswith("# ")]
 
 
 def golden(module: torch.nn.Module, source: Source) -> dict:

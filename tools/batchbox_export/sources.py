@@ -43,9 +43,11 @@ class ZeroShotTopics(torch.nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+        # The mean over the tokens in fp64: a padded pass sums over more positions, and fp32
+        # would round that sum differently from the sequence's alone (see variants/attention.py).
+        mask = attention_mask.unsqueeze(-1).double()
+        pooled = (hidden.double() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled.to(hidden.dtype), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids, attention_mask) @ self.head.T

@@ -63,6 +63,14 @@ def test_refuses_a_trace_that_baked_in_its_length(tmp_path):
     assert not (tmp_path / "bad").exists(), "a refused export must leave nothing behind"
 
 
+def test_a_faithful_fp32_export_is_batch_invariant_and_agrees_with_itself(tmp_path):
+    manifest = ex.export(toy_source(MeanOfEmbeddings()), tmp_path / "toy", [FP32])
+    assert manifest["invariance"]["cpu-float32"]["holds"], manifest["invariance"]
+    assert manifest["invariance"]["cpu-float32"]["bound"] == 1e-5
+    agreement = manifest["agreement_with_fp32"]["cpu-float32"]
+    assert agreement["agreeing"] == agreement["compared"] and agreement["max_abs_diff"] < 1e-5, agreement
+
+
 def test_refuses_a_model_that_ignores_padding(tmp_path):
     with pytest.raises(ex.ExportError, match="padding changes"):
         ex.export(toy_source(MeanOfEmbeddings(use_mask=False)), tmp_path / "bad", [ex.Variant("cpu", torch.float32)])
@@ -72,25 +80,52 @@ INT8 = ex.Variant("cpu", torch.qint8)
 FP32 = ex.Variant("cpu", torch.float32)
 
 
-def test_int8_variant_is_quantized_checked_and_its_agreement_reported(tmp_path):
+def test_int8_scales_each_row_so_its_outputs_do_not_depend_on_the_batch(tmp_path):
     manifest = ex.export(toy_source(MeanOfEmbeddings()), tmp_path / "toy", [FP32, INT8])
     assert manifest["variants"]["cpu-int8"] == "model-cpu-int8.pt"
-    agreement = manifest["agreement_with_fp32"]["cpu-int8"]
-    assert agreement["compared"] == len(ex.GOLDEN_TEXTS) + ex.AGREEMENT_ROWS
-    assert agreement["agreeing"] >= 0.9 * agreement["compared"], agreement
-    assert any(line.startswith("cpu-int8 top label agrees with fp32") for line in manifest["checks"])
-    # The saved module really runs int8 kernels for its linear layer.
+    # Integer matmuls with a scale per row: what the host loads runs int8 kernels, not fp32.
     traced = torch.jit.load(str(tmp_path / "toy" / "model-cpu-int8.pt"))
-    assert "quantized::linear_dynamic" in str(traced.inlined_graph)
+    assert "aten::_int_mm" in str(traced.inlined_graph)
+    agreement = manifest["agreement_with_fp32"]["cpu-int8"]
+    assert agreement["texts"] >= ex.MIN_AGREEMENT_TEXTS >= 256
+    assert agreement["holds"] and agreement["agreeing"] >= 0.99 * agreement["compared"], agreement
+    invariance = manifest["invariance"]["cpu-int8"]
+    assert invariance["holds"] and invariance["max_abs_diff"] <= 1e-6, invariance
+    assert invariance["probes"] == ex.checks.PROBES and invariance["neighbours"] == ex.checks.NEIGHBOURS
+    # The same row alone and in a padded batch of others: the same logits (to fp32's rounding).
+    rows = [[1012, 2000, 3000], [1500] * 40, [2500, 2600]]
+    together = traced(*ex.pad(rows, 0))
+    for i, row in enumerate(rows):
+        assert torch.allclose(traced(*ex.pad([row], 0))[0], together[i], atol=1e-6)
     golden = json.loads((tmp_path / "toy" / "golden.json").read_text())
     assert set(golden["variants"]) == {"cpu-float32", "cpu-int8"}
-    assert golden["variants"]["cpu-float32"] == golden["outputs"]
     assert golden["variants"]["cpu-int8"] != golden["outputs"], "int8 rounds differently from fp32"
+    # What `cpu_dtype: auto` reads: the agreement texts' ids and the invariance check's texts.
+    assert len(golden["agreement_ids"]) == agreement["texts"]
+    assert set(golden["invariance"]) == {"probes", "neighbours"}
 
 
-def test_int8_without_fp32_beside_it_is_refused(tmp_path):
-    with pytest.raises(ex.ExportError, match="add cpu-float32"):
-        ex.export(toy_source(MeanOfEmbeddings()), tmp_path / "bad", [INT8])
+class BatchDependent(MeanOfEmbeddings):
+    """In reduced precision, each row's logits shifted by a little of the batch's mean: what
+    per-batch scales did. (In fp32 it is faithful, so the export's exact fp32 checks pass.)"""
+
+    def forward(self, input_ids, attention_mask):
+        embedded = self.embedding(input_ids)
+        mask = attention_mask.unsqueeze(-1).to(embedded.dtype)
+        logits = self.head((embedded * mask).sum(1) / mask.sum(1))
+        if logits.dtype == torch.float32:
+            return logits
+        return logits + 0.02 * logits.mean(dim=0, keepdim=True).abs()
+
+
+def test_a_variant_whose_rows_move_with_their_neighbours_is_written_but_marked_not_batch_invariant(tmp_path):
+    bf16 = ex.Variant("cpu", torch.bfloat16)
+    manifest = ex.export(toy_source(BatchDependent()), tmp_path / "toy", [FP32, bf16])
+    invariance = manifest["invariance"]
+    assert invariance["cpu-bfloat16"]["max_abs_diff"] > invariance["cpu-bfloat16"]["bound"] == 1e-3
+    assert not invariance["cpu-bfloat16"]["holds"]
+    assert any("cpu-bfloat16 batch invariance" in line and "NOT batch-invariant" in line for line in manifest["checks"])
+    assert (tmp_path / "toy" / "model-cpu-bfloat16.pt").is_file(), "it can still be chosen by name"
 
 
 def test_variant_names_parse_and_cuda_int8_does_not():

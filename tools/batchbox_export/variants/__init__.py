@@ -1,14 +1,17 @@
-"""The traced files an export writes: one per device and dtype the host may run."""
+"""The traced files an export writes: one per device and dtype the host may run. Each kind of
+variant is a module: `floating` (fp32, bf16, fp16, cast) and `int8` (int8 linear layers with
+activations scaled row by row); `attention` makes the CPU's bf16 and int8 batch-invariant where a
+model's attention allows (fp64 attention)."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import dataclass
 
 import torch
 
-from .checks import TOLERANCE
+from ..checks import TOLERANCE
+from . import attention, floating, int8
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,8 @@ class Variant:
     graph traced in fp32 on the CPU cannot just be cast to fp16 or moved to a GPU afterwards: each
     (device, dtype) the host may use is traced and checked on its own.
 
-    `torch.qint8` means dynamic int8 quantization of the linear layers (weights stored in int8,
-    activations quantized per batch), CPU only: the rest of the model stays in fp32.
+    `torch.qint8` means the `int8` kind: int8 linear layers, weights scaled per output channel and
+    activations per row (token), CPU only; the rest of the model stays in fp32.
     """
 
     device: str
@@ -41,32 +44,20 @@ class Variant:
         # fp32 must match to the issue's 1e-4. Reduced precision is compared relative to the
         # size of the logits: shapes change the summation order, and so the rounding.
         # int8 is compared with its own eager (quantized) module, which runs the same kernels.
+        # A row's padded and alone outputs must agree within the same tolerance.
         return {torch.float32: TOLERANCE, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.qint8: 3e-2}[self.dtype]
 
-    @property
-    def padding_must_not_matter(self) -> bool:
-        """Whether a row's output must stay the same when other rows share its batch.
-
-        Not for int8: dynamic quantization scales activations per batch (per tensor), so the
-        rows beside a sequence change its rounding (on MiniLM by up to a tenth of the logits'
-        range). That is the variant's nature, not a lost attention mask, so its figure is reported
-        only; the mask is what the exact check of the fp32 variant, always exported beside it,
-        proves.
-        """
-        return self.dtype != torch.qint8
-
     def prepare(self, eager: torch.nn.Module) -> torch.nn.Module:
-        """The eager fp32 model as this variant runs it: quantized, or cast and moved.
-
-        Python's Module.to casts floating tensors only; integer buffers (position ids) stay.
-        """
-        module = copy.deepcopy(eager)
+        """The eager fp32 model as this variant runs it: quantized, or cast and moved. bf16 and
+        int8 on the CPU compute attention in fp64 where the model lets them (`attention`), so
+        that padding cannot move their answers."""
         if self.dtype == torch.qint8:
-            # Per-channel weight scales: per-tensor ones moved MiniLM's top label on 7 of the 120
-            # fixture sentences, per-channel on none, at the same speed.
-            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-            return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
-        return module.to(self.device, self.dtype)
+            module = int8.quantize(eager)
+        else:
+            module = floating.cast(eager, self.device, self.dtype)
+        if (self.device, self.dtype) in (("cpu", torch.bfloat16), ("cpu", torch.qint8)):
+            attention.use_fp64_attention(module)
+        return module
 
     @staticmethod
     def parse(text: str) -> "Variant":
