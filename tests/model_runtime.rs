@@ -303,7 +303,7 @@ fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
         {
             let (ids, expected) = golden_variant(name, variant);
             let model = batchbox_model_tch::load(&ModelOptions { cpu_dtype: dtype, ..options(name) }).unwrap();
-            // One batch, as the export ran it: int8's activation scales depend on the batch.
+            // One batch, as the export ran it.
             let got = model.infer_blocking(ids).unwrap().outputs;
             let scale = expected.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
             let diff = got
@@ -318,20 +318,28 @@ fn each_cpu_variant_matches_its_own_eager_pytorch_module() {
 }
 
 #[test]
-fn auto_runs_the_fastest_precision_whose_top_labels_agree_with_fp32() {
+fn auto_runs_the_fastest_precision_that_agrees_with_fp32_and_is_batch_invariant() {
     let model =
         batchbox_model_tch::load(&ModelOptions { cpu_dtype: CpuDtype::Auto, ..options("minilm-topics") }).unwrap();
     let choice = &model.info().precision_choice;
     assert_eq!(choice.mode, "auto");
     let tried: Vec<Precision> = choice.candidates.iter().map(|c| c.precision).collect();
     assert_eq!(tried, [Precision::Fp32, Precision::Bf16, Precision::Int8], "every exported CPU variant is measured");
-    assert!(choice.candidates.iter().all(|c| c.median_ms > 0.0 && c.golden_texts == 7));
-    let chosen = choice.candidates.iter().find(|c| c.precision == model.info().precision).unwrap();
-    assert!(chosen.agrees(), "{chosen:?}");
-    for other in choice.candidates.iter().filter(|c| c.agrees()) {
-        assert!(chosen.median_ms <= other.median_ms, "{chosen:?} was chosen over the faster {other:?}");
+    for c in &choice.candidates {
+        let (agreement, invariance) = (c.agreement.as_ref().unwrap(), c.invariance.as_ref().unwrap());
+        assert!(c.median_ms.unwrap() > 0.0, "{c}");
+        assert!(agreement.texts >= 256 && agreement.compared == agreement.texts, "{c}");
+        assert_eq!(invariance.bound, if c.precision == Precision::Fp32 { 1e-5 } else { 1e-3 }, "{c}");
+        assert_eq!(c.eligible, agreement.holds() && invariance.holds(), "{c}");
     }
-    println!("auto: {:?}", choice.candidates);
+    let fp32 = &choice.candidates[0];
+    assert!(fp32.eligible, "fp32 agrees with itself and is batch-invariant: {fp32}");
+    let chosen = choice.candidates.iter().find(|c| c.precision == model.info().precision).unwrap();
+    assert!(chosen.eligible, "{chosen}");
+    for other in choice.candidates.iter().filter(|c| c.eligible) {
+        assert!(chosen.median_ms <= other.median_ms, "{chosen} was chosen over the faster {other}");
+    }
+    println!("auto: {}", choice.candidates.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n      "));
 }
 
 #[test]

@@ -184,21 +184,11 @@ async fn check_config(config: Config, text: &str, loader: &Loader) -> anyhow::Re
     let loaded = loader.first(config.clone(), text).await?;
     for (name, model) in &loaded.models {
         let info = model.info();
-        let measured: Vec<String> = info
-            .precision_choice
-            .candidates
-            .iter()
-            .map(|c| {
-                format!(
-                    "{:?} {:.1} ms, {}/{} golden texts agree",
-                    c.precision, c.median_ms, c.agreeing_texts, c.golden_texts
-                )
-            })
-            .collect();
+        let measured: Vec<String> = info.precision_choice.candidates.iter().map(ToString::to_string).collect();
         let how = if measured.is_empty() {
             String::new()
         } else {
-            format!("; cpu_dtype auto measured: {}", measured.join("; "))
+            format!("; cpu_dtype {} measured: {}", info.precision_choice.mode, measured.join("; "))
         };
         println!("model {name}: {} on {} ({:?}{how})", info.manifest.version, info.device, info.precision);
     }

@@ -104,14 +104,15 @@ impl fmt::Display for DeviceSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuDtype {
-    /// The fastest of the exported fp32, bf16 and int8 variants whose top labels agree with fp32.
+    /// The fastest of the exported fp32, bf16 and int8 variants that agrees with fp32 and is
+    /// batch-invariant (`batchbox_model::checks`).
     #[default]
     Auto,
     /// The `cpu-float32` variant (`auto` needs it too: the others are checked against it).
     Fp32,
     /// The `cpu-bfloat16` variant.
     Bf16,
-    /// Dynamic int8 quantization of the linear layers (the `cpu-int8` variant).
+    /// int8 linear layers with activations scaled per row (the `cpu-int8` variant).
     Int8,
 }
 

@@ -6,17 +6,20 @@
 //!   export lacks stops startup with the command that adds it.
 //! - On CPU with `auto` (the default): no precision is fastest everywhere (bf16 ran DeBERTa-v3 2x
 //!   faster than fp32 on an AMD EPYC and 0.83x on an Intel Xeon without AMX; int8 depends on
-//!   VNNI), so each exported candidate among fp32, bf16 and int8 is loaded and warmed up, checked
-//!   against fp32 on the export's golden texts, and timed on a warm-up batch; the fastest whose
-//!   top labels (per token, for token classifiers) all agree with fp32's wins. fp32 is always a
-//!   candidate, so a model that only has fp32 still loads. The timings go to the log and to
-//!   `/v1/models`.
+//!   VNNI), so each exported candidate among fp32, bf16 and int8 is loaded, warmed up and timed
+//!   on a warm-up batch, compared with fp32 on the export's agreement texts and checked for batch
+//!   invariance (`batchbox_model::checks`); the fastest that is within both bounds wins. fp32 is
+//!   always a candidate and the fallback, so a model that only has fp32 still loads. What was
+//!   measured goes to the log, `check-config` and `/v1/models`.
+//! - Every precision served, configured or chosen, has its batch invariance measured at load; a
+//!   configured one outside the bound is still served, with a warning saying what that costs.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use batchbox_model::checks::{self, Invariance};
 use batchbox_model::{
     Backend, Candidate, LoadedBackend, Manifest, ModelError, Output, Pad, Precision, PrecisionChoice, warm_up,
 };
@@ -71,13 +74,43 @@ pub(crate) fn choose(
     cpu_dtype: CpuDtype,
 ) -> Result<LoadedBackend<Engine>, ModelError> {
     let device_name = format!("{device:?}").to_lowercase();
+    let golden = Golden::load(dir);
     if let Some(precision) = Precision::configured(device, use_fp16, cpu_dtype) {
         let mut engine = Engine::load(dir, manifest, device, precision)?;
         warm_up(&mut engine, manifest)?;
-        return Ok(LoadedBackend::configured(engine, device_name, precision));
+        let invariance = match &golden {
+            Ok(golden) => {
+                // fp32 is checked with the probes alone, as `auto` checks it (see `checks`).
+                let texts = golden.agreement_texts();
+                let sorted = match precision {
+                    Precision::Fp32 => None,
+                    _ => Some(checks::run_sorted(&mut engine, &texts)?),
+                };
+                Some(golden.invariance(&mut engine, precision, sorted.as_deref())?)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "batch invariance not measured: the export has no golden texts");
+                None
+            }
+        };
+        if let Some(moved) = invariance.as_ref().filter(|i| !i.holds()) {
+            tracing::warn!(
+                ?precision,
+                max_abs_diff = format!("{:.1e}", moved.max_abs_diff),
+                bound = moved.bound,
+                "this precision is not batch-invariant on this model: a text's probabilities moved by up to {:.1e} with \
+                 the texts batched beside it (bound {:e}). The same request can get different answers under load, one \
+                 tenant's traffic can move another's answers, and the response cache keeps whichever came first; \
+                 `cpu_dtype: auto` would not choose it",
+                moved.max_abs_diff,
+                moved.bound
+            );
+        }
+        let measured = Candidate::new(precision, None, None, invariance);
+        return Ok(LoadedBackend::configured(engine, device_name, measured));
     }
 
-    let golden = Golden::load(dir)?;
+    let golden = golden?;
     let mut engines = vec![(Precision::Fp32, Engine::load(dir, manifest, device, Precision::Fp32)?)];
     for precision in [Precision::Bf16, Precision::Int8] {
         if manifest.variants.contains_key(&precision.variant(device)) {
@@ -91,16 +124,9 @@ pub(crate) fn choose(
     // Every candidate pads alike (same pad id, same device).
     let padder = engines[0].1.padder();
     let golden_rows: Vec<&[u32]> = golden.input_ids.iter().map(Vec::as_slice).collect();
-    let golden_batch = padder.pad(&golden_rows);
-    let labels = engines
-        .iter_mut()
-        .map(|(_, engine)| Ok(top_labels(&engine.forward(&golden_batch)?)))
-        .collect::<Result<Vec<_>, ModelError>>()?;
-    let reference = &labels[0]; // fp32's
     let timing: Vec<&[u32]> =
         golden_rows.iter().cycle().take(TIMING_ROWS).map(|row| &row[..row.len().min(TIMING_MAX_LEN)]).collect();
     let timing_batch = padder.pad(&timing);
-
     let mut samples = vec![Vec::with_capacity(TIMING_ROUNDS); engines.len()];
     for _ in 0..TIMING_ROUNDS {
         for ((_, engine), times) in engines.iter_mut().zip(&mut samples) {
@@ -109,41 +135,79 @@ pub(crate) fn choose(
             times.push(started.elapsed());
         }
     }
+
+    let texts = golden.agreement_texts();
+    let reference = checks::run_sorted(&mut engines[0].1, &texts)?; // fp32's
     let mut candidates = Vec::new();
-    for (((precision, _), times), labels) in engines.iter().zip(samples).zip(&labels) {
-        let agreeing_texts = labels.iter().zip(reference).filter(|(a, b)| a == b).count();
-        candidates.push(Candidate {
-            precision: *precision,
-            median_ms: median(times).as_secs_f64() * 1e3,
-            agreeing_texts,
-            golden_texts: reference.len(),
-        });
+    for ((precision, engine), times) in engines.iter_mut().zip(samples) {
+        let outputs = match precision {
+            Precision::Fp32 => None,
+            _ => Some(checks::run_sorted(engine, &texts)?),
+        };
+        let agreement = checks::agreement(&reference, outputs.as_ref().unwrap_or(&reference));
+        let invariance = golden.invariance(engine, *precision, outputs.as_deref())?;
+        candidates.push(Candidate::new(
+            *precision,
+            Some(median(times).as_secs_f64() * 1e3),
+            Some(agreement),
+            Some(invariance),
+        ));
     }
+    // The fastest eligible candidate; fp32, the reference, if none is (even if it failed its
+    // own invariance bound: nothing else would do better).
     let best = candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.agrees())
-        .min_by(|a, b| a.1.median_ms.total_cmp(&b.1.median_ms))
+        .filter(|(_, c)| c.eligible)
+        .min_by(|a, b| a.1.median_ms.unwrap_or(f64::MAX).total_cmp(&b.1.median_ms.unwrap_or(f64::MAX)))
         .map_or(0, |(i, _)| i);
     for candidate in &candidates {
+        let (agreement, invariance) = (candidate.agreement.as_ref(), candidate.invariance.as_ref());
         tracing::info!(
             precision = ?candidate.precision,
-            median_ms = format!("{:.1}", candidate.median_ms),
-            agreeing_golden_texts = format!("{}/{}", candidate.agreeing_texts, candidate.golden_texts),
+            median_ms = format!("{:.1}", candidate.median_ms.unwrap_or(0.0)),
+            top_labels_agreeing = agreement.map(|a| format!("{}/{} over {} texts", a.agreeing, a.compared, a.texts)),
+            max_abs_diff_from_fp32 = agreement.map(|a| format!("{:.1e}", a.max_abs_diff)),
+            batch_invariance = invariance.map(|i| format!("{:.1e} (bound {:e})", i.max_abs_diff, i.bound)),
+            eligible = candidate.eligible,
             "cpu_dtype auto: measured"
         );
     }
+    if texts.len() < checks::MIN_AGREEMENT_TEXTS {
+        tracing::warn!(
+            texts = texts.len(),
+            "cpu_dtype auto: the export has fewer than {} agreement texts, too few to tell 99% agreement from less, so \
+             only fp32 can be chosen; re-export the model (tools/export_model.py) to let auto consider bf16 and int8",
+            checks::MIN_AGREEMENT_TEXTS
+        );
+    }
     let (precision, engine) = engines.swap_remove(best);
-    tracing::info!(?precision, "cpu_dtype auto: chose the fastest precision that agrees with fp32");
+    tracing::info!(
+        ?precision,
+        "cpu_dtype auto: chose the fastest precision that agrees with fp32 and is batch-invariant"
+    );
     let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
     let precision_choice = PrecisionChoice { mode: "auto", candidates, batch };
     Ok(LoadedBackend { backend: engine, device: device_name, precision, precision_choice })
 }
 
-/// The export's golden texts, as token ids (`golden.json`, written by tools/export_model.py).
+/// What the export wrote for the runtime's checks (`golden.json`, by tools/export_model.py): the
+/// golden texts' token ids; the agreement texts' (an older export has none: then the golden
+/// texts alone); and which of those the invariance check runs alone and beside them.
 #[derive(Deserialize)]
 struct Golden {
     input_ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    agreement_ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    invariance: Option<InvarianceSets>,
+}
+
+/// Indices into the agreement texts.
+#[derive(Deserialize)]
+struct InvarianceSets {
+    probes: Vec<usize>,
+    neighbours: Vec<usize>,
 }
 
 impl Golden {
@@ -152,26 +216,46 @@ impl Golden {
         let invalid = |message: String| ModelError::Manifest { path: path.clone(), message };
         let golden: Golden = serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| invalid(e.to_string()))?)
             .map_err(|e| invalid(e.to_string()))?;
-        if golden.input_ids.is_empty() || golden.input_ids.iter().any(Vec::is_empty) {
-            return Err(invalid("cpu_dtype auto needs the golden texts' token ids; re-export the model".into()));
+        if golden.input_ids.is_empty() || golden.input_ids.iter().chain(&golden.agreement_ids).any(Vec::is_empty) {
+            return Err(invalid("the precision checks need the golden texts' token ids; re-export the model".into()));
+        }
+        let texts = golden.agreement_texts().len();
+        if let Some(sets) = &golden.invariance
+            && let Some(bad) = sets.probes.iter().chain(&sets.neighbours).find(|&&i| i >= texts)
+        {
+            return Err(invalid(format!("invariance text {bad} is not one of the {texts} agreement texts")));
         }
         Ok(golden)
     }
-}
 
-/// Each output's top label: one per sequence, or one per token for token classifiers.
-fn top_labels(outputs: &[Output]) -> Vec<Vec<usize>> {
-    outputs
-        .iter()
-        .map(|output| {
-            let labels = *output.shape.last().expect("outputs have a label dimension");
-            output
-                .data
-                .chunks_exact(labels)
-                .map(|row| (0..labels).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0))
-                .collect()
-        })
-        .collect()
+    /// The texts candidates are compared with fp32 on.
+    fn agreement_texts(&self) -> Vec<&[u32]> {
+        let texts = if self.agreement_ids.is_empty() { &self.input_ids } else { &self.agreement_ids };
+        texts.iter().map(Vec::as_slice).collect()
+    }
+
+    /// How far the probes' probabilities move between alone and beside the neighbours, and, given
+    /// the agreement texts' outputs in sorted passes, how far any text's move when regrouped. An
+    /// older export names no probes: its golden texts run alone and together then.
+    fn invariance(
+        &self,
+        engine: &mut Engine,
+        precision: Precision,
+        sorted: Option<&[Output]>,
+    ) -> Result<Invariance, ModelError> {
+        let texts = self.agreement_texts();
+        let (probes, neighbours): (Vec<&[u32]>, Vec<&[u32]>) = match &self.invariance {
+            Some(sets) => {
+                (sets.probes.iter().map(|&i| texts[i]).collect(), sets.neighbours.iter().map(|&i| texts[i]).collect())
+            }
+            None => (self.input_ids.iter().map(Vec::as_slice).collect(), Vec::new()),
+        };
+        let alone = checks::invariance(engine, &probes, &neighbours, checks::invariance_bound(precision))?;
+        match sorted {
+            Some(sorted) => checks::regrouped(engine, &texts, sorted, alone),
+            None => Ok(alone),
+        }
+    }
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {

@@ -5,7 +5,7 @@
 //! the model thread). `batchbox-model-tch` implements it on libtorch; tests implement it with
 //! plain vectors to inject faults.
 
-use crate::{Manifest, ModelError, Output, Precision, PrecisionChoice};
+use crate::{Candidate, Manifest, ModelError, Output, Precision, PrecisionChoice};
 
 /// Builds a forward pass's inputs from its rows. `Copy` and `Send`, so the thread that prepares
 /// the next batch while one runs (see [`Backend::prepare_ahead`]) has its own.
@@ -47,9 +47,10 @@ pub struct LoadedBackend<B> {
 }
 
 impl<B> LoadedBackend<B> {
-    /// A backend that runs at the precision the config named, with nothing measured.
-    pub fn configured(backend: B, device: impl Into<String>, precision: Precision) -> Self {
-        let precision_choice = PrecisionChoice { mode: "configured", candidates: Vec::new(), batch: None };
+    /// A backend that runs at the precision the config named, with what was measured of it.
+    pub fn configured(backend: B, device: impl Into<String>, measured: Candidate) -> Self {
+        let precision = measured.precision;
+        let precision_choice = PrecisionChoice { mode: "configured", candidates: vec![measured], batch: None };
         Self { backend, device: device.into(), precision, precision_choice }
     }
 }

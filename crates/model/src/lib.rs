@@ -11,6 +11,7 @@
 
 mod backend;
 pub mod cache;
+pub mod checks;
 pub mod manifest;
 mod metrics;
 mod precision;
@@ -447,9 +448,10 @@ mod tests {
         };
         let dropped = Arc::new(AtomicBool::new(false));
         let backend = Recorded(dropped.clone());
-        let model =
-            Model::start(&dir, &options, move |_, _| Ok(LoadedBackend::configured(backend, "test", Precision::Fp32)))
-                .unwrap();
+        let model = Model::start(&dir, &options, move |_, _| {
+            Ok(LoadedBackend::configured(backend, "test", Candidate::new(Precision::Fp32, None, None, None)))
+        })
+        .unwrap();
         model.infer_blocking(vec![vec![101, 2023, 102]]).unwrap();
         drop(model);
         // A thread left running would free a torch module while the process exits, after

@@ -1,7 +1,12 @@
-//! The precision a model runs at, and why: shown in `/v1/models` and the log. The backend
-//! chooses it (see `batchbox-model-tch`'s `precision` for the policy).
+//! The precision a model runs at, and why: shown in `/v1/models`, `check-config` and the log. The
+//! backend chooses it (see `batchbox-model-tch`'s `precision` for the policy), with the checks of
+//! [`crate::checks`].
+
+use std::fmt;
 
 use serde::Serialize;
+
+use crate::checks::{Agreement, Invariance};
 
 /// Numeric precision of the loaded weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -13,27 +18,78 @@ pub enum Precision {
     Fp16,
     /// bfloat16; CPU only, set by `cpu_dtype: bf16` or chosen by `auto`.
     Bf16,
-    /// Dynamic int8 quantization of the linear layers; the rest in fp32. CPU only.
+    /// int8 linear layers, weights scaled per output channel and activations per row; the rest in
+    /// fp32. CPU only.
     Int8,
 }
 
-/// What `auto` measured for one candidate.
+/// What was measured of one precision at load: by `auto` for each candidate, and for the
+/// precision served when it was configured (invariance only).
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
-    /// The precision loaded and timed.
+    /// The precision loaded and measured.
     pub precision: Precision,
-    /// Median time of the warm-up batch.
-    pub median_ms: f64,
-    /// Golden texts whose top labels all agree with fp32's, out of how many.
-    pub agreeing_texts: usize,
-    /// Golden texts compared: every one in the export's `golden.json`.
-    pub golden_texts: usize,
+    /// Median time of the warm-up batch (`auto` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub median_ms: Option<f64>,
+    /// Its outputs against fp32's on the export's agreement texts (`auto` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<Agreement>,
+    /// How far a text's probabilities moved with the texts batched beside it; `None` where the
+    /// export has no golden texts to measure with.
+    pub invariance: Option<Invariance>,
+    /// Whether `auto` may choose it: agreement and invariance both within their bounds.
+    pub eligible: bool,
 }
 
 impl Candidate {
-    /// Whether every golden text's top labels match fp32's; only then may `auto` choose it.
-    pub fn agrees(&self) -> bool {
-        self.agreeing_texts == self.golden_texts
+    /// A candidate with what was measured of it, `eligible` when both checks hold.
+    pub fn new(
+        precision: Precision,
+        median_ms: Option<f64>,
+        agreement: Option<Agreement>,
+        invariance: Option<Invariance>,
+    ) -> Self {
+        let eligible =
+            agreement.as_ref().is_some_and(Agreement::holds) && invariance.as_ref().is_some_and(Invariance::holds);
+        Self { precision, median_ms, agreement, invariance, eligible }
+    }
+}
+
+/// One line for the log and `check-config`: what was measured, and whether `auto` may choose it.
+impl fmt::Display for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.precision)?;
+        if let Some(ms) = self.median_ms {
+            write!(f, " {ms:.1} ms")?;
+        }
+        if let Some(a) = &self.agreement {
+            let rate = a.agreeing as f64 / a.compared.max(1) as f64 * 100.0;
+            write!(
+                f,
+                ", top labels agree with fp32 on {}/{} ({rate:.1}%) over {} texts, max |dp| {:.1e}",
+                a.agreeing, a.compared, a.texts, a.max_abs_diff
+            )?;
+        }
+        match &self.invariance {
+            Some(i) => write!(
+                f,
+                ", moves {:.1e} beside other texts{} (bound {:e}{})",
+                i.max_abs_diff,
+                if i.regrouped > 0 {
+                    format!(" ({} alone, {} regrouped)", i.probes, i.regrouped)
+                } else {
+                    format!(" ({} alone)", i.probes)
+                },
+                i.bound,
+                if i.holds() { "" } else { ": not batch-invariant" }
+            )?,
+            None => write!(f, ", batch invariance not measured")?,
+        }
+        if self.agreement.is_some() {
+            write!(f, "{}", if self.eligible { "; eligible" } else { "; not eligible" })?;
+        }
+        Ok(())
     }
 }
 
@@ -42,7 +98,8 @@ impl Candidate {
 pub struct PrecisionChoice {
     /// `configured` (set by hand, or on CUDA) or `auto`.
     pub mode: &'static str,
-    /// What `auto` measured, in the order tried; empty when configured.
+    /// `auto`: every candidate, in the order tried; configured: the precision served, with its
+    /// invariance.
     pub candidates: Vec<Candidate>,
     /// The warm-up batch `auto` timed: rows x padded length.
     #[serde(skip_serializing_if = "Option::is_none")]
