@@ -10,13 +10,18 @@ use common::{PREDICT, Server, fixture_sentences, write_config};
 use serde_json::{Value, json};
 
 /// Tenants `alpha` and `beta` run the same plugin on the same model, each with a cache of its
-/// own; `plain` has none. `max_bytes` is alpha's and beta's budget.
+/// own; `plain` has none. `max_bytes` is alpha's and beta's budget. The model in fp32.
 fn server(name: &str, max_bytes: u64) -> Server {
+    server_at(name, max_bytes, "fp32")
+}
+
+/// [`server`], with the model's `cpu_dtype` as given.
+fn server_at(name: &str, max_bytes: u64, cpu_dtype: &str) -> Server {
     Server::launch(&write_config(
         name,
         &format!(
             r#"
-models: [{{ name: minilm-topics, path: "{{model}}", device: cpu }}]
+models: [{{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: {cpu_dtype} }}]
 api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}" }}
 tenants:
@@ -127,4 +132,40 @@ fn a_sentence_repeated_within_one_request_is_computed_once() {
         (Some(3), Some(0), Some(2)),
         "{stats}"
     );
+}
+
+#[test]
+fn a_cache_hit_answers_what_the_sentence_gets_alone() {
+    // What `cpu_dtype: auto` serves, whichever it chooses.
+    let server = server_at("cache-alone", 1 << 20, "auto");
+    let sentences: Vec<String> = fixture_sentences()[..12].to_vec();
+    // Cached from one request, each sentence computed beside the eleven others (and padded).
+    let batched = predict(&server, &format!("/alpha{PREDICT}"), &sentences);
+    let model = server.get("/v1/models").1["models"][0].clone();
+    let precision = model["precision"].as_str().unwrap().to_owned();
+    let bound = if precision == "fp32" { 1e-5 } else { 1e-3 };
+    // `cpu_dtype: auto` chose it, and /v1/models shows what it measured of every candidate.
+    let candidates = model["precision_choice"]["candidates"].as_array().unwrap().clone();
+    assert_eq!(candidates.len(), 3, "{model}");
+    for c in &candidates {
+        assert!(c["median_ms"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["agreement"]["texts"].as_u64().unwrap() >= 256 && c["agreement"]["max_abs_diff"].is_f64(), "{c}");
+        assert!(c["invariance"]["max_abs_diff"].is_f64() && c["invariance"]["bound"].is_f64(), "{c}");
+    }
+    let chosen = candidates.iter().find(|c| c["precision"] == precision.as_str()).unwrap();
+    assert_eq!(chosen["eligible"], true, "{chosen}");
+    for (i, sentence) in sentences.iter().enumerate() {
+        let hit = predict(&server, &format!("/alpha{PREDICT}"), std::slice::from_ref(sentence));
+        assert_eq!(forward_passes(&hit), 0, "a hit");
+        assert_eq!(hit["probabilities"][0], batched["probabilities"][i]);
+        // The same sentence alone, computed for the tenant without a cache.
+        let alone = predict(&server, PREDICT, std::slice::from_ref(sentence));
+        assert_eq!(forward_passes(&alone), 1);
+        let probabilities = |body: &Value| -> Vec<f64> {
+            body["probabilities"][0].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect()
+        };
+        let moved =
+            probabilities(&hit).iter().zip(probabilities(&alone)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(moved <= bound, "sentence {i} at {precision}: the cached answer is {moved:.2e} from its answer alone");
+    }
 }

@@ -23,8 +23,13 @@ fn sha256(key: &str) -> String {
 
 /// Three tenants with keys (alpha: the default model; beta: a second model, reached by Host
 /// header, key from an env var; hostile: tight limits, key from a file) and a public one whose
-/// plugin only ever sleeps.
+/// plugin only ever sleeps. The models in fp32: `cpu_dtype: auto` measures for seconds at load.
 fn config(name: &str) -> PathBuf {
+    config_with_dtype(name, "fp32")
+}
+
+/// [`config`], with the default model's `cpu_dtype` as given.
+fn config_with_dtype(name: &str, cpu_dtype: &str) -> PathBuf {
     let dir = workspace().join("target/http-tests");
     std::fs::create_dir_all(&dir).unwrap();
     let keys_file = dir.join("hostile.keys");
@@ -34,8 +39,8 @@ fn config(name: &str) -> PathBuf {
         &format!(
             r#"
 models:
-  - {{ name: minilm-topics, path: "{{model}}", device: cpu }}
-  - {{ name: tiny-deberta, path: "{tiny}", device: cpu }}
+  - {{ name: minilm-topics, path: "{{model}}", device: cpu, cpu_dtype: {cpu_dtype} }}
+  - {{ name: tiny-deberta, path: "{tiny}", device: cpu, cpu_dtype: fp32 }}
 api: {{ inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }}
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}" }}
 tenants:
@@ -285,7 +290,7 @@ fn broken_plugins_stop_startup_naming_the_tenant_and_what_is_missing() {
 #[test]
 fn check_config_validates_without_serving_and_the_example_config_is_valid() {
     let (ok, output) = batchbox(
-        &["--config", config("check").to_str().unwrap(), "check-config"],
+        &["--config", config_with_dtype("check", "auto").to_str().unwrap(), "check-config"],
         &[("BATCHBOX_TEST_BETA_KEY", BETA_KEY)],
     );
     assert!(ok, "{output}");
@@ -302,6 +307,13 @@ fn check_config_validates_without_serving_and_the_example_config_is_valid() {
         !output.contains(BETA_KEY) && !output.contains(&sha256(ALPHA_KEY)),
         "keys and hashes are never printed: {output}"
     );
+    // `cpu_dtype: auto` (the default) says what it measured of each candidate: time, agreement with
+    // fp32 over the export's agreement texts, and batch invariance against its bound.
+    let minilm = output.lines().find(|l| l.starts_with("model minilm-topics:")).unwrap_or_else(|| panic!("{output}"));
+    for measured in ["Fp32 ", "Bf16 ", "Int8 ", " texts, max |dp| ", " beside other texts ("] {
+        assert_eq!(minilm.matches(measured).count(), if measured.len() == 5 { 1 } else { 3 }, "{measured:?}: {minilm}");
+    }
+    assert!(minilm.contains("(bound 1e-5") && minilm.matches("(bound 1e-3").count() == 2, "{minilm}");
 
     let example = workspace().join("examples/two_tenants.yaml");
     let (ok, output) =
@@ -485,7 +497,7 @@ fn past_max_instances_requests_get_503_at_once_and_the_next_is_served() {
     let config = write_config(
         "instances",
         r#"
-models: [{ name: minilm-topics, path: "{model}", device: cpu }]
+models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: fp32 }]
 api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }
 server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}", max_instances: 2 }
 tenants:
