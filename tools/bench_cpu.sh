@@ -28,7 +28,7 @@ for model in "${models[@]}"; do
   esac
   .venv/bin/python tools/seed_baseline.py --device cpu --dtype float32 --rounds "${REQUESTS:-5}" --setup input:32 "${source[@]}" \
     2> "$out/python.log" | tee -a "$results"
-  REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving \
+  REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} \
     bash tools/bench_serving.sh "$model" 1 batchbox:fp32 batchbox:bf16 batchbox:int8 batchbox:auto | tee -a "$results"
   echo
   echo "### $model"
@@ -41,6 +41,9 @@ for line in open('$results'):
     run = json.loads(line)
     if run.get('dtype') == 'auto':
         for c in run['precision_choice']['candidates']:
-            print(f\"auto measured {c['precision']}: {c['median_ms']:.1f} ms on its warm-up batch, golden texts agreeing {c['agreeing_texts']}/{c['golden_texts']}\")
+            a, i = c['agreement'], c['invariance']
+            print(f\"auto measured {c['precision']}: {c['median_ms']:.1f} ms on its warm-up batch; top labels agreeing with fp32 \"
+                  f\"{a['agreeing']}/{a['compared']} over {a['texts']} texts, max |dp| {a['max_abs_diff']:.1e}; batch invariance \"
+                  f\"{i['max_abs_diff']:.1e} (bound {i['bound']:g}); {'eligible' if c['eligible'] else 'not eligible'}\")
 "
 done

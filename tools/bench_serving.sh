@@ -15,10 +15,13 @@
 # Environment: DEVICE (cpu or cuda; default cpu), MODELS_DIR (default models), BIN_DIR (where
 # batchbox and loadgen are; default target/release), PLUGIN (the sentence-classifier .wasm),
 # REQUESTS_PER_CLIENT (default 1; at least 4 requests in all), DURATION (seconds per run, default
-# 3600), OUT_DIR (default target/bench-serving).
+# 3600), OUT_DIR (default target/bench-serving), ALONE (default 0: how many fixture sentences to
+# send alone as well, to measure how far each moves from its row in the 120-sentence answer;
+# tools/alone_vs_batch.py).
 #
 # Prints one JSON line per run: loadgen --json, plus model, setup, dtype, device, the precision
-# the server ran (with what `auto` measured) and the file holding its answer to the fixture.
+# the server ran (with what `auto` measured), the file holding its answer to the fixture and, with
+# ALONE, `alone_vs_batch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/start_server.sh
@@ -72,6 +75,10 @@ YAML
   fetch "$address/v1/models" > "$out/models.json"
   # One answer to the fixture, kept for comparisons between setups (top-label agreement).
   fetch "$address/api/v1/predict/sentences" tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype.response.json"
+  echo null > "$out/alone.json"
+  if [ "${ALONE:-0}" -gt 0 ]; then
+    python3 tools/alone_vs_batch.py "$address" "$out/$model-$setup-$device-$dtype.response.json" --sentences "$ALONE" > "$out/alone.json"
+  fi
   for c in $concurrencies; do
     n=$(( c * per_client > 4 ? c * per_client : 4 ))
     "$bin_dir/loadgen" --server "$address" --concurrency "$c" --requests "$n" --duration "${DURATION:-3600}" --json \
@@ -80,7 +87,8 @@ import json, sys
 run = json.load(sys.stdin)
 served = json.load(open('$out/models.json'))['models'][0]
 run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', precision=served['precision'],
-           precision_choice=served['precision_choice'], response='$out/$model-$setup-$device-$dtype.response.json')
+           precision_choice=served['precision_choice'], response='$out/$model-$setup-$device-$dtype.response.json',
+           alone_vs_batch=json.load(open('$out/alone.json')))
 print(json.dumps(run))"
   done
   stop_server "$out/server"

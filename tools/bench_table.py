@@ -9,7 +9,8 @@ Reads the lines `tools/bench_serving.sh` (one per server run and client count) a
   server ran, and the p50 latency's ratio to the seed's way (`--reference`, a Python setup name;
   default python-input-32, batches of 32 in input order): reference median / p50; with
   `--agreement-with DTYPE`, how many of the fixture's top labels each run's answer shares with
-  the run of that dtype (from the answers bench_serving.sh keeps).
+  the run of that dtype (from the answers bench_serving.sh keeps); where runs measured it
+  (bench_serving.sh ALONE=N), how far a sentence moved at most between alone and in the 120.
 
     tools/bench_table.py results.jsonl [--reference python-input-32] [--agreement-with fp32]
 """
@@ -51,8 +52,10 @@ def main() -> int:
         print()
     if serving:
         agreement_header = f" top label = {args.agreement_with} |" if baseline else ""
-        print(f"| clients | setup | device | precision | sentences/s | p50 ms | p95 ms | p99 ms | real/padded | batches | statuses | p50 × seed's way |{agreement_header}")
-        print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if baseline else ""))
+        alone = any(r.get("alone_vs_batch") for r in serving)
+        alone_header = " alone vs in the 120: max \\|Δp\\| |" if alone else ""
+        print(f"| clients | setup | device | precision | sentences/s | p50 ms | p95 ms | p99 ms | real/padded | batches | statuses | p50 × seed's way |{agreement_header}{alone_header}")
+        print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|" + ("---:|" if baseline else "") + ("---:|" if alone else ""))
         for r in serving:
             latency, server = r["latency_ms"], r.get("server") or {}
             padding = f"{server['real_over_padded']:.3f}" if server else "–"
@@ -63,7 +66,8 @@ def main() -> int:
             ratio = f"{reference / latency['p50']:.2f}×" if reference and latency["p50"] else "–"
             print(f"| {r['concurrency']} | {r['setup']} | {r.get('device', '')} | {precision} | {r['sentences_per_s']:.1f} | "
                   f"{latency['p50']:.1f} | {latency['p95']:.1f} | {latency['p99']:.1f} | {padding} | {server.get('batches', '–')} | "
-                  f"{statuses} | {ratio} |" + (agreement(baseline, predictions(r)) if baseline else ""))
+                  f"{statuses} | {ratio} |" + (agreement(baseline, predictions(r)) if baseline else "")
+                  + (f" {r['alone_vs_batch']['max_abs_diff']:.1e} |" if r.get("alone_vs_batch") else " – |" if alone else ""))
     return 0
 
 
