@@ -11,6 +11,8 @@
 //!
 //! Needs `make setup` and `make test-models`.
 
+mod common;
+
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -153,4 +155,30 @@ fn a_sequence_gets_the_same_probabilities_alone_and_beside_any_other_sequences()
         }
     }
     println!("{}", report.join("\n"));
+}
+
+#[test]
+fn a_precision_set_by_hand_outside_the_bound_is_served_with_a_warning_saying_what_it_costs() {
+    // The tiny DeBERTa's bf16 moves its answers with their neighbours (DeBERTa's attention cannot
+    // run in fp64; the export's check measured it), and `check-config` loads it as `serve` would.
+    let config = common::write_config(
+        "invariance-by-hand",
+        &format!(
+            r#"
+models: [{{ name: tiny, path: "{}", device: cpu, cpu_dtype: bf16 }}]
+api: {{ inference_batch_size: 32, use_fp16: false, max_batch_tokens: 8192 }}
+server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}" }}
+tenants: [{{ name: a, wasm: "{{classifier}}", routes: [/a] }}]
+"#,
+            model_dir("test/tiny-deberta").display()
+        ),
+    );
+    let (ok, output) = common::batchbox(&["--config", config.to_str().unwrap(), "check-config"], &[]);
+    assert!(ok, "served, by name: {output}");
+    assert!(output.contains("not batch-invariant on this model"), "{output}");
+    assert!(output.contains("different answers under load") && output.contains("would not choose it"), "{output}");
+    assert!(
+        output.contains("model tiny:") && output.contains("(Bf16; cpu_dtype configured measured: Bf16, moves "),
+        "{output}"
+    );
 }

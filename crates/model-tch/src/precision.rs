@@ -111,6 +111,7 @@ pub(crate) fn choose(
     }
 
     let golden = golden?;
+    let started = Instant::now();
     let mut engines = vec![(Precision::Fp32, Engine::load(dir, manifest, device, Precision::Fp32)?)];
     for precision in [Precision::Bf16, Precision::Int8] {
         if manifest.variants.contains_key(&precision.variant(device)) {
@@ -136,6 +137,7 @@ pub(crate) fn choose(
         }
     }
 
+    let loaded_and_timed = started.elapsed();
     let texts = golden.agreement_texts();
     let reference = checks::run_sorted(&mut engines[0].1, &texts)?; // fp32's
     let mut candidates = Vec::new();
@@ -181,6 +183,11 @@ pub(crate) fn choose(
             checks::MIN_AGREEMENT_TEXTS
         );
     }
+    tracing::info!(
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        loading_warming_and_timing = format!("{:.1}", loaded_and_timed.as_secs_f64()),
+        "cpu_dtype auto: measured every candidate"
+    );
     let (precision, engine) = engines.swap_remove(best);
     tracing::info!(
         ?precision,
