@@ -32,7 +32,7 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 /// The model at `dtype`, behind a queue that batches first come, first served (`batch_order:
-/// input-order`) and waits 20 ms for more work: a call's rows share one pass, and calls made
+/// input-order`) and waits 50 ms for more work: a call's rows share one pass, and calls made
 /// together share a pass, so each case decides exactly what runs beside its sequence.
 fn load(name: &str, dtype: CpuDtype) -> Arc<Model> {
     batchbox_model_tch::load(&ModelOptions {
@@ -46,7 +46,7 @@ fn load(name: &str, dtype: CpuDtype) -> Arc<Model> {
                 max_sequences: NonZeroUsize::new(64).unwrap(),
                 max_tokens: NonZeroUsize::new(1 << 16).unwrap(),
             },
-            max_queue_delay: Duration::from_millis(20),
+            max_queue_delay: Duration::from_millis(50),
             max_queued_tokens: 1 << 20,
             queue_shares: Vec::new(),
             max_batch_time: None,
@@ -145,6 +145,11 @@ fn a_sequence_gets_the_same_probabilities_alone_and_beside_any_other_sequences()
                 panic!("{e}");
             }
             assert_eq!(checked.bound, if info.precision == Precision::Fp32 { 1e-5 } else { 1e-3 });
+            // What must hold on any CPU: fp32, and int8 where attention runs in fp64 (its linear
+            // layers are integer products, and the rest rounds per element or per row).
+            if info.precision == Precision::Fp32 || (name == "minilm-topics" && info.precision == Precision::Int8) {
+                assert!(checked.holds(), "{name} {:?}: {checked:?}", info.precision);
+            }
             report.push(format!(
                 "{name} {:?}: load-time check {:.2e} ({}), largest move in the cases {:.2e}",
                 info.precision,
@@ -159,26 +164,35 @@ fn a_sequence_gets_the_same_probabilities_alone_and_beside_any_other_sequences()
 
 #[test]
 fn a_precision_set_by_hand_outside_the_bound_is_served_with_a_warning_saying_what_it_costs() {
-    // The tiny DeBERTa's bf16 moves its answers with their neighbours (DeBERTa's attention cannot
-    // run in fp64; the export's check measured it), and `check-config` loads it as `serve` would.
+    // A variant the export found not batch-invariant (the tiny DeBERTas' bf16 here: DeBERTa's
+    // attention cannot run in fp64), loaded by name as `serve` would load it.
+    let models = ["test/tiny-deberta", "test/tiny-deberta-ner"];
+    let variants = [("cpu-bfloat16", "bf16", "Bf16"), ("cpu-int8", "int8", "Int8")];
+    let flagged =
+        models.iter().flat_map(|&name| variants.iter().map(move |&v| (name, v))).find(|(name, (variant, ..))| {
+            let manifest: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(model_dir(name).join("manifest.json")).unwrap()).unwrap();
+            manifest["invariance"][variant]["holds"] == false
+        });
+    let Some((name, (_, dtype, shown))) = flagged else {
+        panic!("the export found every variant of the tiny DeBERTas batch-invariant: pick another model for this test");
+    };
     let config = common::write_config(
         "invariance-by-hand",
         &format!(
             r#"
-models: [{{ name: tiny, path: "{}", device: cpu, cpu_dtype: bf16 }}]
+models: [{{ name: tiny, path: "{}", device: cpu, cpu_dtype: {dtype} }}]
 api: {{ inference_batch_size: 32, use_fp16: false, max_batch_tokens: 8192 }}
 server: {{ bind: "127.0.0.1:0", plugin_cache_dir: "{{cache}}" }}
 tenants: [{{ name: a, wasm: "{{classifier}}", routes: [/a] }}]
 "#,
-            model_dir("test/tiny-deberta").display()
+            model_dir(name).display()
         ),
     );
     let (ok, output) = common::batchbox(&["--config", config.to_str().unwrap(), "check-config"], &[]);
     assert!(ok, "served, by name: {output}");
     assert!(output.contains("not batch-invariant on this model"), "{output}");
     assert!(output.contains("different answers under load") && output.contains("would not choose it"), "{output}");
-    assert!(
-        output.contains("model tiny:") && output.contains("(Bf16; cpu_dtype configured measured: Bf16, moves "),
-        "{output}"
-    );
+    let measured = format!("({shown}; measured at load: {shown}, moves ");
+    assert!(output.contains("model tiny:") && output.contains(&measured), "{output}");
 }

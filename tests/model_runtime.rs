@@ -330,13 +330,13 @@ fn auto_runs_the_fastest_precision_that_agrees_with_fp32_and_is_batch_invariant(
         assert!(c.median_ms.unwrap() > 0.0, "{c}");
         assert!(agreement.texts >= 256 && agreement.compared == agreement.texts, "{c}");
         assert_eq!(invariance.bound, if c.precision == Precision::Fp32 { 1e-5 } else { 1e-3 }, "{c}");
-        assert_eq!(c.eligible, agreement.holds() && invariance.holds(), "{c}");
+        assert_eq!(c.eligible, Some(agreement.holds() && invariance.holds()), "{c}");
     }
     let fp32 = &choice.candidates[0];
-    assert!(fp32.eligible, "fp32 agrees with itself and is batch-invariant: {fp32}");
+    assert!(fp32.eligible(), "fp32 agrees with itself and is batch-invariant: {fp32}");
     let chosen = choice.candidates.iter().find(|c| c.precision == model.info().precision).unwrap();
-    assert!(chosen.eligible, "{chosen}");
-    for other in choice.candidates.iter().filter(|c| c.eligible) {
+    assert!(chosen.eligible(), "{chosen}");
+    for other in choice.candidates.iter().filter(|c| c.eligible()) {
         assert!(chosen.median_ms <= other.median_ms, "{chosen} was chosen over the faster {other}");
     }
     println!("auto: {}", choice.candidates.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n      "));

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             "--variants",
             type=lambda text: [Variant.parse(v) for v in text.split(",")],
             help="device-dtype pairs to trace, comma-separated (default: cpu-float32,cpu-bfloat16,cpu-int8, "
-            "plus cuda-float16,cuda-float32 when CUDA is available; cpu-int8 is dynamic int8 quantization)",
+            "plus cuda-float16,cuda-float32 when CUDA is available; cpu-int8 is int8 with activations scaled per row)",
         )
         p.add_argument(
             "--freeze-cuda",

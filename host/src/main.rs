@@ -188,7 +188,8 @@ async fn check_config(config: Config, text: &str, loader: &Loader) -> anyhow::Re
         let how = if measured.is_empty() {
             String::new()
         } else {
-            format!("; cpu_dtype {} measured: {}", info.precision_choice.mode, measured.join("; "))
+            let by = if info.precision_choice.mode == "auto" { "cpu_dtype auto measured" } else { "measured at load" };
+            format!("; {by}: {}", measured.join("; "))
         };
         println!("model {name}: {} on {} ({:?}{how})", info.manifest.version, info.device, info.precision);
     }

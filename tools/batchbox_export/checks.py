@@ -95,6 +95,13 @@ def probabilities(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.softmax(o.float(), dim=-1) for o in outputs]
 
 
+def largest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a - b|; infinite if either holds a NaN, so that a variant whose outputs
+    overflow cannot pass a check (the server's checks count NaN the same way)."""
+    gap = (a - b).abs()
+    return float("inf") if bool(gap.isnan().any()) else gap.max().item()
+
+
 def sorted_outputs(module: torch.nn.Module, source: Source, rows: list[list[int]], device: str) -> list[torch.Tensor]:
     """Each row's output when the rows run as the server groups them: length-sorted passes of up to
     `PASS_ROWS` rows. In the rows' order."""
@@ -117,7 +124,7 @@ def agreement(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> dic
         "texts": len(want),
         "agreeing": agreeing,
         "compared": compared,
-        "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(want, got)),
+        "max_abs_diff": max(largest_gap(a, b) for a, b in zip(want, got)),
         "min_agreement": MIN_AGREEMENT,
         "holds": len(want) >= MIN_AGREEMENT_TEXTS and agreeing >= MIN_AGREEMENT * compared,
     }
@@ -150,7 +157,7 @@ def invariance(
     neighbours = [rows[i] for i in sets["neighbours"]]
     alone = [eager_outputs(module, source, [row], device)[0] for row in probes]
     together = eager_outputs(module, source, probes + neighbours, device)[: len(probes)]
-    moved = max((a - b).abs().max().item() for a, b in zip(probabilities(alone), probabilities(together)))
+    moved = max(largest_gap(a, b) for a, b in zip(probabilities(alone), probabilities(together)))
     regrouped = 0
     if sorted_rows is not None:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -158,7 +165,7 @@ def invariance(
         for chunk in filter(None, passes):
             outputs = eager_outputs(module, source, [rows[i] for i in chunk], device)
             for i, (a, b) in zip(chunk, zip(probabilities(outputs), probabilities([sorted_rows[i] for i in chunk]))):
-                moved = max(moved, (a - b).abs().max().item())
+                moved = max(moved, largest_gap(a, b))
         regrouped = len(rows)
     return {
         "probes": len(probes), "neighbours": len(neighbours), "regrouped": regrouped,

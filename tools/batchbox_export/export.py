@@ -51,6 +51,9 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
         raise ExportError("no variants to export")
     eager = source.module.eval().float()
     reference = golden(eager, source)
+    warnings = []
+    if any(v.device == "cpu" for v in variants) and Variant("cpu", torch.float32) not in variants:
+        warnings.append("warning: no cpu-float32: `cpu_dtype: auto`, the default, needs it as its reference; set cpu_dtype by hand")
     # What every variant is compared with fp32 on, and checked for batch invariance with; the
     # server's `cpu_dtype: auto` reads both from golden.json and checks the same.
     rows = [e.ids for e in encode(source.tokenizer, agreement_texts(), min(source.max_length, AGREEMENT_MAX_TOKENS))]
@@ -63,7 +66,7 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp = Path(tmp)
-        report = []
+        report = list(warnings)
         agreements, invariances = {}, {}
         for variant in variants:
             module = variant.prepare(eager)

@@ -484,10 +484,13 @@ impl Scheduler {
         let anchor_tenant = order[0];
         let anchor = take_anchor(&mut self.tenants[anchor_tenant].queue, starving);
         let padded_len = anchor.row.len;
-        let mut capacity = limits.max_sequences.get().min((limits.max_tokens.get() / padded_len).max(1));
-        if let Some(target) = self.config.max_batch_time {
-            capacity = self.cost.rows_within(padded_len, target, capacity);
-        }
+        // The rows a pass padded to `len` may hold: the limits, and the pass time target.
+        let (cost, target) = (&self.cost, self.config.max_batch_time);
+        let cap = |len: usize| {
+            let most = limits.max_sequences.get().min((limits.max_tokens.get() / len.max(1)).max(1));
+            target.map_or(most, |target| cost.rows_within(len, target, most))
+        };
+        let capacity = cap(padded_len);
         let mut rows = vec![anchor.row];
 
         // Candidates no longer than the anchor: by tenant, then starving ones first within a
@@ -506,10 +509,11 @@ impl Scheduler {
         });
         // As many as the cheapest split of what waits puts in its first pass: rows much shorter
         // than the anchor go to a pass of their own when padding them costs more than a pass.
+        let horizon = (SPLIT_HORIZON * capacity).min(MAX_SPLIT_HORIZON);
         let lengths: Vec<usize> = std::iter::once(padded_len)
-            .chain(candidates.iter().take(SPLIT_HORIZON * capacity).map(|&(t, i)| self.tenants[t].queue[i].row.len))
+            .chain(candidates.iter().take(horizon).map(|&(t, i)| self.tenants[t].queue[i].row.len))
             .collect();
-        let rows_now = self.cost.first_pass_rows(&lengths, capacity);
+        let rows_now = self.cost.first_pass_rows(&lengths, cap).min(capacity);
         let mut taken: Vec<(usize, usize)> = candidates.into_iter().take(rows_now - 1).collect();
         rows.extend(taken.iter().map(|&(t, i)| self.tenants[t].queue[i].row));
 
@@ -556,8 +560,10 @@ impl Scheduler {
 }
 
 /// How far ahead a batch looks when it splits what waits into passes: this many passes' worth of
-/// rows (see [`CostModel::first_pass_rows`]).
+/// rows (see [`CostModel::first_pass_rows`]), and at most this many rows, since the split is
+/// worked out under the queue's lock.
 const SPLIT_HORIZON: usize = 4;
+const MAX_SPLIT_HORIZON: usize = 256;
 
 /// The tenant's anchor: its longest-waiting starving sequence if any, else its longest one
 /// (earliest first among equals).

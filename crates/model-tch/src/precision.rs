@@ -89,7 +89,7 @@ pub(crate) fn choose(
                 Some(golden.invariance(&mut engine, precision, sorted.as_deref())?)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "batch invariance not measured: the export has no golden texts");
+                tracing::warn!(error = %e, "batch invariance not measured: golden.json cannot be used");
                 None
             }
         };
@@ -160,7 +160,7 @@ pub(crate) fn choose(
     let best = candidates
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.eligible)
+        .filter(|(_, c)| c.eligible())
         .min_by(|a, b| a.1.median_ms.unwrap_or(f64::MAX).total_cmp(&b.1.median_ms.unwrap_or(f64::MAX)))
         .map_or(0, |(i, _)| i);
     for candidate in &candidates {
@@ -171,7 +171,7 @@ pub(crate) fn choose(
             top_labels_agreeing = agreement.map(|a| format!("{}/{} over {} texts", a.agreeing, a.compared, a.texts)),
             max_abs_diff_from_fp32 = agreement.map(|a| format!("{:.1e}", a.max_abs_diff)),
             batch_invariance = invariance.map(|i| format!("{:.1e} (bound {:e})", i.max_abs_diff, i.bound)),
-            eligible = candidate.eligible,
+            eligible = candidate.eligible(),
             "cpu_dtype auto: measured"
         );
     }
@@ -189,10 +189,14 @@ pub(crate) fn choose(
         "cpu_dtype auto: measured every candidate"
     );
     let (precision, engine) = engines.swap_remove(best);
-    tracing::info!(
-        ?precision,
-        "cpu_dtype auto: chose the fastest precision that agrees with fp32 and is batch-invariant"
-    );
+    if candidates[best].eligible() {
+        tracing::info!(
+            ?precision,
+            "cpu_dtype auto: chose the fastest precision that agrees with fp32 and is batch-invariant"
+        );
+    } else {
+        tracing::warn!(?precision, "cpu_dtype auto: no candidate passed both checks; serving fp32, the reference");
+    }
     let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
     let precision_choice = PrecisionChoice { mode: "auto", candidates, batch };
     Ok(LoadedBackend { backend: engine, device: device_name, precision, precision_choice })
@@ -227,10 +231,13 @@ impl Golden {
             return Err(invalid("the precision checks need the golden texts' token ids; re-export the model".into()));
         }
         let texts = golden.agreement_texts().len();
-        if let Some(sets) = &golden.invariance
-            && let Some(bad) = sets.probes.iter().chain(&sets.neighbours).find(|&&i| i >= texts)
-        {
-            return Err(invalid(format!("invariance text {bad} is not one of the {texts} agreement texts")));
+        if let Some(sets) = &golden.invariance {
+            if sets.probes.is_empty() {
+                return Err(invalid("the invariance check names no probe texts; re-export the model".into()));
+            }
+            if let Some(bad) = sets.probes.iter().chain(&sets.neighbours).find(|&&i| i >= texts) {
+                return Err(invalid(format!("invariance text {bad} is not one of the {texts} agreement texts")));
+            }
         }
         Ok(golden)
     }

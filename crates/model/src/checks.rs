@@ -61,8 +61,8 @@ impl Agreement {
 }
 
 /// How far a text's probabilities moved between running alone and running beside others, or
-/// beside other others.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// beside other others. Serialized with `holds`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Invariance {
     /// The largest move of any probability of any text.
     pub max_abs_diff: f64,
@@ -74,6 +74,20 @@ pub struct Invariance {
     pub neighbours: usize,
     /// Texts run again in passes regrouped (0: not regrouped).
     pub regrouped: usize,
+}
+
+impl Serialize for Invariance {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Invariance", 6)?;
+        s.serialize_field("max_abs_diff", &self.max_abs_diff)?;
+        s.serialize_field("bound", &self.bound)?;
+        s.serialize_field("holds", &self.holds())?;
+        s.serialize_field("probes", &self.probes)?;
+        s.serialize_field("neighbours", &self.neighbours)?;
+        s.serialize_field("regrouped", &self.regrouped)?;
+        s.end()
+    }
 }
 
 impl Invariance {
@@ -123,7 +137,7 @@ pub fn agreement(reference: &[Output], outputs: &[Output]) -> Agreement {
         for (a, b) in want.chunks(labels).zip(got.chunks(labels)) {
             compared += 1;
             agreeing += usize::from(top(a) == top(b));
-            max_abs_diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(max_abs_diff, f64::max);
+            max_abs_diff = a.iter().zip(b).map(|(&x, &y)| gap(x, y)).fold(max_abs_diff, f64::max);
         }
     }
     Agreement { texts: reference.len(), agreeing, compared, max_abs_diff }
@@ -147,7 +161,7 @@ pub fn invariance<B: Backend>(
     let max_abs_diff = alone
         .iter()
         .zip(&beside)
-        .flat_map(|(a, b)| probabilities(a).into_iter().zip(probabilities(b)).map(|(x, y)| f64::from((x - y).abs())))
+        .flat_map(|(a, b)| probabilities(a).into_iter().zip(probabilities(b)).map(|(x, y)| gap(x, y)))
         .fold(0f64, f64::max);
     Ok(Invariance { max_abs_diff, bound, probes: probes.len(), neighbours: neighbours.len(), regrouped: 0 })
 }
@@ -170,14 +184,27 @@ pub fn regrouped<B: Backend>(
         let batch: Vec<&[u32]> = pass.iter().map(|&i| rows[i]).collect();
         for (&i, output) in pass.iter().zip(backend.forward(&padder.pad(&batch))?) {
             let (a, b) = (probabilities(&output), probabilities(&sorted[i]));
-            moved = a.iter().zip(&b).map(|(x, y)| f64::from((x - y).abs())).fold(moved, f64::max);
+            moved = a.iter().zip(&b).map(|(&x, &y)| gap(x, y)).fold(moved, f64::max);
         }
     }
     Ok(Invariance { max_abs_diff: moved, regrouped: rows.len(), ..invariance })
 }
 
+/// The first label with the highest probability (as `torch.argmax` picks, so the export and the
+/// server count ties alike).
 fn top(probabilities: &[f32]) -> usize {
-    (0..probabilities.len()).max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b])).unwrap_or(0)
+    probabilities
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &p)| if p > best.1 { (i, p) } else { best })
+        .0
+}
+
+/// How far apart two probabilities are; a NaN on either side is infinitely far, so that a variant
+/// whose outputs overflow cannot pass a check.
+fn gap(x: f32, y: f32) -> f64 {
+    let d = f64::from((x - y).abs());
+    if d.is_nan() { f64::INFINITY } else { d }
 }
 
 #[cfg(test)]
@@ -216,6 +243,17 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| (0..n as u32).map(|t| (t * 37 + i as u32 * 11) % 997).collect())
             .collect()
+    }
+
+    #[test]
+    fn a_nan_fails_every_check_and_ties_go_to_the_first_label() {
+        let nan = Output { data: vec![f32::NAN, 0.0, 0.0], shape: vec![3] };
+        let fine = Output { data: vec![1.0, 0.0, 0.0], shape: vec![3] };
+        assert_eq!(agreement(&[fine.clone()], &[nan]).max_abs_diff, f64::INFINITY);
+        assert_eq!(top(&[0.25, 0.5, 0.5, 0.25]), 1);
+        let moved = Invariance { max_abs_diff: f64::INFINITY, bound: 1e-3, probes: 1, neighbours: 0, regrouped: 0 };
+        assert!(!moved.holds());
+        assert_eq!(serde_json::to_value(&moved).unwrap()["holds"], false);
     }
 
     #[test]

@@ -38,12 +38,15 @@ pub struct Candidate {
     /// How far a text's probabilities moved with the texts batched beside it; `None` where the
     /// export has no golden texts to measure with.
     pub invariance: Option<Invariance>,
-    /// Whether `auto` may choose it: agreement and invariance both within their bounds.
-    pub eligible: bool,
+    /// Whether `auto` may choose it: agreement and invariance both within their bounds (`auto`
+    /// only: a configured precision is served whatever it measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eligible: Option<bool>,
 }
 
 impl Candidate {
-    /// A candidate with what was measured of it, `eligible` when both checks hold.
+    /// A candidate with what was measured of it; with an agreement (`auto`), eligible when both
+    /// checks hold.
     pub fn new(
         precision: Precision,
         median_ms: Option<f64>,
@@ -51,8 +54,13 @@ impl Candidate {
         invariance: Option<Invariance>,
     ) -> Self {
         let eligible =
-            agreement.as_ref().is_some_and(Agreement::holds) && invariance.as_ref().is_some_and(Invariance::holds);
+            agreement.as_ref().map(|agreement| agreement.holds() && invariance.as_ref().is_some_and(Invariance::holds));
         Self { precision, median_ms, agreement, invariance, eligible }
+    }
+
+    /// Whether `auto` may choose it.
+    pub fn eligible(&self) -> bool {
+        self.eligible == Some(true)
     }
 }
 
@@ -86,8 +94,8 @@ impl fmt::Display for Candidate {
             )?,
             None => write!(f, ", batch invariance not measured")?,
         }
-        if self.agreement.is_some() {
-            write!(f, "{}", if self.eligible { "; eligible" } else { "; not eligible" })?;
+        if let Some(eligible) = self.eligible {
+            write!(f, "{}", if eligible { "; eligible" } else { "; not eligible" })?;
         }
         Ok(())
     }

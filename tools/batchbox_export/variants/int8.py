@@ -7,12 +7,12 @@ back; the rest of the model stays in fp32.
 
 Why per row: `torch.ao.quantization.quantize_dynamic`, the earlier int8, computes one activation
 scale over the whole `[rows, length, hidden]` input of each call, so a sentence's probabilities
-moved by up to 0.15 with the sentences (and the padding) batched beside it. Scaled per row, a
+moved by up to 0.17 with the sentences (and the padding) batched beside it. Scaled per row, a
 token's integers depend on its own values alone, and integer products are exact. What could still
 move them is fp32's rounding where the model reduces over the padded length (attention, pooling):
 a few 1e-7, which now and then tips a rounding to int8 the other way and grows through the layers
-(up to 1.3e-2 on MiniLM). Where the model allows, the variant computes attention in fp64
-(`attention.py`), and then a sentence moved by 3e-7 at most with its neighbours; where it does not
+(up to 5.0e-2 on MiniLM). Where the model allows, the variant computes attention in fp64
+(`attention.py`), and then a sentence moved by 3.6e-7 at most with its neighbours; where it does not
 (DeBERTa), the export measures and records how far it moves, and `cpu_dtype: auto` does not choose
 it past the bound.
 """
