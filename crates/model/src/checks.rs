@@ -249,7 +249,7 @@ mod tests {
     fn a_nan_fails_every_check_and_ties_go_to_the_first_label() {
         let nan = Output { data: vec![f32::NAN, 0.0, 0.0], shape: vec![3] };
         let fine = Output { data: vec![1.0, 0.0, 0.0], shape: vec![3] };
-        assert_eq!(agreement(&[fine.clone()], &[nan]).max_abs_diff, f64::INFINITY);
+        assert_eq!(agreement(std::slice::from_ref(&fine), &[nan]).max_abs_diff, f64::INFINITY);
         assert_eq!(top(&[0.25, 0.5, 0.5, 0.25]), 1);
         let moved = Invariance { max_abs_diff: f64::INFINITY, bound: 1e-3, probes: 1, neighbours: 0, regrouped: 0 };
         assert!(!moved.holds());
