@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             "plus cuda-float16,cuda-float32 when CUDA is available; cpu-int8 is int8 with activations scaled per row)",
         )
         p.add_argument(
+            "--window-bias",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="DeBERTa: compute the relative-position bias on the window a sequence reaches (default; exact, "
+            "checked against the original model; see batchbox_export/variants/deberta.py)",
+        )
+        p.add_argument(
             "--freeze-cuda",
             action=argparse.BooleanOptionalAction,
             default=True,
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             source = synthetic_deberta(args.size, args.labels, args.seed, args.tokenizer)
             if args.max_length:
                 source.max_length = args.max_length
-        manifest = export(source, args.out, args.variants or default_variants(), args.freeze_cuda)
+        manifest = export(source, args.out, args.variants or default_variants(), args.freeze_cuda, args.window_bias)
     except ExportError as err:
         print(f"export refused: {err}", file=sys.stderr)
         return 1

@@ -68,6 +68,33 @@ def check_traced(eager: torch.nn.Module, traced: torch.nn.Module, source: Source
     return report
 
 
+# Lengths that cross the relative-position buckets' edges (DeBERTa-v3: 256 buckets, 512 positions).
+WINDOW_CHECK_LENGTHS = (1, 2, 3, 17, 64, 255, 256, 257, 300, 511, 512)
+
+
+def check_window(original: torch.nn.Module, traced: torch.nn.Module, source: Source, device: str = "cpu") -> list[str]:
+    """The windowed attention bias (variants/deberta.py), traced in fp32 on `device`, against the
+    *original* eager model on the CPU at lengths that cross the bucket edges: equal within fp32's
+    1e-4, or refused."""
+    generator = torch.Generator().manual_seed(4321)
+    vocab = min(source.vocab_size, source.tokenizer.get_vocab_size())
+    worst = 0.0
+    for length in sorted({min(n, source.max_length) for n in WINDOW_CHECK_LENGTHS}):
+        rows = random_rows([length, max(1, length // 2)], vocab, generator)
+        batch = pad(rows, source.pad_token_id)
+        with torch.inference_mode():
+            windowed = traced(*(t.to(device) for t in batch)).float().cpu()
+            diff = (original(*batch).float() - windowed).abs().max().item()
+        if not diff <= TOLERANCE:
+            raise ExportError(
+                f"the windowed attention bias differs from the original model at length {length}: max |diff| = "
+                f"{diff:.3g} > {TOLERANCE}; export with --no-window-bias to keep the original"
+            )
+        worst = max(worst, diff)
+    return [f"windowed attention bias ({device}) vs the original model at lengths {WINDOW_CHECK_LENGTHS[0]}-"
+            f"{min(WINDOW_CHECK_LENGTHS[-1], source.max_length)}: max |diff| {worst:.2e}"]
+
+
 # The bounds a served variant is held to (README, "Precision on CPU"); the server's
 # `cpu_dtype: auto` holds the same (crates/model/src/checks.rs).
 MIN_AGREEMENT = 0.99

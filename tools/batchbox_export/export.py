@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .checks import AGREEMENT_MAX_TOKENS, agreement, check_traced, invariance, invariance_bound, invariance_sets, sorted_outputs
+from .checks import AGREEMENT_MAX_TOKENS, agreement, check_traced, check_window, invariance, invariance_bound, invariance_sets, sorted_outputs
 from .errors import ExportError
 from .golden import agreement_texts, eager_outputs, golden
 from .rows import encode, pad, random_rows
 from .sources import Source
 from .variants import Variant
+from .variants.deberta import fits as window_fits, uses_window
 
 FORMAT_VERSION = 1
 TASKS = ("sequence-classification", "token-classification")
@@ -40,7 +41,7 @@ def _sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool = True) -> dict:
+def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool = True, window_bias: bool = True) -> dict:
     if source.task not in TASKS:
         raise ExportError(f"unsupported task {source.task!r}")
     if source.tokenizer.get_vocab_size() > source.vocab_size:
@@ -52,6 +53,9 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
     eager = source.module.eval().float()
     reference = golden(eager, source)
     warnings = []
+    config = getattr(getattr(eager, "model", None), "config", None)
+    if window_bias and getattr(config, "model_type", None) == "deberta-v2" and not window_fits(config):
+        warnings.append("warning: this DeBERTa config does not fit the windowed attention bias; the original is kept")
     if any(v.device == "cpu" for v in variants) and Variant("cpu", torch.float32) not in variants:
         warnings.append("warning: no cpu-float32: `cpu_dtype: auto`, the default, needs it as its reference; set cpu_dtype by hand")
     # What every variant is compared with fp32 on, and checked for batch invariance with; the
@@ -69,7 +73,7 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
         report = list(warnings)
         agreements, invariances = {}, {}
         for variant in variants:
-            module = variant.prepare(eager)
+            module = variant.prepare(eager, window_bias)
             traced = trace(module, source, variant)
             if freeze_cuda and variant.device == "cuda":
                 # Weights become constants the JIT can fold: served on an H100, 1.19x the
@@ -80,6 +84,8 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
             # Check what the host will load: the saved file, read back.
             reloaded = torch.jit.load(str(tmp / variant.file), map_location=variant.device)
             report += check_traced(module, reloaded, source, variant)
+            if variant.dtype == torch.float32 and uses_window(module):
+                report += check_window(eager, reloaded, source, variant.device)
             outputs = eager_outputs(module, source, reference["input_ids"], variant.device)
             reference["variants"][variant.name] = [o.flatten().tolist() for o in outputs]
             # What the host will serve (the file read back), compared with fp32 and with itself alone.

@@ -187,3 +187,42 @@ def test_synthetic_deberta_has_the_published_shapes(size, hidden, layers, heads,
     with torch.device("meta"):
         model = DebertaV2ForSequenceClassification(config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
+
+
+def small_deberta(**overrides):
+    """DeBERTa-v3's attention (256 log buckets over 512 positions, c2p and p2c, shared keys) at a
+    size that runs 512-token batches in a moment."""
+    from transformers import DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    settings = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    config = ex.deberta_v3_config("base", 3, **{**settings, **overrides})
+    return ex.LogitsOnly(DebertaV2ForSequenceClassification(config).eval())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"position_buckets": 32, "max_position_embeddings": 128}, {"share_att_key": False}])
+def test_the_windowed_attention_bias_equals_the_original_at_the_bucket_edges(overrides):
+    from batchbox_export.variants import deberta
+
+    original = small_deberta(**overrides)
+    windowed = ex.Variant("cpu", torch.float32).prepare(original)
+    assert deberta.uses_window(windowed)
+    traced = torch.jit.trace(windowed, ex.pad([[1500] * 37, [2000] * 20], 0), check_trace=False)
+    generator = torch.Generator().manual_seed(7)
+    for length in [n for n in ex.checks.WINDOW_CHECK_LENGTHS if n <= original.model.config.max_position_embeddings]:
+        batch = ex.pad(ex.random_rows([length, max(1, length // 3)], 30000, generator), 0)
+        with torch.inference_mode():
+            # The same dot products; a matmul of another width may round its last bit otherwise.
+            diff = (original(*batch) - traced(*batch)).abs().max().item()
+        assert diff <= 1e-7, f"length {length}: {diff}"
+    # With the flag off, the original module is traced.
+    assert not deberta.uses_window(ex.Variant("cpu", torch.float32).prepare(original, window_bias=False))
+
+
+def test_a_deberta_config_the_window_does_not_fit_keeps_the_original():
+    from batchbox_export.variants import deberta
+
+    # Without log buckets, relative positions reach past the table when sequences are longer than it.
+    original = small_deberta(position_buckets=-1, max_relative_positions=64, max_position_embeddings=128)
+    assert not deberta.fits(original.model.config)
+    assert not deberta.uses_window(ex.Variant("cpu", torch.float32).prepare(original))

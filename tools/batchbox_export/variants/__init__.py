@@ -1,7 +1,9 @@
 """The traced files an export writes: one per device and dtype the host may run. Each kind of
 variant is a module: `floating` (fp32, bf16, fp16, cast) and `int8` (int8 linear layers with
-activations scaled row by row); `attention` makes the CPU's bf16 and int8 batch-invariant where a
-model's attention allows (fp64 attention)."""
+activations scaled row by row). Two change the attention of any kind: `deberta` (DeBERTa's
+relative-position bias on the window a sequence reaches, and its attention in fp64) and
+`attention` (fp64 attention for the models that take an attention backend); fp64 attention makes
+the CPU's bf16 and int8 batch-invariant."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import TOLERANCE
-from . import attention, floating, int8
+from . import attention, deberta, floating, int8
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,20 @@ class Variant:
         # A row's padded and alone outputs must agree within the same tolerance.
         return {torch.float32: TOLERANCE, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.qint8: 3e-2}[self.dtype]
 
-    def prepare(self, eager: torch.nn.Module) -> torch.nn.Module:
-        """The eager fp32 model as this variant runs it: quantized, or cast and moved. bf16 and
-        int8 on the CPU compute attention in fp64 where the model lets them (`attention`), so
-        that padding cannot move their answers."""
+    def prepare(self, eager: torch.nn.Module, window_bias: bool = True) -> torch.nn.Module:
+        """The eager fp32 model as this variant runs it: quantized, or cast and moved. DeBERTa's
+        attention takes its windowed bias (`deberta`) unless `window_bias` is off; bf16 and int8 on
+        the CPU compute attention in fp64 where the model lets them, so that padding cannot move
+        their answers."""
         if self.dtype == torch.qint8:
             module = int8.quantize(eager)
         else:
             module = floating.cast(eager, self.device, self.dtype)
+        if window_bias:
+            deberta.use_window(module)
         if (self.device, self.dtype) in (("cpu", torch.bfloat16), ("cpu", torch.qint8)):
             attention.use_fp64_attention(module)
+            deberta.use_fp64(module)
         return module
 
     @staticmethod
