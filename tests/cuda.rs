@@ -11,10 +11,10 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_batcher::ChunkOrder;
 use batchbox_metrics::{Scrape, names};
 use batchbox_model::{Model, Output, Precision, QueueOptions};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
 use serde::Deserialize;
 
 fn model_dir() -> PathBuf {
@@ -29,13 +29,10 @@ fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
         device: DeviceSpec::Cuda(0),
         use_fp16,
         cpu_dtype: CpuDtype::Fp32,
+        pass: PassShape::fixed(max_sequences, max_tokens),
         queue: QueueOptions {
             // Each load a series of its own, read back by the test that made it.
             name: format!("cuda-{}-{max_sequences}", if use_fp16 { "fp16" } else { "fp32" }),
-            limits: BatchLimits {
-                max_sequences: max_sequences.try_into().unwrap(),
-                max_tokens: max_tokens.try_into().unwrap(),
-            },
             max_queue_delay: std::time::Duration::ZERO,
             max_queued_tokens: 1 << 24,
             queue_shares: Vec::new(),

@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_batcher::ChunkOrder;
 use batchbox_model::QueueOptions;
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
 use common::{PREDICT, Server, assert_json_error, fixture_sentences, read, workspace, write_config};
 use serde_json::{Value, json};
 
@@ -57,9 +57,9 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
         device: DeviceSpec::Cpu,
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
+        pass: PassShape::fixed(32, 8192),
         queue: QueueOptions {
             name: "minilm-topics".into(),
-            limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
             max_queue_delay: std::time::Duration::ZERO,
             max_queued_tokens: 1 << 20,
             queue_shares: Vec::new(),
@@ -231,6 +231,24 @@ fn host_routes_answer() {
     assert_eq!(models["models"][0]["task"], "sequence-classification");
     assert_eq!(models["models"][0]["labels"].as_array().unwrap().len(), 7);
     assert_eq!(models["models"][0]["device"], "cpu");
+    assert_eq!(models["models"][0]["pass"], json!({ "max_sequences": 32, "max_tokens": 8192 }));
+}
+
+#[test]
+fn a_pass_shape_the_config_leaves_out_is_the_devices_and_what_it_sets_wins() {
+    let text = std::fs::read_to_string(config("pass-shape-base", "{}")).unwrap();
+    let path = workspace().join("target/http-tests/pass-shape.yaml");
+    let api = "api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192 }";
+    assert!(text.contains(api));
+    std::fs::write(&path, text.replace(api, "api: { inference_batch_size: 8, use_fp16: true }")).unwrap();
+    let server = Server::launch(&path);
+    let (_, models) = server.get("/v1/models");
+    // Rows as set; tokens the CPU's default (a GPU's would be 32768).
+    assert_eq!(models["models"][0]["pass"], json!({ "max_sequences": 8, "max_tokens": 8192 }));
+    let answer = server.predict(&fixture_sentences()[..20].iter().map(String::as_str).collect::<Vec<_>>());
+    let passes: std::collections::HashSet<u64> =
+        answer["metadata"]["batch_ids"].as_array().unwrap().iter().map(|id| id.as_u64().unwrap()).collect();
+    assert!(passes.len() >= 3, "20 sentences in passes of at most 8 rows: {passes:?}");
 }
 
 #[test]

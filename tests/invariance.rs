@@ -13,15 +13,14 @@
 
 mod common;
 
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_batcher::ChunkOrder;
 use batchbox_model::checks::probabilities;
 use batchbox_model::{Model, Output, Precision, QueueOptions};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -40,12 +39,9 @@ fn load(name: &str, dtype: CpuDtype) -> Arc<Model> {
         device: DeviceSpec::Cpu,
         use_fp16: false,
         cpu_dtype: dtype,
+        pass: PassShape::fixed(64, 1 << 16),
         queue: QueueOptions {
             name: format!("{name}-{dtype:?}"),
-            limits: BatchLimits {
-                max_sequences: NonZeroUsize::new(64).unwrap(),
-                max_tokens: NonZeroUsize::new(1 << 16).unwrap(),
-            },
             max_queue_delay: Duration::from_millis(50),
             max_queued_tokens: 1 << 20,
             queue_shares: Vec::new(),

@@ -3,13 +3,12 @@
 //! Needs the models `make setup` and `make test-models` export: `models/minilm-topics` (the
 //! default model) and the tiny DeBERTa-v3 checkpoints under `models/test/`.
 
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_batcher::ChunkOrder;
 use batchbox_model::{Model, ModelError, Output, Precision, QueueOptions};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -24,19 +23,15 @@ fn model_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn limits(sequences: usize, tokens: usize) -> BatchLimits {
-    BatchLimits { max_sequences: NonZeroUsize::new(sequences).unwrap(), max_tokens: NonZeroUsize::new(tokens).unwrap() }
-}
-
 fn options(name: &str) -> ModelOptions {
     ModelOptions {
         path: model_dir(name),
         device: DeviceSpec::Cpu,
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
+        pass: PassShape::fixed(32, 8192),
         queue: QueueOptions {
             name: name.to_owned(),
-            limits: limits(32, 8192),
             max_queue_delay: std::time::Duration::ZERO,
             max_queued_tokens: 1 << 20,
             queue_shares: Vec::new(),
@@ -138,11 +133,8 @@ fn batched_equals_one_by_one() {
 fn small_chunks_keep_results_and_input_order() {
     let texts = sentences();
     let expected = infer_texts(&default_model(), &texts);
-    let small = batchbox_model_tch::load(&ModelOptions {
-        queue: QueueOptions { limits: limits(3, 40), ..options("minilm-topics").queue },
-        ..options("minilm-topics")
-    })
-    .unwrap();
+    let small =
+        batchbox_model_tch::load(&ModelOptions { pass: PassShape::fixed(3, 40), ..options("minilm-topics") }).unwrap();
     let ids: Vec<Vec<u32>> = small.tokenize(&texts).unwrap().into_iter().map(|e| e.ids).collect();
     let longest = ids.iter().map(Vec::len).max().unwrap();
     assert!(longest > 40, "one sentence is longer than the token budget, so it must run alone");

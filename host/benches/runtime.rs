@@ -6,13 +6,12 @@
 //! Each round runs every setup once, in turn, so a noisy neighbour slows them all alike;
 //! the table gives medians over rounds and ratios against the seed's two ways.
 
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_batcher::ChunkOrder;
 use batchbox_model::{QueueOptions, RunStats};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -91,12 +90,9 @@ fn main() -> anyhow::Result<()> {
                     device: DeviceSpec::Cpu,
                     use_fp16: false,
                     cpu_dtype: setup.dtype,
+                    pass: PassShape::fixed(setup.max_sequences, 8192),
                     queue: QueueOptions {
                         name: setup.name.to_string(),
-                        limits: BatchLimits {
-                            max_sequences: NonZeroUsize::new(setup.max_sequences).unwrap(),
-                            max_tokens: NonZeroUsize::new(8192).unwrap(),
-                        },
                         max_queue_delay: std::time::Duration::ZERO,
                         max_queued_tokens: 1 << 20,
                         queue_shares: Vec::new(),

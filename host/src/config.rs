@@ -10,9 +10,9 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use batchbox_batcher::{BatchLimits, ChunkOrder};
+use batchbox_batcher::ChunkOrder;
 use batchbox_model::QueueOptions;
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
 use batchbox_server::ServerConfig;
 use batchbox_tenants::{CacheConfig, KeySource, TenantConfig, TenantLimits};
 use serde::{Deserialize, Serialize};
@@ -88,13 +88,16 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// At most this many sequences per forward pass. Required.
-    pub inference_batch_size: NonZeroUsize,
+    /// At most this many sequences per forward pass. Unset: the device's default, 32 on CPU and
+    /// 128 on CUDA (`batchbox_model_tch::PassShape`).
+    #[serde(default)]
+    pub inference_batch_size: Option<NonZeroUsize>,
     /// Half precision on CUDA (the `cuda-float16` variant); no effect on CPU. Required.
     pub use_fp16: bool,
     /// At most this many padded tokens (rows × longest row) per forward pass; a longer sequence
-    /// runs alone. Required.
-    pub max_batch_tokens: NonZeroUsize,
+    /// runs alone. Unset: the device's default, 8192 on CPU and 32768 on CUDA.
+    #[serde(default)]
+    pub max_batch_tokens: Option<NonZeroUsize>,
     /// How long a batch that is not full may wait for more work (0: never wait).
     #[serde(default)]
     pub max_queue_delay_ms: u64,
@@ -217,9 +220,9 @@ impl Config {
             device: model.device,
             use_fp16: self.api.use_fp16,
             cpu_dtype: model.cpu_dtype,
+            pass: self.pass_shape(),
             queue: QueueOptions {
                 name: model.name.clone(),
-                limits: self.batch_limits(),
                 max_queue_delay: Duration::from_millis(self.api.max_queue_delay_ms),
                 max_queued_tokens: self.api.max_queued_tokens.get(),
                 queue_shares: self.queue_shares(&model.name),
@@ -400,10 +403,10 @@ impl Config {
         tenants.iter().map(|t| (t.name.clone(), t.limits.max_queued_tokens.unwrap_or(default))).collect()
     }
 
-    /// The bounds of one forward pass: `api.inference_batch_size` sequences and
-    /// `api.max_batch_tokens` padded tokens.
-    pub fn batch_limits(&self) -> BatchLimits {
-        BatchLimits { max_sequences: self.api.inference_batch_size, max_tokens: self.api.max_batch_tokens }
+    /// The bounds of one forward pass as written: `api.inference_batch_size` sequences and
+    /// `api.max_batch_tokens` padded tokens; each model's device fills in what is unset.
+    pub fn pass_shape(&self) -> PassShape {
+        PassShape { rows: self.api.inference_batch_size, tokens: self.api.max_batch_tokens }
     }
 }
 
@@ -425,18 +428,19 @@ api: {inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192}
         let c = parse(GOOD).unwrap();
         assert_eq!(c.models[0].device, DeviceSpec::Cuda(1));
         assert_eq!(c.models[0].cpu_dtype, CpuDtype::Bf16);
-        assert_eq!(c.api.inference_batch_size.get(), 32);
+        assert_eq!(c.pass_shape(), PassShape::fixed(32, 8192));
         assert!(c.api.use_fp16);
-        assert_eq!(c.api.max_batch_tokens.get(), 8192);
     }
 
     #[test]
-    fn defaults_are_auto_device_and_auto_cpu_dtype() {
+    fn defaults_are_auto_device_auto_cpu_dtype_and_the_devices_pass_shape() {
         let c =
             parse("models: [{name: m, path: p}]\napi: {inference_batch_size: 1, use_fp16: false, max_batch_tokens: 1}")
                 .unwrap();
         assert_eq!(c.models[0].device, DeviceSpec::Auto);
         assert_eq!(c.models[0].cpu_dtype, CpuDtype::Auto);
+        let unset = parse("models: [{name: m, path: p}]\napi: {use_fp16: true}").unwrap();
+        assert_eq!(unset.pass_shape(), PassShape::default(), "the pass shape left to the device");
         let int8 = parse(&GOOD.replace("bf16", "int8")).unwrap();
         assert_eq!(int8.models[0].cpu_dtype, CpuDtype::Int8);
     }

@@ -176,7 +176,15 @@ impl Loader {
                 .await?
                 .with_context(|| format!("model {}", entry.name))?;
             let info = model.info();
-            tracing::info!(model = entry.name, version = %info.manifest.version, device = %info.device, precision = ?info.precision, "model loaded");
+            tracing::info!(
+                model = entry.name,
+                version = %info.manifest.version,
+                device = %info.device,
+                precision = ?info.precision,
+                pass_rows = info.limits.max_sequences,
+                pass_tokens = info.limits.max_tokens,
+                "model loaded"
+            );
             models.push((entry.name.clone(), model));
         }
         Ok((models, kept))

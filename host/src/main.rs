@@ -191,7 +191,8 @@ async fn check_config(config: Config, text: &str, loader: &Loader) -> anyhow::Re
             let by = if info.precision_choice.mode == "auto" { "cpu_dtype auto measured" } else { "measured at load" };
             format!("; {by}: {}", measured.join("; "))
         };
-        println!("model {name}: {} on {} ({:?}{how})", info.manifest.version, info.device, info.precision);
+        let pass = format!("passes of {} rows, {} tokens", info.limits.max_sequences, info.limits.max_tokens);
+        println!("model {name}: {} on {}, {pass} ({:?}{how})", info.manifest.version, info.device, info.precision);
     }
     for tenant in &config.tenants {
         let routes: Vec<String> = tenant.routes.iter().map(ToString::to_string).collect();

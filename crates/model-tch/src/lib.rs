@@ -3,11 +3,13 @@
 //!
 //! - `engine`: a loaded module, padding (page-locked on CUDA) and one forward pass;
 //! - `device`: `auto`/`cpu`/`cuda:N` resolved, with libtorch_cuda loaded at run time;
-//! - `precision`: which exported variant runs, and `cpu_dtype: auto`'s measurement.
+//! - `precision`: which exported variant runs, and `cpu_dtype: auto`'s measurement;
+//! - `shape`: how many rows and tokens a pass holds on each device, where the config is silent.
 
 mod device;
 mod engine;
 mod precision;
+mod shape;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -16,6 +18,8 @@ use std::sync::Arc;
 
 use batchbox_model::{Model, ModelError, QueueOptions};
 use serde::Deserialize;
+
+pub use shape::{CPU_DEFAULT, CUDA_DEFAULT, PassShape};
 
 /// Everything needed to load a model on libtorch; usually built from the config file.
 #[derive(Debug, Clone)]
@@ -28,6 +32,8 @@ pub struct ModelOptions {
     pub use_fp16: bool,
     /// On CPU: which precision, or `auto` to measure.
     pub cpu_dtype: CpuDtype,
+    /// Rows and tokens per forward pass; unset ones take the device's default (`shape`).
+    pub pass: PassShape,
     /// How the queue in front of it batches.
     pub queue: QueueOptions,
 }
@@ -36,7 +42,7 @@ pub struct ModelOptions {
 pub fn load(options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
     let device = device::resolve(options.device)?;
     let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
-    Model::start(&options.path, &options.queue, move |dir, manifest| {
+    Model::start(&options.path, &options.queue, options.pass.on(device), move |dir, manifest| {
         precision::choose(dir, manifest, device, use_fp16, cpu_dtype)
     })
 }

@@ -160,8 +160,6 @@ pub struct Output {
 pub struct QueueOptions {
     /// The model's name in the config: the `model` label of its metrics.
     pub name: String,
-    /// Rows and padded tokens a forward pass may hold.
-    pub limits: BatchLimits,
     /// How long a batch that is not full may wait for more work.
     pub max_queue_delay: Duration,
     /// Tokens that may wait for the model; more is refused at once (`Overloaded`).
@@ -186,6 +184,8 @@ pub struct ModelInfo {
     pub precision: Precision,
     /// How the precision was chosen, with what `cpu_dtype: auto` measured.
     pub precision_choice: PrecisionChoice,
+    /// The rows and padded tokens one forward pass may hold.
+    pub limits: BatchLimits,
 }
 
 /// What one call cost, for timing metadata and benchmarks.
@@ -245,8 +245,14 @@ pub struct Model {
 impl Model {
     /// Starts the model exported in `dir`: reads its manifest and tokenizer here, then runs
     /// `load` on the model's own thread, which keeps the backend it returns and serves the queue
-    /// with it. Returns once the backend is loaded and warmed up, ready to serve.
-    pub fn start<B, F>(dir: &Path, options: &QueueOptions, load: F) -> Result<Arc<Model>, ModelError>
+    /// with it, in passes of at most `limits`. Returns once the backend is loaded and warmed up,
+    /// ready to serve.
+    pub fn start<B, F>(
+        dir: &Path,
+        options: &QueueOptions,
+        limits: BatchLimits,
+        load: F,
+    ) -> Result<Arc<Model>, ModelError>
     where
         B: Backend,
         F: FnOnce(&Path, &Manifest) -> Result<LoadedBackend<B>, ModelError> + Send + 'static,
@@ -255,7 +261,7 @@ impl Model {
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), manifest.max_length)?;
         let scheduler = Scheduler::with_shares(
             SchedulerConfig {
-                limits: options.limits,
+                limits,
                 max_queue_delay: options.max_queue_delay,
                 max_queued_tokens: options.max_queued_tokens,
                 max_pass_over: 8,
@@ -290,7 +296,7 @@ impl Model {
             })
             .expect("spawning the model thread");
         let (device, precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
-        let info = ModelInfo { manifest, device, precision, precision_choice };
+        let info = ModelInfo { manifest, device, precision, precision_choice, limits };
         metrics::model_info(&options.name, &info);
         Ok(Arc::new(Model { info, tokenizer, shared, thread: Some(thread) }))
     }
@@ -439,7 +445,6 @@ mod tests {
         let dir = model_dir();
         let options = QueueOptions {
             name: "drop-test".into(),
-            limits: BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() },
             max_queue_delay: Duration::ZERO,
             max_queued_tokens: 1 << 20,
             queue_shares: Vec::new(),
@@ -448,7 +453,8 @@ mod tests {
         };
         let dropped = Arc::new(AtomicBool::new(false));
         let backend = Recorded(dropped.clone());
-        let model = Model::start(&dir, &options, move |_, _| {
+        let limits = BatchLimits { max_sequences: 32.try_into().unwrap(), max_tokens: 8192.try_into().unwrap() };
+        let model = Model::start(&dir, &options, limits, move |_, _| {
             Ok(LoadedBackend::configured(backend, "test", Candidate::new(Precision::Fp32, None, None, None)))
         })
         .unwrap();

@@ -1,5 +1,6 @@
 //! `GET /v1/models`: every model of the running config, how it runs and why (precision and what
-//! `cpu_dtype: auto` measured), and, with metrics on, its counters, read from the recorder.
+//! `cpu_dtype: auto` measured, the rows and tokens of a pass), and, with metrics on, its
+//! counters, read from the recorder.
 
 use serde_json::json;
 
@@ -28,6 +29,11 @@ impl App {
                     "device": info.device,
                     "precision": info.precision,
                     "precision_choice": info.precision_choice,
+                    // The config's pass shape, or the device's default where it is silent.
+                    "pass": {
+                        "max_sequences": info.limits.max_sequences,
+                        "max_tokens": info.limits.max_tokens,
+                    },
                 });
                 if let Some(scrape) = &scrape {
                     let value = |metric| scrape.value(metric, &[("model", name)]) as u64;
