@@ -50,6 +50,8 @@ for spec in "$@"; do
   case $setup in
     batchbox) api="inference_batch_size: 32, max_batch_tokens: 8192, batch_order: length-sorted, max_queue_delay_ms: 2" ;;
     batchbox-b128) api="inference_batch_size: 128, max_batch_tokens: 32768, batch_order: length-sorted, max_queue_delay_ms: 2" ;;
+    # The pass shape left to the device (32 rows on CPU, 128 on CUDA), as the shipped config does.
+    batchbox-default) api="batch_order: length-sorted, max_queue_delay_ms: 2" ;;
     seed-fix) api="inference_batch_size: 32, max_batch_tokens: 1000000, batch_order: input-order, max_queue_delay_ms: 0" ;;
     seed-old) api="inference_batch_size: 1, max_batch_tokens: 1000000, batch_order: input-order, max_queue_delay_ms: 0" ;;
     *) echo "unknown setup $setup" >&2; exit 2 ;;
@@ -87,7 +89,7 @@ import json, sys
 run = json.load(sys.stdin)
 served = json.load(open('$out/models.json'))['models'][0]
 run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', precision=served['precision'],
-           precision_choice=served['precision_choice'], response='$out/$model-$setup-$device-$dtype.response.json',
+           precision_choice=served['precision_choice'], passes=served.get('pass'), response='$out/$model-$setup-$device-$dtype.response.json',
            alone_vs_batch=json.load(open('$out/alone.json')))
 print(json.dumps(run))"
   done

@@ -64,7 +64,11 @@ def main() -> int:
             if r.get("dtype") == "auto":
                 precision = f"auto → {precision}"
             ratio = f"{reference / latency['p50']:.2f}×" if reference and latency["p50"] else "–"
-            print(f"| {r['concurrency']} | {r['setup']} | {r.get('device', '')} | {precision} | {r['sentences_per_s']:.1f} | "
+            # The model, where runs of several share the table; the rows of a pass, where the server said.
+            setup = r["setup"] + (f" ({r['model']})" if len({x.get("model") for x in serving}) > 1 else "")
+            if r.get("passes"):
+                setup += f", {r['passes']['max_sequences']} rows"
+            print(f"| {r['concurrency']} | {setup} | {r.get('device', '')} | {precision} | {r['sentences_per_s']:.1f} | "
                   f"{latency['p50']:.1f} | {latency['p95']:.1f} | {latency['p99']:.1f} | {padding} | {server.get('batches', '–')} | "
                   f"{statuses} | {ratio} |" + (agreement(baseline, predictions(r)) if baseline else "")
                   + (f" {r['alone_vs_batch']['max_abs_diff']:.1e} |" if r.get("alone_vs_batch") else " – |" if alone else ""))
