@@ -12,7 +12,8 @@ DEFAULT_MODEL := models/minilm-topics
 PY_PLUGINS := plugins/target/python/sentence_classifier.wasm plugins/target/python/document_classifier.wasm \
 	plugins/target/python/hostile.wasm
 JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
-TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json
+TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json \
+	models/test/tiny-deberta-aoti/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 # What an export depends on: a change to any of it re-exports the models.
@@ -58,6 +59,12 @@ models/test/tiny-deberta/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fi
 models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-ner --token-classification
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-ner --out models/test/tiny-deberta-ner
+
+# The same checkpoint as an AOTInductor package beside its TorchScript trace (tests/aoti.rs): about
+# a minute of compiling on 2 cores.
+models/test/tiny-deberta-aoti/manifest.json: models/test/tiny-deberta/manifest.json
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-best --out models/test/tiny-deberta-aoti \
+		--variants cpu-float32,cpu-float32-aoti
 
 test-models: $(TEST_MODELS)
 
@@ -143,9 +150,11 @@ $(BASE_CHECKPOINT)/config.json: $(VENV_STAMP) tests/fixtures/make_deberta_checkp
 	$(PY) tests/fixtures/make_deberta_checkpoint.py $(BASE_CHECKPOINT) --size base
 
 models/deberta-v3-base/manifest.json: $(BASE_CHECKPOINT)/config.json $(EXPORT_SOURCES)
-	$(PY) $(EXPORT) checkpoint $(BASE_CHECKPOINT) --name deberta-v3-base --out models/deberta-v3-base
+	$(PY) $(EXPORT) checkpoint $(BASE_CHECKPOINT) --name deberta-v3-base --out models/deberta-v3-base \
+		--variants cpu-float32,cpu-bfloat16,cpu-int8,cpu-float32-aoti,cpu-bfloat16-aoti
 
-# fp32, bf16, int8 and auto against the seed's way in Python, over HTTP, on this CPU.
+# fp32, bf16, int8 and auto, as TorchScript traces and AOTInductor packages, against the seed's way
+# in Python, over HTTP, on this CPU.
 bench-cpu: setup plugins models/deberta-v3-base/manifest.json
 	cargo build --release --workspace --all-targets
 	bash tools/bench_cpu.sh

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -15,21 +16,24 @@ from .errors import ExportError
 from .golden import agreement_texts, eager_outputs, golden
 from .rows import encode, pad, random_rows
 from .sources import Source
-from .variants import Variant
+from .variants import Variant, aoti
 from .variants.deberta import fits as window_fits, uses_window
 
 FORMAT_VERSION = 1
 TASKS = ("sequence-classification", "token-classification")
 
 
-def trace(module: torch.nn.Module, source: Source, variant: Variant) -> torch.jit.ScriptModule:
-    # Trace on a padded batch at a length the checks don't use: a trace taken without padding
-    # could bake "no mask needed" into the graph.
+def example(source: Source, variant: Variant) -> tuple[torch.Tensor, torch.Tensor]:
+    # A padded batch at a length the checks don't use: a trace taken without padding could bake
+    # "no mask needed" into the graph.
     vocab = min(source.vocab_size, source.tokenizer.get_vocab_size())
     rows = random_rows([11, 6], vocab, torch.Generator().manual_seed(0))
-    example = tuple(t.to(variant.device) for t in pad(rows, source.pad_token_id))
+    return tuple(t.to(variant.device) for t in pad(rows, source.pad_token_id))
+
+
+def trace(module: torch.nn.Module, source: Source, variant: Variant) -> torch.jit.ScriptModule:
     with torch.inference_mode():
-        return torch.jit.trace(module, example, check_trace=False)
+        return torch.jit.trace(module, example(source, variant), check_trace=False)
 
 
 def _sha256(files: list[Path]) -> str:
@@ -74,15 +78,22 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
         agreements, invariances = {}, {}
         for variant in variants:
             module = variant.prepare(eager, window_bias)
-            traced = trace(module, source, variant)
-            if freeze_cuda and variant.device == "cuda":
-                # Weights become constants the JIT can fold: served on an H100, 1.19x the
-                # throughput at 8 clients, the same outputs (BENCHMARKS.md). Not on CPU, where it
-                # did not help. Checked below like any trace.
-                traced = torch.jit.freeze(traced.eval())
-            traced.save(str(tmp / variant.file))
-            # Check what the host will load: the saved file, read back.
-            reloaded = torch.jit.load(str(tmp / variant.file), map_location=variant.device)
+            started = time.monotonic()
+            if variant.format == "aoti":
+                traced = None
+                aoti.compile_package(module, example(source, variant), tmp / variant.file)
+                reloaded = aoti.Package(tmp / variant.file, variant.device)
+                report.append(f"{variant.name} compiled by AOTInductor in {time.monotonic() - started:.0f} s")
+            else:
+                traced = trace(module, source, variant)
+                if freeze_cuda and variant.device == "cuda":
+                    # Weights become constants the JIT can fold: served on an H100, 1.19x the
+                    # throughput at 8 clients, the same outputs (BENCHMARKS.md). Not on CPU, where it
+                    # did not help. Checked below like any trace.
+                    traced = torch.jit.freeze(traced.eval())
+                traced.save(str(tmp / variant.file))
+                # Check what the host will load: the saved file, read back.
+                reloaded = torch.jit.load(str(tmp / variant.file), map_location=variant.device)
             report += check_traced(module, reloaded, source, variant)
             if variant.dtype == torch.float32 and uses_window(module):
                 report += check_window(eager, reloaded, source, variant.device)
@@ -119,7 +130,7 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
             "inputs": ["input_ids", "attention_mask"],
             "pad_token_id": source.pad_token_id,
             "vocab_size": source.vocab_size,
-            "variants": {v.name: v.file for v in variants},
+            "variants": {v.name: v.manifest_entry for v in variants},
             "version": f"{source.name}-{sha256[:12]}",
             "sha256": sha256,
             "torch_version": torch.__version__.split("+")[0],

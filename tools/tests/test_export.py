@@ -134,6 +134,16 @@ def test_variant_names_parse_and_cuda_int8_does_not():
         ex.Variant.parse("cuda-int8")
 
 
+def test_aoti_variants_parse_to_packages_listed_with_their_format():
+    package = ex.Variant.parse("cpu-bfloat16-aoti")
+    assert (package.name, package.file, package.format) == ("cpu-bfloat16-aoti", "model-cpu-bfloat16-aoti.pt2", "aoti")
+    assert package.manifest_entry == {"file": "model-cpu-bfloat16-aoti.pt2", "format": "aoti"}
+    # A trace is listed by its file alone, as every manifest before AOTInductor did.
+    assert ex.Variant.parse("cpu-bfloat16").manifest_entry == "model-cpu-bfloat16.pt"
+    with pytest.raises(Exception, match="not int8"):
+        ex.Variant.parse("cpu-int8-aoti")
+
+
 def test_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
     source = toy_source(MeanOfEmbeddings())
     source.vocab_size = 1000
