@@ -14,7 +14,7 @@ use std::sync::Arc;
 use batchbox_batcher::ChunkOrder;
 use batchbox_metrics::{Scrape, names};
 use batchbox_model::{Model, Output, Precision, QueueOptions};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, FormatChoice, ModelOptions, PassShape};
 use serde::Deserialize;
 
 fn model_dir() -> PathBuf {
@@ -29,6 +29,8 @@ fn load(use_fp16: bool, max_sequences: usize, max_tokens: usize) -> Arc<Model> {
         device: DeviceSpec::Cuda(0),
         use_fp16,
         cpu_dtype: CpuDtype::Fp32,
+        cpu_backend: FormatChoice::TorchScript,
+        gpu_backend: FormatChoice::TorchScript,
         pass: PassShape::fixed(max_sequences, max_tokens),
         queue: QueueOptions {
             // Each load a series of its own, read back by the test that made it.

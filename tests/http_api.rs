@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use batchbox_batcher::ChunkOrder;
 use batchbox_model::QueueOptions;
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, FormatChoice, ModelOptions, PassShape};
 use common::{PREDICT, Server, assert_json_error, fixture_sentences, read, workspace, write_config};
 use serde_json::{Value, json};
 
@@ -57,6 +57,8 @@ fn predicts_120_sentences_with_the_runtimes_numbers() {
         device: DeviceSpec::Cpu,
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
+        cpu_backend: FormatChoice::TorchScript,
+        gpu_backend: FormatChoice::TorchScript,
         pass: PassShape::fixed(32, 8192),
         queue: QueueOptions {
             name: "minilm-topics".into(),

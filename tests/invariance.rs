@@ -20,7 +20,7 @@ use std::time::Duration;
 use batchbox_batcher::ChunkOrder;
 use batchbox_model::checks::probabilities;
 use batchbox_model::{Model, Output, Precision, QueueOptions};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, FormatChoice, ModelOptions, PassShape};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -39,6 +39,8 @@ fn load(name: &str, dtype: CpuDtype) -> Arc<Model> {
         device: DeviceSpec::Cpu,
         use_fp16: false,
         cpu_dtype: dtype,
+        cpu_backend: FormatChoice::TorchScript,
+        gpu_backend: FormatChoice::TorchScript,
         pass: PassShape::fixed(64, 1 << 16),
         queue: QueueOptions {
             name: format!("{name}-{dtype:?}"),

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use batchbox_batcher::ChunkOrder;
 use batchbox_model::{Model, ModelError, Output, Precision, QueueOptions};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, FormatChoice, ModelOptions, PassShape};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
@@ -29,6 +29,8 @@ fn options(name: &str) -> ModelOptions {
         device: DeviceSpec::Cpu,
         use_fp16: true,
         cpu_dtype: CpuDtype::Fp32,
+        cpu_backend: FormatChoice::TorchScript,
+        gpu_backend: FormatChoice::TorchScript,
         pass: PassShape::fixed(32, 8192),
         queue: QueueOptions {
             name: name.to_owned(),

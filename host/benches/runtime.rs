@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use batchbox_batcher::ChunkOrder;
 use batchbox_model::{QueueOptions, RunStats};
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, FormatChoice, ModelOptions, PassShape};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -90,6 +90,8 @@ fn main() -> anyhow::Result<()> {
                     device: DeviceSpec::Cpu,
                     use_fp16: false,
                     cpu_dtype: setup.dtype,
+                    cpu_backend: FormatChoice::TorchScript,
+                    gpu_backend: FormatChoice::TorchScript,
                     pass: PassShape::fixed(setup.max_sequences, 8192),
                     queue: QueueOptions {
                         name: setup.name.to_string(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use batchbox_batcher::ChunkOrder;
 use batchbox_model::QueueOptions;
-use batchbox_model_tch::{CpuDtype, DeviceSpec, ModelOptions, PassShape};
+use batchbox_model_tch::{CpuDtype, DeviceSpec, FormatChoice, ModelOptions, PassShape};
 use batchbox_server::ServerConfig;
 use batchbox_tenants::{CacheConfig, KeySource, TenantConfig, TenantLimits};
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,12 @@ pub struct ModelConfig {
     /// Precision on CPU. `use_fp16` only applies to CUDA.
     #[serde(default)]
     pub cpu_dtype: CpuDtype,
+    /// On CPU: `auto` (default), `torchscript` or `aoti`: which format of the exported variants runs.
+    #[serde(default)]
+    pub cpu_backend: FormatChoice,
+    /// On CUDA: `auto` (default), `torchscript` or `aoti`.
+    #[serde(default)]
+    pub gpu_backend: FormatChoice,
 }
 
 /// The seed's `api` section, keys unchanged. Every model's queue is built from it, so a reload
@@ -220,6 +226,8 @@ impl Config {
             device: model.device,
             use_fp16: self.api.use_fp16,
             cpu_dtype: model.cpu_dtype,
+            cpu_backend: model.cpu_backend,
+            gpu_backend: model.gpu_backend,
             pass: self.pass_shape(),
             queue: QueueOptions {
                 name: model.name.clone(),

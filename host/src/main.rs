@@ -188,11 +188,15 @@ async fn check_config(config: Config, text: &str, loader: &Loader) -> anyhow::Re
         let how = if measured.is_empty() {
             String::new()
         } else {
-            let by = if info.precision_choice.mode == "auto" { "cpu_dtype auto measured" } else { "measured at load" };
+            let by = if info.precision_choice.mode == "auto" { "auto measured" } else { "measured at load" };
             format!("; {by}: {}", measured.join("; "))
         };
         let pass = format!("passes of {} rows, {} tokens", info.limits.max_sequences, info.limits.max_tokens);
-        println!("model {name}: {} on {}, {pass} ({:?}{how})", info.manifest.version, info.device, info.precision);
+        let format = if info.format == batchbox_model::Format::Aoti { ", AOTInductor" } else { "" };
+        println!(
+            "model {name}: {} on {}, {pass} ({:?}{format}{how})",
+            info.manifest.version, info.device, info.precision
+        );
     }
     for tenant in &config.tenants {
         let routes: Vec<String> = tenant.routes.iter().map(ToString::to_string).collect();

@@ -11,10 +11,7 @@ use tch::Device;
 
 use batchbox_model::ModelError;
 
-use crate::DeviceSpec;
-
-/// Where the build found libtorch (see build.rs); also the binary's RUNPATH.
-const LIBTORCH_LIB: &str = env!("BATCHBOX_LIBTORCH_LIB");
+use crate::{DeviceSpec, LIBTORCH_LIB};
 
 pub fn resolve(spec: DeviceSpec) -> Result<Device, ModelError> {
     match spec {

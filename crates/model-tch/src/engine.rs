@@ -1,17 +1,47 @@
-//! The torch side: a loaded TorchScript module and one padded forward pass at a time.
-//! Only the model thread (see `batchbox_model`'s worker) touches it: libtorch calls block.
+//! The torch side: a loaded module (a TorchScript trace or an AOTInductor package) and one padded
+//! forward pass at a time. Only the model thread (see `batchbox_model`'s worker) touches it:
+//! libtorch calls block.
 
 use std::path::Path;
 
 use tch::{CModule, Device, Kind, Tensor};
 
-use batchbox_model::{Backend, Manifest, ModelError, Output, Pad, Precision, Task};
+use batchbox_model::{Backend, Format, Manifest, ModelError, Output, Pad, Precision, Task};
 
-use crate::precision::OnDevice;
-use crate::torch_error;
+use crate::aoti::Package;
+use crate::{torch_error, variant};
+
+/// What runs a pass: a module's format decides how.
+enum Module {
+    TorchScript(CModule),
+    Aoti(Package),
+}
+
+impl Module {
+    fn forward(&mut self, ids: Tensor, mask: Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            Self::TorchScript(module) => module.forward_ts(&[ids, mask]).map_err(torch_error),
+            Self::Aoti(package) => {
+                // Export specialises sizes 0 and 1 away (they become constants), so a package
+                // takes at least 2 rows and 2 tokens: pad up with zeros, which the zero mask
+                // hides (id 0 is as good as any), and cut the logits back to the real rows and tokens.
+                let (rows, len) = (ids.size()[0], ids.size()[1]);
+                let grow = [0, (2 - len).max(0), 0, (2 - rows).max(0)];
+                let (ids, mask) = (
+                    ids.f_constant_pad_nd(grow).map_err(torch_error)?,
+                    mask.f_constant_pad_nd(grow).map_err(torch_error)?,
+                );
+                let logits =
+                    package.run(&[&ids, &mask]).map_err(|message| torch_error(tch::TchError::Torch(message)))?;
+                let logits = logits.narrow(0, 0, rows.min(logits.size()[0]));
+                Ok(if logits.dim() == 3 { logits.narrow(1, 0, len.min(logits.size()[1])) } else { logits })
+            }
+        }
+    }
+}
 
 pub(crate) struct Engine {
-    module: CModule,
+    module: Module,
     device: Device,
     pad_id: i64,
     task: Task,
@@ -19,17 +49,38 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub fn load(dir: &Path, manifest: &Manifest, device: Device, precision: Precision) -> Result<Self, ModelError> {
-        let variant = precision.variant(device);
-        let file = manifest.variants.get(&variant).ok_or_else(|| ModelError::MissingVariant {
+    pub fn load(
+        dir: &Path,
+        manifest: &Manifest,
+        device: Device,
+        precision: Precision,
+        format: Format,
+    ) -> Result<Self, ModelError> {
+        let name = variant::name(precision, device, format);
+        let entry = manifest.variants.get(&name).ok_or_else(|| ModelError::MissingVariant {
             dir: dir.to_owned(),
-            variant: variant.clone(),
+            variant: name.clone(),
             available: manifest.variants.keys().cloned().collect(),
         })?;
-        let path = dir.join(file);
-        let mut module = CModule::load_on_device(&path, device)
-            .map_err(|e| ModelError::Load { path: path.clone(), message: e.to_string() })?;
-        module.set_eval();
+        let path = dir.join(&entry.file);
+        let module = match entry.format {
+            Format::TorchScript => {
+                let mut module = CModule::load_on_device(&path, device)
+                    .map_err(|e| ModelError::Load { path: path.clone(), message: e.to_string() })?;
+                module.set_eval();
+                Module::TorchScript(module)
+            }
+            Format::Aoti => Module::Aoti(Package::load(&path, device).map_err(|message| ModelError::Load {
+                path: path.clone(),
+                message: format!(
+                    "{message}. An AOTInductor package runs only with the torch build and on the device it was \
+                     compiled for; rebuild it here: `.venv/bin/python tools/export_model.py <checkpoint PATH | default | \
+                     synthetic> --out {} --variants {}`",
+                    dir.display(),
+                    manifest.variants.keys().cloned().collect::<Vec<_>>().join(",")
+                ),
+            })?),
+        };
         Ok(Self {
             module,
             device,
@@ -97,7 +148,7 @@ impl Backend for Engine {
         let shape = [rows.len() as i64, padded_len as i64];
         let ids = batch.ids.to_device_(self.device, Kind::Int64, true, false);
         let mask = batch.mask.to_device_(self.device, Kind::Int64, true, false);
-        let logits = self.module.forward_ts(&[ids, mask]).map_err(torch_error)?;
+        let logits = self.module.forward(ids, mask)?;
 
         let expected: Vec<i64> = match self.task {
             Task::SequenceClassification => vec![shape[0], self.num_labels as i64],

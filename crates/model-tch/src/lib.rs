@@ -2,21 +2,28 @@
 //! `tools/export_model.py`, on CPU or CUDA. The only crate that links libtorch.
 //!
 //! - `engine`: a loaded module, padding (page-locked on CUDA) and one forward pass;
+//! - `aoti`: AOTInductor packages, the second format a variant may take, through a C++ shim;
+//! - `variant`: the manifest's variant names and the precision the config asks for;
 //! - `device`: `auto`/`cpu`/`cuda:N` resolved, with libtorch_cuda loaded at run time;
 //! - `precision`: which exported variant runs, and `cpu_dtype: auto`'s measurement;
 //! - `shape`: how many rows and tokens a pass holds on each device, where the config is silent.
 
+mod aoti;
 mod device;
 mod engine;
 mod precision;
 mod shape;
+mod variant;
+
+/// Where the build found libtorch (see build.rs); also the binary's RUNPATH.
+pub(crate) const LIBTORCH_LIB: &str = env!("BATCHBOX_LIBTORCH_LIB");
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use batchbox_model::{Model, ModelError, QueueOptions};
+use batchbox_model::{Format, Model, ModelError, QueueOptions};
 use serde::Deserialize;
 
 pub use shape::{CPU_DEFAULT, CUDA_DEFAULT, PassShape};
@@ -32,6 +39,10 @@ pub struct ModelOptions {
     pub use_fp16: bool,
     /// On CPU: which precision, or `auto` to measure.
     pub cpu_dtype: CpuDtype,
+    /// On CPU: which format of the exported variants runs, or `auto` to measure.
+    pub cpu_backend: FormatChoice,
+    /// On CUDA: which format of the exported variants runs, or `auto` to measure.
+    pub gpu_backend: FormatChoice,
     /// Rows and tokens per forward pass; unset ones take the device's default (`shape`).
     pub pass: PassShape,
     /// How the queue in front of it batches.
@@ -42,8 +53,9 @@ pub struct ModelOptions {
 pub fn load(options: &ModelOptions) -> Result<Arc<Model>, ModelError> {
     let device = device::resolve(options.device)?;
     let (use_fp16, cpu_dtype) = (options.use_fp16, options.cpu_dtype);
+    let formats = if device.is_cuda() { options.gpu_backend } else { options.cpu_backend };
     Model::start(&options.path, &options.queue, options.pass.on(device), move |dir, manifest| {
-        precision::choose(dir, manifest, device, use_fp16, cpu_dtype)
+        precision::choose(dir, manifest, device, use_fp16, cpu_dtype, formats)
     })
 }
 
@@ -120,6 +132,32 @@ pub enum CpuDtype {
     Bf16,
     /// int8 linear layers with activations scaled per row (the `cpu-int8` variant).
     Int8,
+}
+
+/// Which format of a model's exported variants runs (`models[].cpu_backend`, `gpu_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatChoice {
+    /// Each exported format is measured at load with the others (see `precision.rs`), and the
+    /// fastest that agrees with the reference and is batch-invariant runs: TorchScript where the
+    /// export has nothing else.
+    #[default]
+    Auto,
+    /// TorchScript traces (`.pt`).
+    TorchScript,
+    /// AOTInductor packages (`.pt2`, exported with `--variants <device>-<dtype>-aoti`).
+    Aoti,
+}
+
+impl FormatChoice {
+    /// The formats this choice lets run, TorchScript first.
+    pub(crate) fn formats(self) -> &'static [Format] {
+        match self {
+            Self::Auto => &[Format::TorchScript, Format::Aoti],
+            Self::TorchScript => &[Format::TorchScript],
+            Self::Aoti => &[Format::Aoti],
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,42 +21,11 @@ use serde::Deserialize;
 
 use batchbox_model::checks::{self, Invariance};
 use batchbox_model::{
-    Backend, Candidate, LoadedBackend, Manifest, ModelError, Output, Pad, Precision, PrecisionChoice, warm_up,
+    Backend, Candidate, Format, LoadedBackend, Manifest, ModelError, Output, Pad, Precision, PrecisionChoice, warm_up,
 };
 
-use crate::CpuDtype;
 use crate::engine::Engine;
-
-/// The manifest's variant names and the config's choice, on a torch device.
-pub(crate) trait OnDevice: Sized {
-    fn variant(self, device: tch::Device) -> String;
-    fn configured(device: tch::Device, use_fp16: bool, cpu_dtype: CpuDtype) -> Option<Self>;
-}
-
-impl OnDevice for Precision {
-    /// The manifest's name for the traced file that runs at this precision on `device`.
-    fn variant(self, device: tch::Device) -> String {
-        let device = if device.is_cuda() { "cuda" } else { "cpu" };
-        let dtype = match self {
-            Self::Fp32 => "float32",
-            Self::Fp16 => "float16",
-            Self::Bf16 => "bfloat16",
-            Self::Int8 => "int8",
-        };
-        format!("{device}-{dtype}")
-    }
-
-    /// The precision the config asks for, or `None` for `auto` on CPU (measured by [`choose`]).
-    fn configured(device: tch::Device, use_fp16: bool, cpu_dtype: CpuDtype) -> Option<Self> {
-        match (device.is_cuda(), use_fp16, cpu_dtype) {
-            (true, true, _) => Some(Self::Fp16),
-            (true, false, _) | (false, _, CpuDtype::Fp32) => Some(Self::Fp32),
-            (false, _, CpuDtype::Bf16) => Some(Self::Bf16),
-            (false, _, CpuDtype::Int8) => Some(Self::Int8),
-            (false, _, CpuDtype::Auto) => None,
-        }
-    }
-}
+use crate::{CpuDtype, FormatChoice, variant};
 
 /// Rows and longest row of the batch `auto` times: short sentences, as a classifier mostly sees.
 const TIMING_ROWS: usize = 32;
@@ -64,73 +33,139 @@ const TIMING_MAX_LEN: usize = 48;
 /// Timed passes per candidate, interleaved so a noisy neighbour slows them alike.
 const TIMING_ROUNDS: usize = 3;
 
-/// Loads the engine at the configured precision, or measures the candidates for `auto`.
-/// The engine returned is warmed up.
+/// A precision in a format: what one exported variant runs.
+type Key = (Precision, Format);
+
+/// Loads the engine the config asks for, or measures the candidates: every precision for
+/// `cpu_dtype: auto`, every exported format for a backend setting of `auto`. The engine returned
+/// is warmed up.
 pub(crate) fn choose(
     dir: &Path,
     manifest: &Manifest,
     device: tch::Device,
     use_fp16: bool,
     cpu_dtype: CpuDtype,
+    formats: FormatChoice,
 ) -> Result<LoadedBackend<Engine>, ModelError> {
     let device_name = format!("{device:?}").to_lowercase();
     let golden = Golden::load(dir);
-    if let Some(precision) = Precision::configured(device, use_fp16, cpu_dtype) {
-        let mut engine = Engine::load(dir, manifest, device, precision)?;
-        warm_up(&mut engine, manifest)?;
-        let invariance = match &golden {
-            Ok(golden) => {
-                // fp32 is checked with the probes alone, as `auto` checks it (see `checks`).
-                let texts = golden.agreement_texts();
-                let sorted = match precision {
-                    Precision::Fp32 => None,
-                    _ => Some(checks::run_sorted(&mut engine, &texts)?),
-                };
-                Some(golden.invariance(&mut engine, precision, sorted.as_deref())?)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "batch invariance not measured: golden.json cannot be used");
-                None
-            }
-        };
-        if let Some(moved) = invariance.as_ref().filter(|i| !i.holds()) {
-            tracing::warn!(
-                ?precision,
-                max_abs_diff = format!("{:.1e}", moved.max_abs_diff),
-                bound = moved.bound,
-                "this precision is not batch-invariant on this model: a text's probabilities moved by up to {:.1e} with \
-                 the texts batched beside it (bound {:e}). The same request can get different answers under load, one \
-                 tenant's traffic can move another's answers, and the response cache keeps whichever came first; \
-                 `cpu_dtype: auto` would not choose it",
-                moved.max_abs_diff,
-                moved.bound
-            );
-        }
-        let measured = Candidate::new(precision, None, None, invariance);
-        return Ok(LoadedBackend::configured(engine, device_name, measured));
+    let configured = variant::configured(device, use_fp16, cpu_dtype);
+    let exported = |(precision, format): Key| manifest.variants.contains_key(&variant::name(precision, device, format));
+    let precisions = match configured {
+        Some(precision) => vec![precision],
+        None => vec![Precision::Fp32, Precision::Bf16, Precision::Int8],
+    };
+    let allowed = formats.formats();
+    let candidates: Vec<Key> = precisions
+        .iter()
+        .flat_map(|&precision| allowed.iter().map(move |&format| (precision, format)))
+        .filter(|&key| exported(key))
+        .collect();
+    let missing = |(precision, format): Key| ModelError::MissingVariant {
+        dir: dir.to_owned(),
+        variant: variant::name(precision, device, format),
+        available: manifest.variants.keys().cloned().collect(),
+    };
+    if candidates.is_empty() {
+        return Err(missing((precisions[0], allowed[0])));
     }
+    if let (Some(_), [(precision, format)]) = (configured, candidates.as_slice()) {
+        return configured_engine(dir, manifest, device, device_name, *precision, *format, golden);
+    }
+    measure(dir, manifest, device, device_name, candidates, configured, golden?, missing)
+}
 
-    let golden = golden?;
-    let started = Instant::now();
-    let mut engines = vec![(Precision::Fp32, Engine::load(dir, manifest, device, Precision::Fp32)?)];
-    for precision in [Precision::Bf16, Precision::Int8] {
-        if manifest.variants.contains_key(&precision.variant(device)) {
-            engines.push((precision, Engine::load(dir, manifest, device, precision)?));
+/// The one variant the config leaves: loaded, warmed up, and its batch invariance measured.
+fn configured_engine(
+    dir: &Path,
+    manifest: &Manifest,
+    device: tch::Device,
+    device_name: String,
+    precision: Precision,
+    format: Format,
+    golden: Result<Golden, ModelError>,
+) -> Result<LoadedBackend<Engine>, ModelError> {
+    let mut engine = Engine::load(dir, manifest, device, precision, format)?;
+    warm_up(&mut engine, manifest)?;
+    let invariance = match &golden {
+        Ok(golden) => {
+            // fp32 is checked with the probes alone, as `auto` checks it (see `checks`).
+            let texts = golden.agreement_texts();
+            let sorted = match precision {
+                Precision::Fp32 => None,
+                _ => Some(checks::run_sorted(&mut engine, &texts)?),
+            };
+            Some(golden.invariance(&mut engine, precision, sorted.as_deref())?)
         }
+        Err(e) => {
+            tracing::warn!(error = %e, "batch invariance not measured: golden.json cannot be used");
+            None
+        }
+    };
+    if let Some(moved) = invariance.as_ref().filter(|i| !i.holds()) {
+        tracing::warn!(
+            ?precision,
+            max_abs_diff = format!("{:.1e}", moved.max_abs_diff),
+            bound = moved.bound,
+            "this precision is not batch-invariant on this model: a text's probabilities moved by up to {:.1e} with \
+             the texts batched beside it (bound {:e}). The same request can get different answers under load, one \
+             tenant's traffic can move another's answers, and the response cache keeps whichever came first; \
+             `cpu_dtype: auto` would not choose it",
+            moved.max_abs_diff,
+            moved.bound
+        );
     }
-    for (_, engine) in &mut engines {
+    let measured = Candidate::new(precision, None, None, invariance).in_format(format);
+    Ok(LoadedBackend::configured(engine, device_name, measured))
+}
+
+/// Loads every candidate, times it on a warm-up batch, compares it with the reference (TorchScript
+/// fp32, else TorchScript at the configured precision) and checks its batch invariance; keeps the
+/// fastest within both bounds, or the reference's own candidate.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    dir: &Path,
+    manifest: &Manifest,
+    device: tch::Device,
+    device_name: String,
+    candidates: Vec<Key>,
+    configured: Option<Precision>,
+    golden: Golden,
+    missing: impl Fn(Key) -> ModelError,
+) -> Result<LoadedBackend<Engine>, ModelError> {
+    let exported = |(precision, format): Key| manifest.variants.contains_key(&variant::name(precision, device, format));
+    let fp32 = (Precision::Fp32, Format::TorchScript);
+
+    let reference = match configured {
+        Some(precision) if !exported(fp32) => (precision, Format::TorchScript),
+        _ => fp32,
+    };
+    if !exported(reference) {
+        return Err(missing(reference));
+    }
+    let started = Instant::now();
+    let mut engines = Vec::with_capacity(candidates.len());
+    for &(precision, format) in &candidates {
+        engines.push(Engine::load(dir, manifest, device, precision, format)?);
+    }
+    let reference_index = candidates.iter().position(|&key| key == reference);
+    let mut reference_engine = match reference_index {
+        Some(_) => None,
+        None => Some(Engine::load(dir, manifest, device, reference.0, reference.1)?),
+    };
+    for engine in engines.iter_mut().chain(reference_engine.as_mut()) {
         warm_up(engine, manifest)?;
     }
 
     // Every candidate pads alike (same pad id, same device).
-    let padder = engines[0].1.padder();
+    let padder = engines[0].padder();
     let golden_rows: Vec<&[u32]> = golden.input_ids.iter().map(Vec::as_slice).collect();
     let timing: Vec<&[u32]> =
         golden_rows.iter().cycle().take(TIMING_ROWS).map(|row| &row[..row.len().min(TIMING_MAX_LEN)]).collect();
     let timing_batch = padder.pad(&timing);
     let mut samples = vec![Vec::with_capacity(TIMING_ROUNDS); engines.len()];
     for _ in 0..TIMING_ROUNDS {
-        for ((_, engine), times) in engines.iter_mut().zip(&mut samples) {
+        for (engine, times) in engines.iter_mut().zip(&mut samples) {
             let started = Instant::now();
             engine.forward(&timing_batch)?;
             times.push(started.elapsed());
@@ -139,67 +174,74 @@ pub(crate) fn choose(
 
     let loaded_and_timed = started.elapsed();
     let texts = golden.agreement_texts();
-    let reference = checks::run_sorted(&mut engines[0].1, &texts)?; // fp32's
-    let mut candidates = Vec::new();
-    for ((precision, engine), times) in engines.iter_mut().zip(samples) {
-        let outputs = match precision {
-            Precision::Fp32 => None,
-            _ => Some(checks::run_sorted(engine, &texts)?),
+    let reference_outputs = match (reference_index, reference_engine.as_mut()) {
+        (Some(i), _) => checks::run_sorted(&mut engines[i], &texts)?,
+        (None, Some(engine)) => checks::run_sorted(engine, &texts)?,
+        (None, None) => unreachable!("the reference is a candidate or loaded on its own"),
+    };
+    drop(reference_engine);
+    let mut measured = Vec::new();
+    for ((&(precision, format), engine), times) in candidates.iter().zip(&mut engines).zip(samples) {
+        let outputs = match (precision, format) == reference {
+            true => None,
+            false => Some(checks::run_sorted(engine, &texts)?),
         };
-        let agreement = checks::agreement(&reference, outputs.as_ref().unwrap_or(&reference));
-        let invariance = golden.invariance(engine, *precision, outputs.as_deref())?;
-        candidates.push(Candidate::new(
-            *precision,
-            Some(median(times).as_secs_f64() * 1e3),
-            Some(agreement),
-            Some(invariance),
-        ));
+        let agreement = checks::agreement(&reference_outputs, outputs.as_ref().unwrap_or(&reference_outputs));
+        let invariance = golden.invariance(engine, precision, outputs.as_deref())?;
+        measured.push(
+            Candidate::new(precision, Some(median(times).as_secs_f64() * 1e3), Some(agreement), Some(invariance))
+                .in_format(format),
+        );
     }
-    // The fastest eligible candidate; fp32, the reference, if none is (even if it failed its
-    // own invariance bound: nothing else would do better).
-    let best = candidates
+    // The fastest eligible candidate; else the reference's own (even if it failed its own
+    // invariance bound: nothing else would do better), else the first.
+    let fallback = reference_index.unwrap_or(0);
+    let best = measured
         .iter()
         .enumerate()
         .filter(|(_, c)| c.eligible())
         .min_by(|a, b| a.1.median_ms.unwrap_or(f64::MAX).total_cmp(&b.1.median_ms.unwrap_or(f64::MAX)))
-        .map_or(0, |(i, _)| i);
-    for candidate in &candidates {
+        .map_or(fallback, |(i, _)| i);
+    for candidate in &measured {
         let (agreement, invariance) = (candidate.agreement.as_ref(), candidate.invariance.as_ref());
         tracing::info!(
             precision = ?candidate.precision,
+            format = ?candidate.format,
             median_ms = format!("{:.1}", candidate.median_ms.unwrap_or(0.0)),
             top_labels_agreeing = agreement.map(|a| format!("{}/{} over {} texts", a.agreeing, a.compared, a.texts)),
-            max_abs_diff_from_fp32 = agreement.map(|a| format!("{:.1e}", a.max_abs_diff)),
+            max_abs_diff_from_reference = agreement.map(|a| format!("{:.1e}", a.max_abs_diff)),
             batch_invariance = invariance.map(|i| format!("{:.1e} (bound {:e})", i.max_abs_diff, i.bound)),
             eligible = candidate.eligible(),
-            "cpu_dtype auto: measured"
+            "auto: measured"
         );
     }
     if texts.len() < checks::MIN_AGREEMENT_TEXTS {
         tracing::warn!(
             texts = texts.len(),
-            "cpu_dtype auto: the export has fewer than {} agreement texts, too few to tell 99% agreement from less, so \
-             only fp32 can be chosen; re-export the model (tools/export_model.py) to let auto consider bf16 and int8",
+            "auto: the export has fewer than {} agreement texts, too few to tell 99% agreement from less, so \
+             only the reference can be chosen; re-export the model (tools/export_model.py) to let auto consider the others",
             checks::MIN_AGREEMENT_TEXTS
         );
     }
     tracing::info!(
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         loading_warming_and_timing = format!("{:.1}", loaded_and_timed.as_secs_f64()),
-        "cpu_dtype auto: measured every candidate"
+        "auto: measured every candidate"
     );
-    let (precision, engine) = engines.swap_remove(best);
-    if candidates[best].eligible() {
+    let engine = engines.swap_remove(best);
+    let (precision, format) = (measured[best].precision, measured[best].format);
+    if measured[best].eligible() {
         tracing::info!(
             ?precision,
-            "cpu_dtype auto: chose the fastest precision that agrees with fp32 and is batch-invariant"
+            ?format,
+            "auto: chose the fastest candidate that agrees with the reference and is batch-invariant"
         );
     } else {
-        tracing::warn!(?precision, "cpu_dtype auto: no candidate passed both checks; serving fp32, the reference");
+        tracing::warn!(?precision, ?format, "auto: no candidate passed both checks; serving the reference");
     }
     let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
-    let precision_choice = PrecisionChoice { mode: "auto", candidates, batch };
-    Ok(LoadedBackend { backend: engine, device: device_name, precision, precision_choice })
+    let precision_choice = PrecisionChoice { mode: "auto", candidates: measured, batch };
+    Ok(LoadedBackend { backend: engine, device: device_name, precision, format, precision_choice })
 }
 
 /// What the export wrote for the runtime's checks (`golden.json`, by tools/export_model.py): the

@@ -5,7 +5,7 @@
 //! the model thread). `batchbox-model-tch` implements it on libtorch; tests implement it with
 //! plain vectors to inject faults.
 
-use crate::{Candidate, Manifest, ModelError, Output, Precision, PrecisionChoice};
+use crate::{Candidate, Format, Manifest, ModelError, Output, Precision, PrecisionChoice};
 
 /// Builds a forward pass's inputs from its rows. `Copy` and `Send`, so the thread that prepares
 /// the next batch while one runs (see [`Backend::prepare_ahead`]) has its own.
@@ -16,8 +16,9 @@ pub trait Pad: Copy + Send + 'static {
     fn pad(&self, rows: &[&[u32]]) -> Self::Batch;
 }
 
-/// Runs forward passes, one at a time, on the model thread.
-pub trait Backend: Send + 'static {
+/// Runs forward passes, one at a time, on the model thread. Not `Send`: a backend is made on the
+/// model thread (the `load` of [`crate::Model::start`]) and never leaves it.
+pub trait Backend: 'static {
     /// How this backend's batches are built.
     type Padder: Pad;
     /// A padder for this backend's batches.
@@ -42,6 +43,8 @@ pub struct LoadedBackend<B> {
     pub device: String,
     /// The precision it runs at.
     pub precision: Precision,
+    /// The format of the variant that runs.
+    pub format: Format,
     /// How that precision was chosen.
     pub precision_choice: PrecisionChoice,
 }
@@ -49,9 +52,9 @@ pub struct LoadedBackend<B> {
 impl<B> LoadedBackend<B> {
     /// A backend that runs at the precision the config named, with what was measured of it.
     pub fn configured(backend: B, device: impl Into<String>, measured: Candidate) -> Self {
-        let precision = measured.precision;
+        let (precision, format) = (measured.precision, measured.format);
         let precision_choice = PrecisionChoice { mode: "configured", candidates: vec![measured], batch: None };
-        Self { backend, device: device.into(), precision, precision_choice }
+        Self { backend, device: device.into(), precision, format, precision_choice }
     }
 }
 

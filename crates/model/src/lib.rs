@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use backend::{Backend, LoadedBackend, Pad, warm_up};
-pub use manifest::{Manifest, Task};
+pub use manifest::{Format, Manifest, Task, Variant};
 pub use precision::{Candidate, Precision, PrecisionChoice};
 pub use tokenize::{Encoding, TextTokenizer};
 
@@ -184,6 +184,8 @@ pub struct ModelInfo {
     pub precision: Precision,
     /// How the precision was chosen, with what `cpu_dtype: auto` measured.
     pub precision_choice: PrecisionChoice,
+    /// The format of the variant that runs: TorchScript or an AOTInductor package.
+    pub format: Format,
     /// The rows and padded tokens one forward pass may hold.
     pub limits: BatchLimits,
 }
@@ -286,8 +288,8 @@ impl Model {
             // it: models whose names start alike share what shows.
             .name(format!("model-{}", options.name))
             .spawn(move || match load(&path, &thread_manifest) {
-                Ok(LoadedBackend { backend, device, precision, precision_choice }) => {
-                    let _ = ready_tx.send(Ok((device, precision, precision_choice)));
+                Ok(LoadedBackend { backend, device, precision, format, precision_choice }) => {
+                    let _ = ready_tx.send(Ok((device, precision, format, precision_choice)));
                     worker::serve(backend, thread_shared);
                 }
                 Err(e) => {
@@ -295,8 +297,8 @@ impl Model {
                 }
             })
             .expect("spawning the model thread");
-        let (device, precision, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
-        let info = ModelInfo { manifest, device, precision, precision_choice, limits };
+        let (device, precision, format, precision_choice) = ready_rx.recv().map_err(|_| ModelError::Stopped)??;
+        let info = ModelInfo { manifest, device, precision, precision_choice, format, limits };
         metrics::model_info(&options.name, &info);
         Ok(Arc::new(Model { info, tokenizer, shared, thread: Some(thread) }))
     }
@@ -334,9 +336,9 @@ impl Model {
     }
 
     /// What a cached output is keyed by besides its token ids: the weights and tokenizer
-    /// (version) and the precision they run at.
+    /// (version), the precision they run at and the format that runs them.
     pub fn cache_version(&self) -> String {
-        format!("{}/{:?}", self.info.manifest.version, self.info.precision)
+        format!("{}/{:?}/{:?}", self.info.manifest.version, self.info.precision, self.info.format)
     }
 
     /// Gives the model's tenants new shares of its queue (a config reload); what waits stays.

@@ -1,4 +1,4 @@
-//! `manifest.json`, written by `tools/export_model.py` beside the TorchScript module.
+//! `manifest.json`, written by `tools/export_model.py` beside the exported files.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +20,49 @@ pub enum Task {
     TokenClassification,
 }
 
+/// How a variant's file runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A TorchScript module (`torch.jit.trace`), `.pt`: every manifest before AOTInductor.
+    #[default]
+    TorchScript,
+    /// An AOTInductor package (`torch._inductor.aoti_compile_and_package`), `.pt2`: compiled
+    /// for one device and one torch build.
+    Aoti,
+}
+
+/// One exported file: a plain file name in the manifest (TorchScript, as every export before
+/// AOTInductor wrote it), or `{"file": ..., "format": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "VariantEntry")]
+pub struct Variant {
+    /// The file, relative to the model directory.
+    pub file: String,
+    /// How it runs.
+    pub format: Format,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum VariantEntry {
+    File(String),
+    Described {
+        file: String,
+        #[serde(default)]
+        format: Format,
+    },
+}
+
+impl From<VariantEntry> for Variant {
+    fn from(entry: VariantEntry) -> Self {
+        match entry {
+            VariantEntry::File(file) => Self { file, format: Format::TorchScript },
+            VariantEntry::Described { file, format } => Self { file, format },
+        }
+    }
+}
+
 /// What the export says about the model; read and checked by [`Manifest::load`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
@@ -36,9 +79,10 @@ pub struct Manifest {
     pub max_length: usize,
     /// The traced module's inputs, by name; must be `[input_ids, attention_mask]`.
     pub inputs: Vec<String>,
-    /// Traced files by `<device>-<dtype>` (`cpu-float32`, `cuda-float16`, ...): a trace bakes in
-    /// its device and dtype, so each combination the host may run is its own file.
-    pub variants: BTreeMap<String, String>,
+    /// Exported files by variant name: `<device>-<dtype>` (`cpu-float32`, `cuda-float16`, ...)
+    /// for TorchScript, `<device>-<dtype>-aoti` for AOTInductor packages. A trace or a package
+    /// bakes in its device and dtype, so each combination the host may run is its own file.
+    pub variants: BTreeMap<String, Variant>,
     /// The id padding positions are filled with (their attention mask is 0).
     pub pad_token_id: i64,
     /// Token ids must be below this: an out-of-range id would fault inside the model (on CUDA,
@@ -71,5 +115,27 @@ impl Manifest {
             return Err(invalid("needs at least one label and a max_length of 2 or more".into()));
         }
         Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_is_a_plain_file_name_for_torchscript_or_names_its_format() {
+        let variants: BTreeMap<String, Variant> = serde_json::from_str(
+            r#"{"cpu-float32": "model-cpu-float32.pt",
+                "cpu-float32-aoti": {"file": "model-cpu-float32.pt2", "format": "aoti"},
+                "cpu-int8": {"file": "model-cpu-int8.pt"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            variants["cpu-float32"],
+            Variant { file: "model-cpu-float32.pt".into(), format: Format::TorchScript }
+        );
+        assert_eq!(variants["cpu-float32-aoti"].format, Format::Aoti);
+        assert_eq!(variants["cpu-int8"].format, Format::TorchScript);
+        assert!(serde_json::from_str::<Variant>(r#"{"file": "x", "format": "onnx"}"#).is_err());
     }
 }

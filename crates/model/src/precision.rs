@@ -7,6 +7,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::checks::{Agreement, Invariance};
+use crate::manifest::Format;
 
 /// Numeric precision of the loaded weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,6 +30,8 @@ pub enum Precision {
 pub struct Candidate {
     /// The precision loaded and measured.
     pub precision: Precision,
+    /// The format of the variant that runs it: TorchScript or an AOTInductor package.
+    pub format: Format,
     /// Median time of the warm-up batch (`auto` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub median_ms: Option<f64>,
@@ -55,7 +58,12 @@ impl Candidate {
     ) -> Self {
         let eligible =
             agreement.as_ref().map(|agreement| agreement.holds() && invariance.as_ref().is_some_and(Invariance::holds));
-        Self { precision, median_ms, agreement, invariance, eligible }
+        Self { precision, format: Format::TorchScript, median_ms, agreement, invariance, eligible }
+    }
+
+    /// The same, measured of the variant in `format`.
+    pub fn in_format(self, format: Format) -> Self {
+        Self { format, ..self }
     }
 
     /// Whether `auto` may choose it.
@@ -68,6 +76,9 @@ impl Candidate {
 impl fmt::Display for Candidate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.precision)?;
+        if self.format == Format::Aoti {
+            write!(f, " (AOTInductor)")?;
+        }
         if let Some(ms) = self.median_ms {
             write!(f, " {ms:.1} ms")?;
         }

@@ -28,6 +28,7 @@ impl App {
                     "max_length": m.max_length,
                     "device": info.device,
                     "precision": info.precision,
+                    "format": info.format,
                     "precision_choice": info.precision_choice,
                     // The config's pass shape, or the device's default where it is silent.
                     "pass": {
