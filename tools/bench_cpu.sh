@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU precision benchmark (`make bench-cpu`): the 120-sentence request end to end over HTTP
 # through the sentence-classifier plugin, one client, with cpu_dtype fp32, bf16, int8 and auto,
-# beside the seed's way in Python (transformers eager, batches of 32 in input order, fp32), on
+# as TorchScript traces (cpu_backend: torchscript), as AOTInductor packages where the export has
+# them (cpu_backend: aoti; deberta-v3-base), and auto over both, beside the seed's way in Python (transformers eager, batches of 32 in input order, fp32), on
 # the same model, in one run. The response cache is off.
 #
 #   tools/bench_cpu.sh [MODEL...]     default: minilm-topics deberta-v3-base
@@ -28,8 +29,18 @@ for model in "${models[@]}"; do
   esac
   .venv/bin/python tools/seed_baseline.py --device cpu --dtype float32 --rounds "${REQUESTS:-5}" --setup input:32 "${source[@]}" \
     2> "$out/python.log" | tee -a "$results"
-  REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} \
-    bash tools/bench_serving.sh "$model" 1 batchbox:fp32 batchbox:bf16 batchbox:int8 batchbox:auto | tee -a "$results"
+  REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} BACKEND=torchscript \
+    bash tools/bench_serving.sh "$model" 1 batchbox:fp32 batchbox:bf16 batchbox:int8 | tee -a "$results"
+  packages=$(.venv/bin/python -c "import json; v = json.load(open('models/$model/manifest.json'))['variants']
+print(' '.join('batchbox:' + {'cpu-float32-aoti': 'fp32', 'cpu-bfloat16-aoti': 'bf16'}[n] for n in v if n.endswith('-aoti')))")
+  if [ -n "$packages" ]; then
+    # shellcheck disable=SC2086
+    REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} BACKEND=aoti \
+      bash tools/bench_serving.sh "$model" 1 $packages | tee -a "$results"
+  fi
+  # auto: every precision in every format the export has, measured at load.
+  REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} BACKEND=auto \
+    bash tools/bench_serving.sh "$model" 1 batchbox:auto | tee -a "$results"
   echo
   echo "### $model"
   echo
@@ -42,7 +53,8 @@ for line in open('$results'):
     if run.get('dtype') == 'auto':
         for c in run['precision_choice']['candidates']:
             a, i = c['agreement'], c['invariance']
-            print(f\"auto measured {c['precision']}: {c['median_ms']:.1f} ms on its warm-up batch; top labels agreeing with fp32 \"
+            kind = c['precision'] + (' (AOTInductor)' if c.get('format') == 'aoti' else '')
+            print(f\"auto measured {kind}: {c['median_ms']:.1f} ms on its warm-up batch; top labels agreeing with fp32 \"
                   f\"{a['agreeing']}/{a['compared']} over {a['texts']} texts, max |dp| {a['max_abs_diff']:.1e}; batch invariance \"
                   f\"{i['max_abs_diff']:.1e} (bound {i['bound']:g}); {'eligible' if c['eligible'] else 'not eligible'}\")
 "

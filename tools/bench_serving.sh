@@ -17,7 +17,8 @@
 # REQUESTS_PER_CLIENT (default 1; at least 4 requests in all), DURATION (seconds per run, default
 # 3600), OUT_DIR (default target/bench-serving), ALONE (default 0: how many fixture sentences to
 # send alone as well, to measure how far each moves from its row in the 120-sentence answer;
-# tools/alone_vs_batch.py).
+# tools/alone_vs_batch.py), BACKEND (torchscript, aoti or auto: the config's cpu_backend and
+# gpu_backend; unset, the config leaves them to their default, auto).
 #
 # Prints one JSON line per run: loadgen --json, plus model, setup, dtype, device, the precision
 # the server ran (with what `auto` measured), the file holding its answer to the fixture and, with
@@ -62,9 +63,10 @@ for spec in "$@"; do
     cpu-fp32|cpu-bf16|cpu-int8|cpu-auto) precision="cpu_dtype: $dtype" use_fp16=true ;;
     *) echo "unknown dtype $dtype for $device" >&2; exit 2 ;;
   esac
-  config=$out/$model-$setup-$device-$dtype.yaml
+  backend=${BACKEND:+, cpu_backend: $BACKEND, gpu_backend: $BACKEND}
+  config=$out/$model-$setup-$device-$dtype${BACKEND:+-$BACKEND}.yaml
   cat > "$config" <<YAML
-models: [{ name: $model, path: $models_dir/$model, device: $device, $precision }]
+models: [{ name: $model, path: $models_dir/$model, device: $device, $precision$backend }]
 api: { use_fp16: $use_fp16, max_queued_tokens: 10000000, $api }
 server: { bind: "127.0.0.1:0", plugin_cache_dir: $out/plugin-cache }
 tenants:
@@ -76,10 +78,10 @@ YAML
   start_server "$out/server" "$config"
   fetch "$address/v1/models" > "$out/models.json"
   # One answer to the fixture, kept for comparisons between setups (top-label agreement).
-  fetch "$address/api/v1/predict/sentences" tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype.response.json"
+  fetch "$address/api/v1/predict/sentences" tests/fixtures/test_120_sentences.json > "$out/$model-$setup-$device-$dtype${BACKEND:+-$BACKEND}.response.json"
   echo null > "$out/alone.json"
   if [ "${ALONE:-0}" -gt 0 ]; then
-    python3 tools/alone_vs_batch.py "$address" "$out/$model-$setup-$device-$dtype.response.json" --sentences "$ALONE" > "$out/alone.json"
+    python3 tools/alone_vs_batch.py "$address" "$out/$model-$setup-$device-$dtype${BACKEND:+-$BACKEND}.response.json" --sentences "$ALONE" > "$out/alone.json"
   fi
   for c in $concurrencies; do
     n=$(( c * per_client > 4 ? c * per_client : 4 ))
@@ -88,8 +90,8 @@ YAML
 import json, sys
 run = json.load(sys.stdin)
 served = json.load(open('$out/models.json'))['models'][0]
-run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', precision=served['precision'],
-           precision_choice=served['precision_choice'], passes=served.get('pass'), response='$out/$model-$setup-$device-$dtype.response.json',
+run.update(model='$model', setup='$setup', dtype='$dtype', device='$device', precision=served['precision'], format=served.get('format'),
+           precision_choice=served['precision_choice'], passes=served.get('pass'), response='$out/$model-$setup-$device-$dtype${BACKEND:+-$BACKEND}.response.json',
            alone_vs_batch=json.load(open('$out/alone.json')))
 print(json.dumps(run))"
   done

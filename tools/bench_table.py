@@ -45,11 +45,18 @@ def main() -> int:
     if python:
         print("| Python baseline | model | median ms | min–max ms | passes | real/padded tokens | × seed's way |")
         print("|---|---|---:|---:|---:|---:|---:|")
+        compiled = []
         for r in python:
             ratio = f"{reference / r['median_ms']:.2f}×" if reference else "–"
             print(f"| {r['description']} | {r['model']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
                   f"{r['forward_passes']} | {r['real_tokens']}/{r['padded_tokens']} | {ratio} |")
+            if r.get("first_round_s") is not None and "compile" in r["description"]:
+                compiled.append(f"{r['description']}: the first round, which compiles, took {r['first_round_s']} s")
         print()
+        for line in compiled:
+            print(f"- {line}")
+        if compiled:
+            print()
     if serving:
         agreement_header = f" top label = {args.agreement_with} |" if baseline else ""
         alone = any(r.get("alone_vs_batch") for r in serving)
@@ -63,6 +70,8 @@ def main() -> int:
             precision = r.get("precision", r.get("dtype", ""))
             if r.get("dtype") == "auto":
                 precision = f"auto → {precision}"
+            if r.get("format") == "aoti":
+                precision += " (AOTInductor)"
             ratio = f"{reference / latency['p50']:.2f}×" if reference and latency["p50"] else "–"
             # The model, where runs of several share the table; the rows of a pass, where the server said.
             setup = r["setup"] + (f" ({r['model']})" if len({x.get("model") for x in serving}) > 1 else "")
