@@ -191,6 +191,8 @@ cuda_toolchain() {
   for wheel in "$bin"/wheels/*.whl; do "$python" -m zipfile -e "$wheel" "$wheels"; done
   cp -rs "$cu13/include/." "$home/include/"
   cp -rn "$wheels/nvidia/cu13/include/." "$home/include/"
+  # CUDA 13 keeps cub, thrust and libcu++ under include/cccl; a compiler told only include/ finds them too.
+  for dir in "$home"/include/cccl/*; do [ -e "$home/include/${dir##*/}" ] || ln -s "$dir" "$home/include/"; done
   ln -s "$cu13"/lib/* "$home/lib64/"
   ln -sf "$cu13/lib/libcudart.so.13" "$home/lib64/libcudart.so"
   local libcuda
