@@ -25,14 +25,22 @@ const MODEL: &str = "models/test/tiny-deberta-aoti";
 const TOLERANCE: f64 = 1e-5;
 
 fn model_dir() -> PathBuf {
-    let dir = workspace().join(MODEL);
+    model_dir_of(MODEL)
+}
+
+fn model_dir_of(model: &str) -> PathBuf {
+    let dir = workspace().join(model);
     assert!(dir.join("manifest.json").is_file(), "{} is missing: run `make setup test-models`", dir.display());
     dir
 }
 
 fn options(cpu_dtype: CpuDtype, cpu_backend: FormatChoice) -> ModelOptions {
+    options_of(MODEL, cpu_dtype, cpu_backend)
+}
+
+fn options_of(model: &str, cpu_dtype: CpuDtype, cpu_backend: FormatChoice) -> ModelOptions {
     ModelOptions {
-        path: model_dir(),
+        path: model_dir_of(model),
         device: DeviceSpec::Cpu,
         use_fp16: false,
         cpu_dtype,
@@ -118,29 +126,37 @@ fn an_aoti_package_served_by_batchbox_gives_the_eager_models_probabilities() {
 #[test]
 fn a_one_row_one_token_pass_is_padded_up_for_the_package_and_cut_back() {
     // No text tokenizes to one token (the classifier's special tokens come with every text), so
-    // the runtime is driven directly: the package and the trace on rows of 1 and 2 tokens.
-    let package = batchbox_model_tch::load(&options(CpuDtype::Fp32, FormatChoice::Aoti)).unwrap();
-    let trace = batchbox_model_tch::load(&options(CpuDtype::Fp32, FormatChoice::TorchScript)).unwrap();
-    assert_eq!(package.info().format, Format::Aoti);
-    assert_eq!(trace.info().format, Format::TorchScript);
+    // the runtime is driven directly: the package and the trace on rows of 1 and 2 tokens, for
+    // a sequence classifier (logits per row) and a token classifier (per token, cut back on both
+    // dimensions).
+    for model in [MODEL, "models/test/tiny-deberta-ner-aoti"] {
+        let package = batchbox_model_tch::load(&options_of(model, CpuDtype::Fp32, FormatChoice::Aoti)).unwrap();
+        let trace = batchbox_model_tch::load(&options_of(model, CpuDtype::Fp32, FormatChoice::TorchScript)).unwrap();
+        assert_eq!(package.info().format, Format::Aoti);
+        assert_eq!(trace.info().format, Format::TorchScript);
+        same_outputs(model, &package, &trace);
+    }
+}
+
+fn same_outputs(model: &str, package: &batchbox_model::Model, trace: &batchbox_model::Model) {
     for rows in [vec![vec![1u32]], vec![vec![1, 2]], vec![vec![1], vec![5, 6, 7]]] {
         let got = package.infer_blocking(rows.clone()).unwrap().outputs;
         let want = trace.infer_blocking(rows.clone()).unwrap().outputs;
         assert_eq!(got.len(), rows.len());
         for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g.shape, w.shape, "rows {rows:?}");
+            assert_eq!(g.shape, w.shape, "{model}, rows {rows:?}");
             let (g, w): (Vec<f64>, Vec<f64>) = (
                 probabilities(g).into_iter().map(f64::from).collect(),
                 probabilities(w).into_iter().map(f64::from).collect(),
             );
             let diff = max_diff(&g, &w);
-            assert!(diff <= TOLERANCE, "rows {rows:?}: |package - trace| = {diff:.2e}");
+            assert!(diff <= TOLERANCE, "{model}, rows {rows:?}: |package - trace| = {diff:.2e}");
         }
     }
 }
 
 #[test]
-fn auto_measures_the_package_beside_the_trace_and_lists_its_time() {
+fn cpu_backend_auto_measures_the_package_beside_the_trace_and_lists_its_time() {
     let model = batchbox_model_tch::load(&options(CpuDtype::Fp32, FormatChoice::Auto)).unwrap();
     let choice = &model.info().precision_choice;
     assert_eq!(choice.mode, "auto", "two formats of fp32 are exported: auto measures both");
@@ -153,6 +169,15 @@ fn auto_measures_the_package_beside_the_trace_and_lists_its_time() {
     let chosen = choice.candidates.iter().find(|c| c.format == model.info().format).unwrap();
     let fastest = choice.candidates.iter().map(|c| c.median_ms.unwrap()).fold(f64::INFINITY, f64::min);
     assert_eq!(chosen.median_ms, Some(fastest), "auto keeps the faster of the two");
+
+    // Packages only, with cpu_dtype auto: the fp32 trace is still the reference, loaded beside
+    // them to compare with, and the package it measured is what runs.
+    let model = batchbox_model_tch::load(&options(CpuDtype::Auto, FormatChoice::Aoti)).unwrap();
+    let choice = &model.info().precision_choice;
+    let formats: Vec<(Precision, Format)> = choice.candidates.iter().map(|c| (c.precision, c.format)).collect();
+    assert_eq!(formats, [(Precision::Fp32, Format::Aoti)]);
+    assert!(choice.candidates[0].eligible(), "{}", choice.candidates[0]);
+    assert_eq!(model.info().format, Format::Aoti);
 
     // check-config says the same, in words.
     let path = config("aoti-auto", &model_dir(), "auto");

@@ -16,16 +16,19 @@
 
 namespace {
 
-char* copy_message(const std::string& message) {
-  char* out = static_cast<char*>(std::malloc(message.size() + 1));
+// malloc and memcpy only: it runs inside catch handlers, where a second exception (a
+// std::bad_alloc from a std::string) would unwind into Rust.
+char* copy_message(const char* message) noexcept {
+  size_t size = std::strlen(message) + 1;
+  char* out = static_cast<char*>(std::malloc(size));
   if (out != nullptr) {
-    std::memcpy(out, message.c_str(), message.size() + 1);
+    std::memcpy(out, message, size);
   }
   return out;
 }
 
 template <typename F>
-bool guarded(char** error, F&& body) {
+bool guarded(char** error, F&& body) noexcept {
   try {
     body();
     return true;
@@ -45,18 +48,18 @@ extern "C" {
 
 // The package's metadata value for `key` (e.g. "AOTI_DEVICE_KEY": "cpu" or "cuda"), or null with
 // *error set. The caller frees the value with batchbox_aoti_free_string.
-char* batchbox_aoti_metadata(const char* path, const char* key, char** error) {
+char* batchbox_aoti_metadata(const char* path, const char* key, char** error) noexcept {
   char* value = nullptr;
   guarded(error, [&] {
     auto metadata = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
     auto found = metadata.find(key);
-    value = copy_message(found == metadata.end() ? std::string() : found->second);
+    value = copy_message(found == metadata.end() ? "" : found->second.c_str());
   });
   return value;
 }
 
 // Loads the package at `path` for `device_index` (-1: CPU), or null with *error set.
-void* batchbox_aoti_load(const char* path, int device_index, char** error) {
+void* batchbox_aoti_load(const char* path, int device_index, char** error) noexcept {
   torch::inductor::AOTIModelPackageLoader* loader = nullptr;
   guarded(error, [&] {
     loader = new torch::inductor::AOTIModelPackageLoader(path, "model", false, 1,
@@ -68,7 +71,7 @@ void* batchbox_aoti_load(const char* path, int device_index, char** error) {
 // Runs the package on `count` input tensors (tch's `at::Tensor*`). On success *output is a new
 // `at::Tensor*`, the single output, which the caller owns (tch's Tensor::from_ptr).
 bool batchbox_aoti_run(void* loader, const at::Tensor* const* inputs, size_t count, at::Tensor** output,
-                       char** error) {
+                       char** error) noexcept {
   return guarded(error, [&] {
     std::vector<at::Tensor> args;
     args.reserve(count);
@@ -84,11 +87,11 @@ bool batchbox_aoti_run(void* loader, const at::Tensor* const* inputs, size_t cou
   });
 }
 
-void batchbox_aoti_free(void* loader) {
+void batchbox_aoti_free(void* loader) noexcept {
   delete static_cast<torch::inductor::AOTIModelPackageLoader*>(loader);
 }
 
-void batchbox_aoti_free_string(char* text) {
+void batchbox_aoti_free_string(char* text) noexcept {
   std::free(text);
 }
 

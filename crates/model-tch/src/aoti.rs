@@ -3,7 +3,10 @@
 //! C++ shim (`csrc/aoti_shim.cpp`), as tch binds no AOTInductor API.
 //!
 //! The shim loads, runs and reports errors; the rest is here. Every C++ exception comes back as
-//! an error message (a CUDA out-of-memory too, so the worker can split the pass). A package is
+//! an error message and never unwinds into Rust. A package's own code catches what its kernels
+//! throw and reports only that its run failed (the cause goes to stderr), so on CUDA a failed run
+//! is taken for an out-of-memory: the worker splits the pass and retries, and a row that fails
+//! alone still gets the error (see `engine.rs`). A package is
 //! compiled for one device and one torch build: one for another device is refused before it is
 //! loaded, and one that libtorch cannot load (another torch, a corrupt file) is refused with the
 //! command that rebuilds it.

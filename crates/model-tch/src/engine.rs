@@ -18,7 +18,7 @@ enum Module {
 }
 
 impl Module {
-    fn forward(&mut self, ids: Tensor, mask: Tensor) -> Result<Tensor, ModelError> {
+    fn forward(&mut self, ids: Tensor, mask: Tensor, device: Device) -> Result<Tensor, ModelError> {
         match self {
             Self::TorchScript(module) => module.forward_ts(&[ids, mask]).map_err(torch_error),
             Self::Aoti(package) => {
@@ -31,8 +31,14 @@ impl Module {
                     ids.f_constant_pad_nd(grow).map_err(torch_error)?,
                     mask.f_constant_pad_nd(grow).map_err(torch_error)?,
                 );
-                let logits =
-                    package.run(&[&ids, &mask]).map_err(|message| torch_error(tch::TchError::Torch(message)))?;
+                let logits = package.run(&[&ids, &mask]).map_err(|message| match device {
+                    // The package hides the cause (aoti.rs): on a GPU it is most likely memory,
+                    // and splitting a pass that failed for another reason only costs a retry.
+                    Device::Cuda(_) => ModelError::OutOfMemory(format!(
+                        "{message} (an AOTInductor package reports no cause; taken for CUDA out of memory)"
+                    )),
+                    _ => torch_error(tch::TchError::Torch(message)),
+                })?;
                 let logits = logits.narrow(0, 0, rows.min(logits.size()[0]));
                 Ok(if logits.dim() == 3 { logits.narrow(1, 0, len.min(logits.size()[1])) } else { logits })
             }
@@ -148,7 +154,7 @@ impl Backend for Engine {
         let shape = [rows.len() as i64, padded_len as i64];
         let ids = batch.ids.to_device_(self.device, Kind::Int64, true, false);
         let mask = batch.mask.to_device_(self.device, Kind::Int64, true, false);
-        let logits = self.module.forward(ids, mask)?;
+        let logits = self.module.forward(ids, mask, self.device)?;
 
         let expected: Vec<i64> = match self.task {
             Task::SequenceClassification => vec![shape[0], self.num_labels as i64],

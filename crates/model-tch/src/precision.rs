@@ -72,7 +72,17 @@ pub(crate) fn choose(
     if let (Some(_), [(precision, format)]) = (configured, candidates.as_slice()) {
         return configured_engine(dir, manifest, device, device_name, *precision, *format, golden);
     }
-    measure(dir, manifest, device, device_name, candidates, configured, golden?, missing)
+    match (golden, configured) {
+        (Ok(golden), _) => measure(dir, manifest, device, device_name, candidates, configured, golden, missing),
+        // A precision set by hand in two formats cannot be measured without the golden texts:
+        // the trace runs, as it did before packages existed (configured_engine warns).
+        (Err(e), Some(_)) => {
+            let (precision, format) =
+                candidates.iter().copied().find(|&(_, format)| format == Format::TorchScript).unwrap_or(candidates[0]);
+            configured_engine(dir, manifest, device, device_name, precision, format, Err(e))
+        }
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// The one variant the config leaves: loaded, warmed up, and its batch invariance measured.
@@ -134,15 +144,18 @@ fn measure(
     missing: impl Fn(Key) -> ModelError,
 ) -> Result<LoadedBackend<Engine>, ModelError> {
     let exported = |(precision, format): Key| manifest.variants.contains_key(&variant::name(precision, device, format));
-    let fp32 = (Precision::Fp32, Format::TorchScript);
-
-    let reference = match configured {
-        Some(precision) if !exported(fp32) => (precision, Format::TorchScript),
-        _ => fp32,
+    // What every candidate is compared with: fp32 where the export has it, a trace before a
+    // package, else the configured precision (an fp16-only CUDA export).
+    let wanted = configured.unwrap_or(Precision::Fp32);
+    let preference = [
+        (Precision::Fp32, Format::TorchScript),
+        (wanted, Format::TorchScript),
+        (Precision::Fp32, Format::Aoti),
+        (wanted, Format::Aoti),
+    ];
+    let Some(reference) = preference.into_iter().find(|&key| exported(key)) else {
+        return Err(missing(preference[0]));
     };
-    if !exported(reference) {
-        return Err(missing(reference));
-    }
     let started = Instant::now();
     let mut engines = Vec::with_capacity(candidates.len());
     for &(precision, format) in &candidates {
@@ -194,8 +207,12 @@ fn measure(
         );
     }
     // The fastest eligible candidate; else the reference's own (even if it failed its own
-    // invariance bound: nothing else would do better), else the first.
-    let fallback = reference_index.unwrap_or(0);
+    // invariance bound: nothing else would do better), else the candidate closest to it (its
+    // precision, a trace before a package), else the first.
+    let fallback = reference_index
+        .or_else(|| candidates.iter().position(|&key| key == (reference.0, Format::TorchScript)))
+        .or_else(|| candidates.iter().position(|&(precision, _)| precision == reference.0))
+        .unwrap_or(0);
     let best = measured
         .iter()
         .enumerate()
@@ -237,7 +254,12 @@ fn measure(
             "auto: chose the fastest candidate that agrees with the reference and is batch-invariant"
         );
     } else {
-        tracing::warn!(?precision, ?format, "auto: no candidate passed both checks; serving the reference");
+        tracing::warn!(
+            ?precision,
+            ?format,
+            "auto: no candidate passed both checks (agreement with the reference, batch invariance); serving the one \
+             closest to the reference"
+        );
     }
     let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
     let precision_choice = PrecisionChoice { mode: "auto", candidates: measured, batch };
