@@ -32,7 +32,8 @@ for model in "${models[@]}"; do
   REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} BACKEND=torchscript \
     bash tools/bench_serving.sh "$model" 1 batchbox:fp32 batchbox:bf16 batchbox:int8 | tee -a "$results"
   packages=$(.venv/bin/python -c "import json; v = json.load(open('models/$model/manifest.json'))['variants']
-print(' '.join('batchbox:' + {'cpu-float32-aoti': 'fp32', 'cpu-bfloat16-aoti': 'bf16'}[n] for n in v if n.endswith('-aoti')))")
+dtypes = {'cpu-float32-aoti': 'fp32', 'cpu-bfloat16-aoti': 'bf16'}
+print(' '.join('batchbox:' + dtypes[n] for n in v if n in dtypes))")
   if [ -n "$packages" ]; then
     # shellcheck disable=SC2086
     REQUESTS_PER_CLIENT=${REQUESTS:-5} OUT_DIR=$out/serving ALONE=${ALONE:-120} BACKEND=aoti \

@@ -187,16 +187,17 @@ cuda_toolchain() {
   command -v g++ > /dev/null || { echo "no g++ on this machine: AOTInductor compiles its package with it" >&2; return 1; }
   local cu13 home=$root/target/cuda-home wheels=$root/target/cuda-wheels
   cu13=$("$python" -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13"))') || return 1
+  ls "$bin"/wheels/*.whl > /dev/null 2>&1 || { echo "the bundle has no CUDA header wheels: it predates the AOTI step; rebuild it (make gpu-bundle)" >&2; return 1; }
   rm -rf "$home" "$wheels" && mkdir -p "$home/include" "$home/lib64" "$wheels"
   for wheel in "$bin"/wheels/*.whl; do "$python" -m zipfile -e "$wheel" "$wheels"; done
   cp -rs "$cu13/include/." "$home/include/"
   cp -rn "$wheels/nvidia/cu13/include/." "$home/include/"
   # CUDA 13 keeps cub, thrust and libcu++ under include/cccl; a compiler told only include/ finds them too.
-  for dir in "$home"/include/cccl/*; do [ -e "$home/include/${dir##*/}" ] || ln -s "$dir" "$home/include/"; done
+  for dir in "$home"/include/cccl/*; do [ -d "$dir" ] && { [ -e "$home/include/${dir##*/}" ] || ln -s "$dir" "$home/include/"; }; done
   ln -s "$cu13"/lib/* "$home/lib64/"
   ln -sf "$cu13/lib/libcudart.so.13" "$home/lib64/libcudart.so"
   local libcuda
-  libcuda=$(ldconfig -p | awk '$1 == "libcuda.so.1" { print $NF; exit }')
+  libcuda=$({ ldconfig -p 2> /dev/null || /sbin/ldconfig -p; } | awk '$1 == "libcuda.so.1" { print $NF; exit }')
   [ -n "$libcuda" ] || { echo "no libcuda.so.1 in ldconfig's cache: the driver is missing" >&2; return 1; }
   ln -sf "$libcuda" "$home/lib64/libcuda.so"
   [ -f "$home/include/crt/host_defines.h" ] || { echo "no crt/host_defines.h under $home: the header wheels did not unpack" >&2; return 1; }
