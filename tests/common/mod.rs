@@ -98,7 +98,9 @@ impl Server {
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let base = line.trim().strip_prefix("listening on ").expect("the server prints its address").to_owned();
         let server = Server { child, base, agent: agent() };
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // Generous: `cpu_dtype: auto` measures every precision at startup (17.5 s for the default
+        // model alone on 2 cores), and a test binary starts several servers at once.
+        let deadline = Instant::now() + Duration::from_secs(300);
         while server.get("/ready").0 != 200 {
             assert!(Instant::now() < deadline, "the server did not become ready");
             assert!(server.child_alive(), "the server exited during startup");
