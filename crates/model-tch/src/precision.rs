@@ -36,6 +36,11 @@ const TIMING_ROUNDS: usize = 3;
 /// A precision in a format: what one exported variant runs.
 type Key = (Precision, Format);
 
+/// Whether the export wrote the variant that runs `key` on `device`.
+fn exported(manifest: &Manifest, device: tch::Device, (precision, format): Key) -> bool {
+    manifest.variants.contains_key(&variant::name(precision, device, format))
+}
+
 /// Loads the engine the config asks for, or measures the candidates: every precision for
 /// `cpu_dtype: auto`, every exported format for a backend setting of `auto`. The engine returned
 /// is warmed up.
@@ -50,7 +55,7 @@ pub(crate) fn choose(
     let device_name = format!("{device:?}").to_lowercase();
     let golden = Golden::load(dir);
     let configured = variant::configured(device, use_fp16, cpu_dtype);
-    let exported = |(precision, format): Key| manifest.variants.contains_key(&variant::name(precision, device, format));
+    let exported = |key: Key| exported(manifest, device, key);
     let precisions = match configured {
         Some(precision) => vec![precision],
         None => vec![Precision::Fp32, Precision::Bf16, Precision::Int8],
@@ -143,7 +148,7 @@ fn measure(
     golden: Golden,
     missing: impl Fn(Key) -> ModelError,
 ) -> Result<LoadedBackend<Engine>, ModelError> {
-    let exported = |(precision, format): Key| manifest.variants.contains_key(&variant::name(precision, device, format));
+    let exported = |key: Key| exported(manifest, device, key);
     // What every candidate is compared with: fp32 where the export has it, a trace before a
     // package, else the configured precision (an fp16-only CUDA export).
     let wanted = configured.unwrap_or(Precision::Fp32);
