@@ -53,10 +53,18 @@ for line in open('$results'):
     run = json.loads(line)
     if run.get('dtype') == 'auto':
         for c in run['precision_choice']['candidates']:
-            a, i = c['agreement'], c['invariance']
+            a, i = c.get('agreement'), c.get('invariance')
             kind = c['precision'] + (' (AOTInductor)' if c.get('format') == 'aoti' else '')
-            print(f\"auto measured {kind}: {c['median_ms']:.1f} ms on its warm-up batch; top labels agreeing with fp32 \"
-                  f\"{a['agreeing']}/{a['compared']} over {a['texts']} texts, max |dp| {a['max_abs_diff']:.1e}; batch invariance \"
-                  f\"{i['max_abs_diff']:.1e} (bound {i['bound']:g}); {'eligible' if c['eligible'] else 'not eligible'}\")
+            said = [f\"{c['median_ms']:.1f} ms on its warm-up batch\" if 'median_ms' in c else 'not timed']
+            if c.get('reference'):
+                said.append('the reference')
+            if c.get('not_checked'):
+                said.append('not checked: ' + c['not_checked'])
+            if a:
+                said.append(f\"top labels agreeing with fp32 {a['agreeing']}/{a['compared']} over {a['texts']} texts, max |dp| {a['max_abs_diff']:.1e}\")
+            if i:
+                said.append(f\"batch invariance {i['max_abs_diff']:.1e} (bound {i['bound']:g})\")
+            said.append('eligible' if c['eligible'] else 'not eligible')
+            print(f'auto measured {kind}: ' + '; '.join(said))
 "
 done

@@ -7,12 +7,17 @@
 //! - On CPU with `auto` (the default): no precision is fastest everywhere (bf16 ran DeBERTa-v3 2x
 //!   faster than fp32 on an AMD EPYC and 0.83x on an Intel Xeon without AMX; int8 depends on
 //!   VNNI), so each exported candidate among fp32, bf16 and int8 is loaded, warmed up and timed
-//!   on a warm-up batch, compared with fp32 on the export's agreement texts and checked for batch
-//!   invariance (`batchbox_model::checks`); the fastest that is within both bounds wins. fp32 is
-//!   always a candidate and the fallback, so a model that only has fp32 still loads. What was
-//!   measured goes to the log, `check-config` and `/v1/models`.
+//!   on a warm-up batch. Only those faster than fp32 (the baseline) are worth checking: they are
+//!   compared with fp32 on the export's agreement texts and checked for batch invariance
+//!   (`batchbox_model::checks`), and the fastest within both bounds wins. One whose second pass
+//!   on a few rows takes over [`SCREEN_FACTOR`] times fp32's is not even warmed up (without
+//!   native bf16 or VNNI, bf16 ran 6x and int8 35x slower than fp32, and checking them took
+//!   minutes). fp32 is always a candidate and the fallback, so a model that only has fp32 still
+//!   loads. What was measured, and why a candidate was not checked, goes to the log,
+//!   `check-config` and `/v1/models`.
 //! - Every precision served, configured or chosen, has its batch invariance measured at load; a
-//!   configured one outside the bound is still served, with a warning saying what that costs.
+//!   configured one is checked on the probes (alone, then beside their neighbours), and one
+//!   outside the bound is still served, with a warning saying what that costs.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,6 +37,12 @@ const TIMING_ROWS: usize = 32;
 const TIMING_MAX_LEN: usize = 48;
 /// Timed passes per candidate, interleaved so a noisy neighbour slows them alike.
 const TIMING_ROUNDS: usize = 3;
+/// A candidate whose second pass on [`SCREENING_ROWS`] rows takes over this many times the
+/// baseline's (warm) is dropped untimed: it cannot win, and warming it up and checking it could
+/// take minutes.
+const SCREEN_FACTOR: f64 = 3.0;
+/// Rows of the passes that screen a candidate: a few, so that a slow one costs little.
+const SCREENING_ROWS: usize = 4;
 
 /// A precision in a format: what one exported variant runs.
 type Key = (Precision, Format);
@@ -103,15 +114,11 @@ fn configured_engine(
     let mut engine = Engine::load(dir, manifest, device, precision, format)?;
     warm_up(&mut engine, manifest)?;
     let invariance = match &golden {
-        Ok(golden) => {
-            // fp32 is checked with the probes alone, as `auto` checks it (see `checks`).
-            let texts = golden.agreement_texts();
-            let sorted = match precision {
-                Precision::Fp32 => None,
-                _ => Some(checks::run_sorted(&mut engine, &texts)?),
-            };
-            Some(golden.invariance(&mut engine, precision, sorted.as_deref())?)
-        }
+        // The probes alone and beside their neighbours: seconds. Regrouping every agreement text
+        // as well, as `auto` does for a candidate, took a minute for the default model in bf16
+        // and over five in int8 on a 2-core CPU without VNNI; the export ran that on every
+        // variant and printed it (the manifest's `invariance`).
+        Ok(golden) => Some(golden.invariance(&mut engine, precision, None)?),
         Err(e) => {
             tracing::warn!(error = %e, "batch invariance not measured: golden.json cannot be used");
             None
@@ -134,9 +141,10 @@ fn configured_engine(
     Ok(LoadedBackend::configured(engine, device_name, measured))
 }
 
-/// Loads every candidate, times it on a warm-up batch, compares it with the reference (TorchScript
-/// fp32, else TorchScript at the configured precision) and checks its batch invariance; keeps the
-/// fastest within both bounds, or the reference's own candidate.
+/// Loads every candidate and times it on a warm-up batch; checks those faster than the baseline
+/// (the reference's own candidate, else the one closest to it) against the reference (TorchScript
+/// fp32, else TorchScript at the configured precision) and for batch invariance; keeps the fastest
+/// within both bounds, or the baseline.
 #[allow(clippy::too_many_arguments)]
 fn measure(
     dir: &Path,
@@ -161,75 +169,129 @@ fn measure(
     let Some(reference) = preference.into_iter().find(|&key| exported(key)) else {
         return Err(missing(preference[0]));
     };
+    let reference_index = candidates.iter().position(|&key| key == reference);
+    // What is served when no other candidate is eligible, and what the others must beat: the
+    // reference's own candidate, else the one closest to it (its precision, a trace before a
+    // package), else the first.
+    let baseline = reference_index
+        .or_else(|| candidates.iter().position(|&key| key == (reference.0, Format::TorchScript)))
+        .or_else(|| candidates.iter().position(|&(precision, _)| precision == reference.0))
+        .unwrap_or(0);
     let started = Instant::now();
     let mut engines = Vec::with_capacity(candidates.len());
     for &(precision, format) in &candidates {
-        engines.push(Engine::load(dir, manifest, device, precision, format)?);
+        engines.push(Some(Engine::load(dir, manifest, device, precision, format)?));
     }
-    let reference_index = candidates.iter().position(|&key| key == reference);
     let mut reference_engine = match reference_index {
         Some(_) => None,
         None => Some(Engine::load(dir, manifest, device, reference.0, reference.1)?),
     };
-    for engine in engines.iter_mut().chain(reference_engine.as_mut()) {
-        warm_up(engine, manifest)?;
-    }
 
     // Every candidate pads alike (same pad id, same device).
-    let padder = engines[0].padder();
+    let padder = live(&mut engines, baseline).padder();
     let golden_rows: Vec<&[u32]> = golden.input_ids.iter().map(Vec::as_slice).collect();
     let timing: Vec<&[u32]> =
         golden_rows.iter().cycle().take(TIMING_ROWS).map(|row| &row[..row.len().min(TIMING_MAX_LEN)]).collect();
     let timing_batch = padder.pad(&timing);
-    let mut samples = vec![Vec::with_capacity(TIMING_ROUNDS); engines.len()];
+    let screening_batch = padder.pad(&timing[..SCREENING_ROWS]);
+    let timed = |engine: &mut Engine, batch| -> Result<Duration, ModelError> {
+        let started = Instant::now();
+        engine.forward(batch)?;
+        Ok(started.elapsed())
+    };
+
+    // The baseline warm, then each other candidate's first passes on a few rows: one far slower
+    // than the baseline (int8 without VNNI: 35x fp32 there) is neither warmed up nor timed.
+    warm_up(live(&mut engines, baseline), manifest)?;
+    if let Some(engine) = reference_engine.as_mut() {
+        warm_up(engine, manifest)?;
+    }
+    let baseline_screened = timed(live(&mut engines, baseline), &screening_batch)?;
+    let mut samples = vec![Vec::with_capacity(TIMING_ROUNDS); candidates.len()];
+    let mut not_checked: Vec<Option<String>> = vec![None; candidates.len()];
+    for i in (0..candidates.len()).filter(|&i| i != baseline) {
+        // The first pass is cold (the JIT's profiling run, oneDNN making kernels): time the second.
+        timed(live(&mut engines, i), &screening_batch)?;
+        let screened = timed(live(&mut engines, i), &screening_batch)?;
+        if screened.as_secs_f64() > SCREEN_FACTOR * baseline_screened.as_secs_f64() {
+            not_checked[i] = Some(format!(
+                "slower than {}: its second pass on {SCREENING_ROWS} rows took {:.0} ms, over {SCREEN_FACTOR}x its {:.0} ms",
+                label(candidates[baseline]),
+                screened.as_secs_f64() * 1e3,
+                baseline_screened.as_secs_f64() * 1e3
+            ));
+            engines[i] = None;
+        } else {
+            warm_up(live(&mut engines, i), manifest)?;
+        }
+    }
     for _ in 0..TIMING_ROUNDS {
-        for (engine, times) in engines.iter_mut().zip(&mut samples) {
-            let started = Instant::now();
-            engine.forward(&timing_batch)?;
-            times.push(started.elapsed());
+        for (engine, times) in engines.iter_mut().zip(&mut samples).filter_map(|(e, t)| Some((e.as_mut()?, t))) {
+            times.push(timed(engine, &timing_batch)?);
+        }
+    }
+    // Screened out: no time on the warm-up batch.
+    let medians: Vec<Option<f64>> =
+        samples.into_iter().map(|times| median(times).map(|m| m.as_secs_f64() * 1e3)).collect();
+    for i in (0..candidates.len()).filter(|&i| i != baseline) {
+        if medians[i].is_some_and(|ms| ms >= medians[baseline].unwrap_or(0.0)) {
+            not_checked[i] = Some(format!(
+                "not faster than {}: {:.1} ms against its {:.1} ms",
+                label(candidates[baseline]),
+                medians[i].unwrap_or(0.0),
+                medians[baseline].unwrap_or(0.0)
+            ));
+            engines[i] = None;
         }
     }
 
     let loaded_and_timed = started.elapsed();
     let texts = golden.agreement_texts();
-    let reference_outputs = match (reference_index, reference_engine.as_mut()) {
-        (Some(i), _) => checks::run_sorted(&mut engines[i], &texts)?,
-        (None, Some(engine)) => checks::run_sorted(engine, &texts)?,
-        (None, None) => unreachable!("the reference is a candidate or loaded on its own"),
+    let compared = |i: usize| i != baseline || reference_index != Some(baseline);
+    let reference_outputs = match (0..candidates.len()).any(|i| not_checked[i].is_none() && compared(i)) {
+        false => None,
+        true => Some(match (reference_index, reference_engine.as_mut()) {
+            (Some(i), _) => checks::run_sorted(live(&mut engines, i), &texts)?,
+            (None, Some(engine)) => checks::run_sorted(engine, &texts)?,
+            (None, None) => unreachable!("the reference is a candidate or loaded on its own"),
+        }),
     };
     drop(reference_engine);
     let mut measured = Vec::new();
-    for ((&(precision, format), engine), times) in candidates.iter().zip(&mut engines).zip(samples) {
-        let outputs = match (precision, format) == reference {
-            true => None,
-            false => Some(checks::run_sorted(engine, &texts)?),
+    for (i, &(precision, format)) in candidates.iter().enumerate() {
+        let candidate = match (not_checked[i].take(), &reference_outputs) {
+            (Some(reason), _) => Candidate::unchecked(precision, medians[i], reason),
+            (None, Some(reference_outputs)) if compared(i) => {
+                let engine = live(&mut engines, i);
+                let outputs = checks::run_sorted(engine, &texts)?;
+                let agreement = checks::agreement(reference_outputs, &outputs);
+                let invariance = golden.invariance(engine, precision, Some(&outputs))?;
+                Candidate::new(precision, medians[i], Some(agreement), Some(invariance))
+            }
+            (None, _) => {
+                // The reference: fp32 is checked with the probes alone (see `checks`).
+                let invariance = golden.invariance(live(&mut engines, i), precision, None)?;
+                Candidate::reference(precision, medians[i].unwrap_or(0.0), invariance)
+            }
         };
-        let agreement = checks::agreement(&reference_outputs, outputs.as_ref().unwrap_or(&reference_outputs));
-        let invariance = golden.invariance(engine, precision, outputs.as_deref())?;
-        measured.push(
-            Candidate::new(precision, Some(median(times).as_secs_f64() * 1e3), Some(agreement), Some(invariance))
-                .in_format(format),
-        );
+        measured.push(candidate.in_format(format));
     }
-    // The fastest eligible candidate; else the reference's own (even if it failed its own
-    // invariance bound: nothing else would do better), else the candidate closest to it (its
-    // precision, a trace before a package), else the first.
-    let fallback = reference_index
-        .or_else(|| candidates.iter().position(|&key| key == (reference.0, Format::TorchScript)))
-        .or_else(|| candidates.iter().position(|&(precision, _)| precision == reference.0))
-        .unwrap_or(0);
+    // The fastest eligible candidate; else the baseline (even if it failed its own invariance
+    // bound: nothing else would do better).
     let best = measured
         .iter()
         .enumerate()
         .filter(|(_, c)| c.eligible())
         .min_by(|a, b| a.1.median_ms.unwrap_or(f64::MAX).total_cmp(&b.1.median_ms.unwrap_or(f64::MAX)))
-        .map_or(fallback, |(i, _)| i);
+        .map_or(baseline, |(i, _)| i);
     for candidate in &measured {
         let (agreement, invariance) = (candidate.agreement.as_ref(), candidate.invariance.as_ref());
         tracing::info!(
             precision = ?candidate.precision,
             format = ?candidate.format,
             median_ms = format!("{:.1}", candidate.median_ms.unwrap_or(0.0)),
+            reference = candidate.reference,
+            not_checked = candidate.not_checked.as_deref(),
             top_labels_agreeing = agreement.map(|a| format!("{}/{} over {} texts", a.agreeing, a.compared, a.texts)),
             max_abs_diff_from_reference = agreement.map(|a| format!("{:.1e}", a.max_abs_diff)),
             batch_invariance = invariance.map(|i| format!("{:.1e} (bound {:e})", i.max_abs_diff, i.bound)),
@@ -237,7 +299,7 @@ fn measure(
             "auto: measured"
         );
     }
-    if texts.len() < checks::MIN_AGREEMENT_TEXTS {
+    if texts.len() < checks::MIN_AGREEMENT_TEXTS && reference_outputs.is_some() {
         tracing::warn!(
             texts = texts.len(),
             "auto: the export has fewer than {} agreement texts, too few to tell 99% agreement from less, so \
@@ -250,7 +312,7 @@ fn measure(
         loading_warming_and_timing = format!("{:.1}", loaded_and_timed.as_secs_f64()),
         "auto: measured every candidate"
     );
-    let engine = engines.swap_remove(best);
+    let engine = engines.swap_remove(best).expect("the chosen candidate was checked, so it was kept");
     let (precision, format) = (measured[best].precision, measured[best].format);
     if measured[best].eligible() {
         tracing::info!(
@@ -269,6 +331,19 @@ fn measure(
     let batch = Some((timing.len(), timing.iter().map(|row| row.len()).max().unwrap_or(0)));
     let precision_choice = PrecisionChoice { mode: "auto", candidates: measured, batch };
     Ok(LoadedBackend { backend: engine, device: device_name, precision, format, precision_choice })
+}
+
+/// A candidate still measured: only those that cannot win are dropped.
+fn live(engines: &mut [Option<Engine>], i: usize) -> &mut Engine {
+    engines[i].as_mut().expect("only candidates that cannot win are dropped")
+}
+
+/// How the log names a candidate: `Fp32`, `Int8 (AOTInductor)`.
+fn label((precision, format): Key) -> String {
+    match format {
+        Format::TorchScript => format!("{precision:?}"),
+        Format::Aoti => format!("{precision:?} (AOTInductor)"),
+    }
 }
 
 /// What the export wrote for the runtime's checks (`golden.json`, by tools/export_model.py): the
@@ -341,7 +416,7 @@ impl Golden {
     }
 }
 
-fn median(mut samples: Vec<Duration>) -> Duration {
+fn median(mut samples: Vec<Duration>) -> Option<Duration> {
     samples.sort();
-    samples[samples.len() / 2]
+    samples.get(samples.len() / 2).copied()
 }

@@ -32,7 +32,8 @@ pub struct Candidate {
     pub precision: Precision,
     /// The format of the variant that runs it: TorchScript or an AOTInductor package.
     pub format: Format,
-    /// Median time of the warm-up batch (`auto` only).
+    /// Median time of the warm-up batch (`auto` only; not for a candidate dropped after its first
+    /// pass).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub median_ms: Option<f64>,
     /// Its outputs against fp32's on the export's agreement texts (`auto` only).
@@ -45,6 +46,14 @@ pub struct Candidate {
     /// only: a configured precision is served whatever it measured).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eligible: Option<bool>,
+    /// Why `auto` did not check it (`slower than the reference`): only a candidate faster than the
+    /// one `auto` would otherwise serve is worth its agreement and invariance checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_checked: Option<String>,
+    /// Whether this is the reference the others are compared with (`auto` only): it has no
+    /// agreement of its own, and is eligible when batch-invariant.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reference: bool,
 }
 
 impl Candidate {
@@ -58,7 +67,31 @@ impl Candidate {
     ) -> Self {
         let eligible =
             agreement.as_ref().map(|agreement| agreement.holds() && invariance.as_ref().is_some_and(Invariance::holds));
-        Self { precision, format: Format::TorchScript, median_ms, agreement, invariance, eligible }
+        Self {
+            precision,
+            format: Format::TorchScript,
+            median_ms,
+            agreement,
+            invariance,
+            eligible,
+            not_checked: None,
+            reference: false,
+        }
+    }
+
+    /// The reference `auto` compares the others with: eligible when batch-invariant.
+    pub fn reference(precision: Precision, median_ms: f64, invariance: Invariance) -> Self {
+        Self {
+            eligible: Some(invariance.holds()),
+            reference: true,
+            ..Self::new(precision, Some(median_ms), None, Some(invariance))
+        }
+    }
+
+    /// A candidate `auto` timed and left unchecked, for `reason`: not eligible.
+    /// (No time where it was dropped after its first pass, on fewer rows.)
+    pub fn unchecked(precision: Precision, median_ms: Option<f64>, reason: String) -> Self {
+        Self { eligible: Some(false), not_checked: Some(reason), ..Self::new(precision, median_ms, None, None) }
     }
 
     /// The same, measured of the variant in `format`.
@@ -82,6 +115,9 @@ impl fmt::Display for Candidate {
         if let Some(ms) = self.median_ms {
             write!(f, " {ms:.1} ms")?;
         }
+        if self.reference {
+            write!(f, ", the reference")?;
+        }
         if let Some(a) = &self.agreement {
             let rate = a.agreeing as f64 / a.compared.max(1) as f64 * 100.0;
             write!(
@@ -90,8 +126,9 @@ impl fmt::Display for Candidate {
                 a.agreeing, a.compared, a.texts, a.max_abs_diff
             )?;
         }
-        match &self.invariance {
-            Some(i) => write!(
+        match (&self.invariance, &self.not_checked) {
+            (_, Some(reason)) => write!(f, ", not checked: {reason}")?,
+            (Some(i), None) => write!(
                 f,
                 ", moves {:.1e} beside other texts{} (bound {:e}{})",
                 i.max_abs_diff,
@@ -103,7 +140,7 @@ impl fmt::Display for Candidate {
                 i.bound,
                 if i.holds() { "" } else { ": not batch-invariant" }
             )?,
-            None => write!(f, ", batch invariance not measured")?,
+            (None, None) => write!(f, ", batch invariance not measured")?,
         }
         if let Some(eligible) = self.eligible {
             write!(f, "{}", if eligible { "; eligible" } else { "; not eligible" })?;
