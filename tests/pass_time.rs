@@ -18,11 +18,12 @@ const LIGHT_REQUESTS: usize = 9;
 
 #[test]
 fn a_small_request_waits_about_one_bounded_pass_behind_a_max_length_flood() {
-    // int8, what `cpu_dtype: auto` picks on this CPU, fixed so that every run measures the same.
+    // fp32, fixed so that every run measures the same: on a CPU without native bf16 or VNNI the
+    // others run several times slower (`cpu_dtype: auto` picks fp32 there).
     let config = write_config(
         "pass-time",
         &r#"
-models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: int8 }]
+models: [{ name: minilm-topics, path: "{model}", device: cpu, cpu_dtype: fp32 }]
 api: { inference_batch_size: 32, use_fp16: true, max_batch_tokens: 8192, max_queue_delay_ms: 2, max_batch_ms: TARGET }
 server: { bind: "127.0.0.1:0", plugin_cache_dir: "{cache}" }
 tenants:
