@@ -311,7 +311,7 @@ fn check_config_validates_without_serving_and_the_example_config_is_valid() {
     // the reference, its batch invariance; for each other, agreement with fp32 over the export's
     // agreement texts and batch invariance, or why it was not checked (slower than fp32).
     let minilm = output.lines().find(|l| l.starts_with("model minilm-topics:")).unwrap_or_else(|| panic!("{output}"));
-    for measured in ["Fp32 ", "Bf16 ", "Int8 ", ", the reference"] {
+    for measured in ["auto measured: Fp32 ", "; Bf16", "; Int8", ", the reference"] {
         assert_eq!(minilm.matches(measured).count(), 1, "{measured:?}: {minilm}");
     }
     let (checked, unchecked) = (minilm.matches(" texts, max |dp| ").count(), minilm.matches("not checked: ").count());
