@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock};
 
-use super::CLOCK_RESOLUTION;
+use crate::CLOCK_RESOLUTION;
 
 fn round_down(nanos: u128) -> u64 {
     let step = CLOCK_RESOLUTION.as_nanos();

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use super::RequestState;
-use super::bindings::batchbox::plugin::{host, types};
+use crate::bindings::batchbox::plugin::{host, types};
+use crate::state::RequestState;
 use batchbox_batcher::scheduler::Rejected;
 use batchbox_metrics::names;
 use batchbox_model::{Encoding, ModelError, Task};
@@ -115,7 +115,7 @@ impl host::Host for RequestState {
 
     fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
         // Like stdout and stderr: at most OUTPUT_CAPACITY bytes per request reach the log.
-        let room = super::OUTPUT_CAPACITY.saturating_sub(self.usage.logged);
+        let room = crate::sandbox::OUTPUT_CAPACITY.saturating_sub(self.usage.logged);
         if room == 0 {
             return Ok(());
         }
