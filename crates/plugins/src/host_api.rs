@@ -190,13 +190,89 @@ impl RequestState {
     }
 }
 
+/// What a plugin is told of the model's error. Every variant is listed, so that a new one has to be
+/// placed here: only what the request itself caused, or waiting may cure, is more than `internal`.
 fn to_wit_error(error: ModelError) -> types::Error {
     match error {
         ModelError::InvalidInput(message) => types::Error::InvalidInput(message),
         // Waiting cannot help a request that can never fit in its tenant's room: 413, not 503.
         ModelError::Overloaded(rejected @ Rejected::NeverFits { .. }) => types::Error::TooLarge(rejected.to_string()),
-        e @ ModelError::Overloaded(_) => types::Error::Overloaded(e.to_string()),
+        e @ ModelError::Overloaded(Rejected::Overloaded { .. } | Rejected::OverShare { .. }) => {
+            types::Error::Overloaded(e.to_string())
+        }
+        // A request id queued twice is the host's bug, not a full queue.
+        e @ ModelError::Overloaded(Rejected::Duplicate(_)) => types::Error::Internal(e.to_string()),
         e @ ModelError::TimedOut(_) => types::Error::TimedOut(e.to_string()),
-        other => types::Error::Internal(other.to_string()),
+        // The model's or the host's own failures: nothing the plugin could change by asking again.
+        e @ (ModelError::Manifest { .. }
+        | ModelError::Tokenizer { .. }
+        | ModelError::Tokenize(_)
+        | ModelError::Load { .. }
+        | ModelError::CudaUnavailable { .. }
+        | ModelError::MissingVariant { .. }
+        | ModelError::Shares(_)
+        | ModelError::OutputShape { .. }
+        | ModelError::OutOfMemory(_)
+        | ModelError::Forward(_)
+        | ModelError::Panicked(_)
+        | ModelError::Stopped) => types::Error::Internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use batchbox_batcher::scheduler::{Rejected, SharesTooLarge};
+    use batchbox_model::ModelError;
+
+    use super::{to_wit_error, types};
+
+    /// The kind of WIT error, without its message.
+    fn kind(error: &types::Error) -> &'static str {
+        match error {
+            types::Error::InvalidInput(_) => "invalid-input",
+            types::Error::TooLarge(_) => "too-large",
+            types::Error::Overloaded(_) => "overloaded",
+            types::Error::TimedOut(_) => "timed-out",
+            types::Error::QuotaExceeded(_) => "quota-exceeded",
+            types::Error::Internal(_) => "internal",
+        }
+    }
+
+    #[test]
+    fn only_what_the_request_caused_or_waiting_cures_reaches_a_plugin_as_more_than_internal() {
+        let text = || "x".to_owned();
+        let path = PathBuf::from;
+        let tenant = || "t".to_owned();
+        let table = [
+            (ModelError::InvalidInput(text()), "invalid-input"),
+            (ModelError::Overloaded(Rejected::NeverFits { tenant: tenant(), requested: 9, room: 8 }), "too-large"),
+            (ModelError::Overloaded(Rejected::Overloaded { queued: 1, requested: 9, limit: 8 }), "overloaded"),
+            (
+                ModelError::Overloaded(Rejected::OverShare { tenant: tenant(), queued: 1, requested: 9, share: 8 }),
+                "overloaded",
+            ),
+            (ModelError::TimedOut(Duration::from_secs(1)), "timed-out"),
+            (ModelError::Overloaded(Rejected::Duplicate(7)), "internal"),
+            (ModelError::Manifest { path: path("m"), message: text() }, "internal"),
+            (ModelError::Tokenizer { path: path("t"), message: text() }, "internal"),
+            (ModelError::Tokenize(text()), "internal"),
+            (ModelError::Load { path: path("l"), message: text() }, "internal"),
+            (ModelError::CudaUnavailable { requested: text(), why: text() }, "internal"),
+            (ModelError::MissingVariant { dir: path("d"), variant: text(), available: vec![] }, "internal"),
+            (ModelError::Shares(SharesTooLarge { total: 9, limit: 8 }), "internal"),
+            (ModelError::OutputShape { expected: vec![1], got: vec![2] }, "internal"),
+            (ModelError::OutOfMemory(text()), "internal"),
+            (ModelError::Forward(text()), "internal"),
+            (ModelError::Panicked(text()), "internal"),
+            (ModelError::Stopped, "internal"),
+        ];
+        for (error, expected) in table {
+            let said = error.to_string();
+            let mapped = to_wit_error(error);
+            assert_eq!(kind(&mapped), expected, "{said}");
+        }
     }
 }
