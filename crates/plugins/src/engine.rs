@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use batchbox_tenants::TenantLimits;
@@ -15,7 +15,7 @@ use crate::bindings;
 use crate::cache::CodeCache;
 use crate::error::PluginError;
 use crate::runtime::PluginRuntime;
-use crate::state::RequestState;
+use crate::state::{Host, RequestState};
 
 /// How often the epoch advances: the granularity of CPU deadlines.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -44,7 +44,7 @@ impl PluginHost {
         let engine = new_engine(max_instances).map_err(host_error)?;
         let mut linker: Linker<RequestState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(host_error)?;
-        bindings::Plugin::add_to_linker::<RequestState, HasSelf<RequestState>>(&mut linker, |state| state)
+        bindings::Plugin::add_to_linker::<RequestState, Host>(&mut linker, |state| &mut state.host)
             .map_err(host_error)?;
         start_epoch_ticker(&engine);
         let instances = Arc::new(Semaphore::new(max_instances as usize));

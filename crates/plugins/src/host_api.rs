@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::bindings::batchbox::plugin::{host, types};
-use crate::state::RequestState;
+use crate::state::HostState;
 use batchbox_batcher::scheduler::Rejected;
 use batchbox_metrics::names;
 use batchbox_model::{Encoding, ModelError, Task};
@@ -56,9 +56,9 @@ fn over(quota: &str, what: &str, used: usize, asked: usize, limit: usize) -> Res
     }))
 }
 
-impl types::Host for RequestState {}
+impl types::Host for HostState {}
 
-impl host::Host for RequestState {
+impl host::Host for HostState {
     fn model(&mut self) -> wasmtime::Result<types::ModelInfo> {
         let manifest = self.model.manifest();
         Ok(types::ModelInfo {
@@ -137,7 +137,7 @@ impl host::Host for RequestState {
     }
 }
 
-impl RequestState {
+impl HostState {
     /// `tokenize`'s work, charged to the request's quotas.
     async fn tokenized(&mut self, texts: Vec<String>) -> wasmtime::Result<Result<Vec<Encoding>, types::Error>> {
         if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {
@@ -149,8 +149,8 @@ impl RequestState {
         // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
         let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).instrument(span).await?;
         let took = started.elapsed();
-        self.host_time += took;
-        self.tokenize_time += took;
+        self.times.host += took;
+        self.times.tokenize += took;
         Ok(encoded.map_err(to_wit_error))
     }
 
@@ -162,10 +162,10 @@ impl RequestState {
         let started = Instant::now();
         let span = tracing::debug_span!("infer", sequences = sequences.len());
         let result = self.model.infer(&self.tenant, sequences, self.deadline).instrument(span).await;
-        self.host_time += started.elapsed();
+        self.times.host += started.elapsed();
         if let Ok(inference) = &result {
-            self.queue_time += inference.queued;
-            self.compute_time += inference.computed;
+            self.times.queue += inference.queued;
+            self.times.compute += inference.computed;
         }
         Ok(result.map_err(to_wit_error).map(|inference| types::Inference {
             outputs: inference

@@ -1,7 +1,7 @@
 //! A store within a tenant's limits: linear memory, CPU and wall time, hostcall bytes and
 //! printed output; and how a run ends (a value, a refusal, or a named trap).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::ResourceTable;
@@ -11,10 +11,10 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use batchbox_metrics::names;
 
+use crate::clock;
 use crate::error::{PluginError, classify_trap};
 use crate::runtime::{LoadedPlugin, PluginRuntime};
-use crate::state::{RequestState, TimeSplit};
-use crate::{clock, host_api};
+use crate::state::{HostState, RequestState, TimeSplit};
 
 /// What a plugin may print per request before further output is dropped.
 pub(crate) const OUTPUT_CAPACITY: usize = 64 << 10;
@@ -42,14 +42,7 @@ impl Sandbox {
     ) -> Result<T, PluginError> {
         let limit = Duration::from_millis(plugin.limits.wall_ms);
         let state = self.store.data_mut();
-        state.request_id = request_id;
-        state.started = Instant::now();
-        state.deadline = state.started + limit;
-        state.host_time = Duration::ZERO;
-        state.tokenize_time = Duration::ZERO;
-        state.queue_time = Duration::ZERO;
-        state.compute_time = Duration::ZERO;
-        state.usage = host_api::Usage::default();
+        state.host.begin(request_id, limit);
         state.limits.reached = false;
         self.store.set_hostcall_fuel(plugin.limits.max_hostcall_bytes);
         self.store.set_epoch_deadline(1);
@@ -73,7 +66,7 @@ impl Sandbox {
     /// Counts a request's outcome into its tenant's metrics: what stopped the plugin, if a trap
     /// or a limit did, and where the request's time went (which it returns).
     pub(crate) fn record<T>(&self, plugin: &LoadedPlugin, outcome: &Result<T, PluginError>) -> TimeSplit {
-        let state = self.store.data();
+        let state = &self.store.data().host;
         if let Err(e) = outcome
             && let Some(kind) = e.trap_kind()
         {
@@ -85,12 +78,7 @@ impl Sandbox {
                     .increment(1);
             }
         }
-        let split = TimeSplit {
-            tokenize: state.tokenize_time,
-            queue: state.queue_time,
-            inference: state.compute_time,
-            plugin: state.started.elapsed().saturating_sub(state.host_time),
-        };
+        let split = state.split();
         plugin.split_metrics.record(&split);
         split
     }
@@ -176,25 +164,14 @@ impl PluginRuntime {
                 limits: StoreLimitsBuilder::new().memory_size(plugin.memory_limit).instances(16).build(),
                 reached: false,
             },
-            model: plugin.model.clone(),
-            tenant: plugin.tenant.clone(),
-            request_id: 0,
-            started: Instant::now(),
-            deadline: Instant::now(),
-            host_time: Duration::ZERO,
-            tokenize_time: Duration::ZERO,
-            queue_time: Duration::ZERO,
-            compute_time: Duration::ZERO,
-            usage: host_api::Usage::default(),
-            quotas: plugin.limits,
+            host: HostState::new(plugin.model.clone(), plugin.tenant.clone(), plugin.limits),
         };
         metrics::gauge!(names::PLUGIN_INSTANCES).increment(1.0);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         let cpu_limit = Duration::from_millis(plugin.limits.cpu_ms);
         store.epoch_deadline_callback(move |store| {
-            let state = store.data();
-            let guest_time = state.started.elapsed().saturating_sub(state.host_time);
+            let guest_time = store.data().host.guest_time();
             // Over the limit: trap. Otherwise let other tasks run, then check again next tick.
             Ok(if guest_time > cpu_limit { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
         });
