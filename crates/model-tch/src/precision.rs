@@ -230,16 +230,15 @@ fn measure(
             times.push(timed(engine, &timing_batch)?);
         }
     }
-    // Screened out: no time on the warm-up batch.
+    // Screened out: no time on the warm-up batch. The baseline is never screened out.
     let medians: Vec<Option<f64>> =
         samples.into_iter().map(|times| median(times).map(|m| m.as_secs_f64() * 1e3)).collect();
+    let baseline_ms = medians[baseline].expect("the baseline is timed");
     for i in (0..candidates.len()).filter(|&i| i != baseline) {
-        if medians[i].is_some_and(|ms| ms >= medians[baseline].unwrap_or(0.0)) {
+        if let Some(ms) = medians[i].filter(|&ms| ms >= baseline_ms) {
             not_checked[i] = Some(format!(
-                "not faster than {}: {:.1} ms against its {:.1} ms",
-                label(candidates[baseline]),
-                medians[i].unwrap_or(0.0),
-                medians[baseline].unwrap_or(0.0)
+                "not faster than {}: {ms:.1} ms against its {baseline_ms:.1} ms",
+                label(candidates[baseline])
             ));
             engines[i] = None;
         }
@@ -247,7 +246,9 @@ fn measure(
 
     let loaded_and_timed = started.elapsed();
     let texts = golden.agreement_texts();
-    let compared = |i: usize| i != baseline || reference_index != Some(baseline);
+    // Compared with the reference: every candidate but the reference itself (the baseline, when
+    // the reference is a candidate).
+    let compared = |i: usize| i != baseline || reference_index.is_none();
     let reference_outputs = match (0..candidates.len()).any(|i| not_checked[i].is_none() && compared(i)) {
         false => None,
         true => Some(match (reference_index, reference_engine.as_mut()) {
@@ -271,7 +272,7 @@ fn measure(
             (None, _) => {
                 // The reference: fp32 is checked with the probes alone (see `checks`).
                 let invariance = golden.invariance(live(&mut engines, i), precision, None)?;
-                Candidate::reference(precision, medians[i].unwrap_or(0.0), invariance)
+                Candidate::reference(precision, baseline_ms, invariance)
             }
         };
         measured.push(candidate.in_format(format));

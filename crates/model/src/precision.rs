@@ -32,8 +32,8 @@ pub struct Candidate {
     pub precision: Precision,
     /// The format of the variant that runs it: TorchScript or an AOTInductor package.
     pub format: Format,
-    /// Median time of the warm-up batch (`auto` only; not for a candidate dropped after its first
-    /// pass).
+    /// Median time of the warm-up batch (`auto` only; not for a candidate screened out on a few
+    /// rows first).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub median_ms: Option<f64>,
     /// Its outputs against fp32's on the export's agreement texts (`auto` only).
@@ -88,8 +88,8 @@ impl Candidate {
         }
     }
 
-    /// A candidate `auto` timed and left unchecked, for `reason`: not eligible.
-    /// (No time where it was dropped after its first pass, on fewer rows.)
+    /// A candidate `auto` left unchecked, for `reason`: not eligible. (No time where it was
+    /// screened out on a few rows, before the warm-up batch.)
     pub fn unchecked(precision: Precision, median_ms: Option<f64>, reason: String) -> Self {
         Self { eligible: Some(false), not_checked: Some(reason), ..Self::new(precision, median_ms, None, None) }
     }
