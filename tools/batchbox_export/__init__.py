@@ -6,8 +6,9 @@ A model directory holds what the Rust host needs and nothing else:
                     one per device and dtype (cpu-float32, cpu-bfloat16, cpu-int8, cuda-float16, ...);
                     the CUDA ones frozen (torch.jit.freeze) unless --no-freeze-cuda
     tokenizer.json  Hugging Face `tokenizers` file, loaded by the host's Rust tokenizer
-    manifest.json   task, labels, max length, inputs, variants, version and content hash, and each
-                    variant's agreement with fp32 and batch invariance
+    manifest.json   task, labels, the checkpoint's problem_type and the activation that follows
+                    from it (softmax, sigmoid or none), max length, inputs, variants, version and
+                    content hash, and each variant's agreement with fp32 and batch invariance
     golden.json     a few texts, their token ids and the eager (untraced) outputs, in fp32 on the CPU and
                     for each variant on its own device and dtype, for the Rust tests; and the
                     agreement texts' ids with the invariance check's probes, for `cpu_dtype: auto`
@@ -58,9 +59,11 @@ from .export import FORMAT_VERSION, TASKS, export, trace  # noqa: E402
 from .golden import GOLDEN_TEXTS, agreement_texts, eager_outputs, golden  # noqa: E402
 from .rows import encode, pad, random_rows, rows_of  # noqa: E402
 from .sources import (  # noqa: E402
+    ACTIVATIONS,
     SYNTHETIC_SIZES,
     TOPICS,
     LogitsOnly,
+    activation,
     Source,
     ZeroShotTopics,
     check_against_sentencepiece,

@@ -126,6 +126,10 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
             "description": source.description,
             "task": source.task,
             "labels": source.labels,
+            # What turns a row of logits into scores (`batchbox_export.sources.activation`); the
+            # SDKs apply it unless a request asks for another.
+            "problem_type": source.problem_type,
+            "activation": source.activation,
             "max_length": source.max_length,
             "inputs": ["input_ids", "attention_mask"],
             "pad_token_id": source.pad_token_id,

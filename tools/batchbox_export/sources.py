@@ -70,6 +70,27 @@ class Source:
     vocab_size: int
     pad_token_id: int
     description: str
+    # The checkpoint's `problem_type` (None when unset) and the function its scores take: see
+    # `activation`.
+    problem_type: str | None = None
+    activation: str = "softmax"
+
+
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+
+
+def activation(task: str, problem_type: str | None, num_labels: int) -> str:
+    """The function that turns the model's logits into its scores, as transformers' pipelines
+    choose it: `text-classification` takes none for regression, a sigmoid per label for
+    multi-label models and for one-label heads (a cross-encoder's relevance, a binary score), and
+    softmax otherwise; `token-classification` always takes softmax."""
+    if task == "token-classification":
+        return "softmax"
+    if problem_type == "regression":
+        return "none"
+    if problem_type == "multi_label_classification" or num_labels == 1:
+        return "sigmoid"
+    return "softmax"
 
 
 def _tokenizer_from_checkpoint(checkpoint: Path) -> Tokenizer:
@@ -144,6 +165,8 @@ def from_checkpoint(checkpoint: Path, name: str | None, max_length: int | None) 
         vocab_size=config.vocab_size,
         pad_token_id=_pad_id(tokenizer, config),
         description=f"{config.model_type} {task} from {checkpoint.resolve().name}",
+        problem_type=config.problem_type,
+        activation=activation(task, config.problem_type, config.num_labels),
     )
 
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use backend::{Backend, LoadedBackend, Pad, warm_up};
-pub use manifest::{Format, Manifest, Task, Variant};
+pub use manifest::{Activation, Format, Manifest, Task, Variant};
 pub use precision::{Candidate, Precision, PrecisionChoice};
 pub use tokenize::{Encoding, TextTokenizer};
 

@@ -20,6 +20,20 @@ pub enum Task {
     TokenClassification,
 }
 
+/// The function that turns a row of logits into the model's scores, as the export read it from
+/// the checkpoint's config (`batchbox_export.sources.activation`, transformers' pipeline rule):
+/// what the SDKs apply unless a request asks for another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// One distribution over the labels: a single-label classifier.
+    Softmax,
+    /// A probability per label: a multi-label classifier, or a one-label head (a score).
+    Sigmoid,
+    /// The logits as they are: a regression head.
+    None,
+}
+
 /// How a variant's file runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,6 +88,13 @@ pub struct Manifest {
     pub task: Task,
     /// Label names, in the order of the logits; at least one.
     pub labels: Vec<String>,
+    /// The checkpoint's `problem_type` (`single_label_classification`,
+    /// `multi_label_classification`, `regression`), when its config sets one.
+    #[serde(default)]
+    pub problem_type: Option<String>,
+    /// The model's scoring function; see [`Manifest::activation`] for manifests without one.
+    #[serde(default, rename = "activation")]
+    activation_field: Option<Activation>,
     /// Longest sequence the model takes, in tokens; at least 2. Texts are truncated to it and
     /// longer id sequences are refused.
     pub max_length: usize,
@@ -95,6 +116,21 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The model's scoring function: the manifest's, or, for one exported before it was recorded,
+    /// what transformers' pipeline would take: a sigmoid for a one-label head, softmax otherwise.
+    pub fn activation(&self) -> Activation {
+        self.activation_field.unwrap_or(match (self.task, self.labels.len()) {
+            (Task::SequenceClassification, 1) => Activation::Sigmoid,
+            _ => Activation::Softmax,
+        })
+    }
+
+    /// Whether each label is scored on its own (`problem_type: multi_label_classification`), so
+    /// that a text may have any number of them.
+    pub fn multi_label(&self) -> bool {
+        self.problem_type.as_deref() == Some("multi_label_classification")
+    }
+
     /// Reads `dir/manifest.json` and checks its format version, inputs, labels and `max_length`;
     /// `ModelError::Manifest` if it is missing or any check fails.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
@@ -121,6 +157,27 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(extra: &str, labels: &[&str]) -> Manifest {
+        let text = format!(
+            r#"{{"format_version": 1, "name": "m", "task": "sequence-classification", "labels": {labels:?},
+                "max_length": 8, "inputs": ["input_ids", "attention_mask"], "variants": {{}},
+                "pad_token_id": 0, "vocab_size": 10, "version": "m-0", "sha256": "0"{extra}}}"#
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_activation_is_the_manifests_or_the_pipelines_rule_for_older_manifests() {
+        let multi = manifest(r#", "problem_type": "multi_label_classification", "activation": "sigmoid""#, &["a", "b"]);
+        assert_eq!((multi.activation(), multi.multi_label()), (Activation::Sigmoid, true));
+        let regression = manifest(r#", "problem_type": "regression", "activation": "none""#, &["score"]);
+        assert_eq!((regression.activation(), regression.multi_label()), (Activation::None, false));
+        // Exported before the activation was recorded: softmax, or a sigmoid for one label.
+        assert_eq!(manifest("", &["a", "b"]).activation(), Activation::Softmax);
+        assert_eq!(manifest("", &["score"]).activation(), Activation::Sigmoid);
+        assert!(serde_json::from_str::<Activation>(r#""tanh""#).is_err());
+    }
 
     #[test]
     fn a_variant_is_a_plain_file_name_for_torchscript_or_names_its_format() {

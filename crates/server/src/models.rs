@@ -25,6 +25,8 @@ impl App {
                     "version": m.version,
                     "task": m.task,
                     "labels": m.labels,
+                    "problem_type": m.problem_type,
+                    "activation": m.activation(),
                     "max_length": m.max_length,
                     "device": info.device,
                     "precision": info.precision,
