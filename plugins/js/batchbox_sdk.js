@@ -11,8 +11,11 @@
  * - `Settings`: the plugin's config, parsed in `configure` (with the model's task checked);
  * - `hostCall`: a host call whose failure becomes the HTTP answer it stands for (see the WIT);
  * - `Respond` and `respond`: a failed check throws the response to send, `respond` sends it;
- * - `Classified`: texts through the model in one `inferTexts` call, with the metadata
- *   every classifier reports (timings, tokens, truncations, forward passes);
+ * - `Classified`: texts through the model in one `inferTexts` call, scored as the model's
+ *   checkpoint means them or as the request asks (`ScoreOptions`), with the metadata every
+ *   classifier reports (timings, tokens, truncations, forward passes);
+ * - `ScoreOptions`: a request's `function_to_apply`, `top_k`, `raw_scores` and `threshold` (the
+ *   Rust SDK's `scores` module, whose docs have the table), checked against the model;
  * - `softmax`, `argmax`, `words`, `ms`, `roundMs`: the arithmetic every classifier repeats;
  * - `warm`: runs a plugin's pure code at build time, so requests start with it warm (below).
  *
@@ -37,11 +40,11 @@
  * would without it.
  */
 
-import { inferTexts, model } from "batchbox:plugin/host@0.1.1";
+import { inferTexts, model, modelScoring } from "batchbox:plugin/host@0.1.2";
 
 /** What `Settings.configure` and `Classified` take from the host: its imports, and the clock (which
  * is not there at build time either: `performance.now()` traps then). */
-const HOST = { inferTexts, model, now: () => performance.now() };
+const HOST = { inferTexts, model, modelScoring, now: () => performance.now() };
 
 /** Thrown with the response to send instead: the early return of a failed check. Not an Error:
  * it is an answer, not a fault, and needs no stack. */
@@ -210,17 +213,28 @@ const invalid = (message) => new Respond(error(400, "invalid_request", message))
 /** The items of `{"<field>": [...]}` or of a bare array; anything else throws a 400 naming what
  * was wrong (`of` says what the array holds, for the messages). */
 export function listBody(body, field, of = "strings") {
+  return listBodyWith(body, field, [], of)[0];
+}
+
+/** As `listBody`, but the object form may also hold the `optional` fields (e.g. `SCORE_FIELDS`):
+ * returns the items and an object of those fields (empty for a bare array). */
+export function listBodyWith(body, field, optional, of = "strings") {
   const value = parseJson(body);
-  if (Array.isArray(value)) return value;
+  if (Array.isArray(value)) return [value, {}];
   if (jsonKind(value) !== "an object") {
     throw invalid(`expected {"${field}": [...]} or an array of ${of}, not ${jsonKind(value)}`);
   }
   if (!Object.hasOwn(value, field)) throw invalid(`missing field \`${field}\``);
-  const unknown = Object.keys(value).find((key) => key !== field);
-  if (unknown !== undefined) throw invalid(`unknown field \`${unknown}\`; the body is {"${field}": [...]}`);
+  const unknown = Object.keys(value).find((key) => key !== field && !optional.includes(key));
+  if (unknown !== undefined) {
+    const also = optional.length > 0 ? `, with optional ${optional.join(", ")}` : "";
+    throw invalid(`unknown field \`${unknown}\`; the body is {"${field}": [...]}${also}`);
+  }
   const items = value[field];
   if (!Array.isArray(items)) throw invalid(`\`${field}\` must be an array of ${of}, not ${jsonKind(items)}`);
-  return items;
+  const options = {};
+  for (const key of Object.keys(value)) if (key !== field) options[key] = value[key];
+  return [items, options];
 }
 
 /** Throws 413 `too_many_<item>s` when `count` is over `limit`. */
@@ -253,9 +267,15 @@ export class TextList {
 
   /** The texts, each checked; throws 400 naming the item that is wrong, or 413 naming the limit. */
   parse(body) {
-    const items = listBody(body, this.field);
+    return this.parseWith(body, [])[0];
+  }
+
+  /** As `parse`, but the object form may also hold the `optional` fields: returns the texts and
+   * an object of those fields. */
+  parseWith(body, optional) {
+    const [items, options] = listBodyWith(body, this.field, optional);
     checkCount(items.length, this.item, this.maxItems);
-    return items.map((text, i) => checkText(text, `${this.field}[${i}]`, this.item, this.maxChars));
+    return [items.map((text, i) => checkText(text, `${this.field}[${i}]`, this.item, this.maxChars)), options];
   }
 }
 
@@ -337,21 +357,126 @@ export function hostCall(f, ...args) {
   }
 }
 
+/** The request fields `ScoreOptions` reads. */
+export const SCORE_FIELDS = ["function_to_apply", "top_k", "raw_scores", "threshold"];
+
+/** A multi-label model's threshold when a request sets none. */
+export const DEFAULT_THRESHOLD = 0.5;
+
+const FUNCTIONS = ["softmax", "sigmoid", "none"];
+
+/** What one request asked of the scores, checked against the model (the Rust SDK's
+ * `scores::ScoreOptions`, with the same fields, defaults and messages). `function`: "softmax",
+ * "sigmoid" or "none", applied to each row of logits; `topK`: undefined (no sorted `scores` in
+ * the answer), null (every label) or a count; `threshold`: over it a multi-label model's label is
+ * predicted. Throws a 400 naming the field that is wrong. */
+export class ScoreOptions {
+  constructor(scoring, fields = {}, labels = 0) {
+    this.function = scoring.activation;
+    this.multiLabel = scoring.multiLabel;
+    this.topK = undefined;
+    this.threshold = DEFAULT_THRESHOLD;
+    const asked = fields.function_to_apply ?? null;
+    if (asked !== null && typeof asked !== "string") {
+      throw invalid(`\`function_to_apply\` must be a string, not ${jsonKind(asked)}`);
+    }
+    if (asked !== null && !FUNCTIONS.includes(asked)) {
+      throw invalid(`\`function_to_apply\` must be "softmax", "sigmoid" or "none", not ${JSON.stringify(asked)}`);
+    }
+    const raw = fields.raw_scores ?? null;
+    if (raw !== null && typeof raw !== "boolean") throw invalid(`\`raw_scores\` must be a boolean, not ${jsonKind(raw)}`);
+    if (raw && asked !== null && asked !== "none") {
+      throw invalid(
+        `\`raw_scores: true\` asks for the logits, but \`function_to_apply\` asks for ${asked}; send one of them`,
+      );
+    }
+    this.function = raw ? "none" : (asked ?? this.function);
+    if (Object.hasOwn(fields, "top_k")) {
+      const topK = fields.top_k;
+      if (topK !== null && !(Number.isInteger(topK) && topK >= 1 && topK <= labels)) {
+        const given = typeof topK === "number" ? JSON.stringify(topK) : jsonKind(topK);
+        throw invalid(
+          `\`top_k\` must be a whole number from 1 to ${labels} (the model's labels) or null for all, not ${given}`,
+        );
+      }
+      this.topK = topK;
+    }
+    const threshold = fields.threshold ?? null;
+    if (threshold !== null) {
+      if (!this.multiLabel) {
+        throw invalid("`threshold` applies to multi-label models only; this model predicts one label per text");
+      }
+      if (typeof threshold !== "number") throw invalid(`\`threshold\` must be a number, not ${jsonKind(threshold)}`);
+      this.threshold = threshold;
+    }
+  }
+
+  /** A row of logits as scores. */
+  scores(logits) {
+    return apply(this.function, logits);
+  }
+
+  /** The prediction from a row of scores: the top label, or for a multi-label model every label
+   * over the threshold, highest first. */
+  predicted(scores, labels) {
+    if (!this.multiLabel) return labels[argmax(scores)];
+    return ranked(scores).filter((i) => scores[i] > this.threshold).map((i) => labels[i]);
+  }
+
+  /** The sorted `scores` the request asked for with `topK`, or undefined if it did not. */
+  top(scores, labels) {
+    if (this.topK === undefined) return undefined;
+    const order = ranked(scores).slice(0, this.topK ?? scores.length);
+    return order.map((i) => ({ label: labels[i], score: scores[i] }));
+  }
+}
+
+/** The label indices, highest score first; ties in label order (`sort` is stable). */
+function ranked(scores) {
+  return Array.from(scores, (_, i) => i).sort((a, b) => scores[b] - scores[a]);
+}
+
+/** `fn` ("softmax", "sigmoid" or "none") applied to a row of logits. */
+export function apply(fn, logits) {
+  if (fn === "softmax") return softmax(logits);
+  const out = new Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = fn === "sigmoid" ? sigmoid(logits[i]) : logits[i];
+  return out;
+}
+
+/** The logistic function, without overflow at either end. */
+export function sigmoid(x) {
+  if (x >= 0) return 1 / (1 + Math.exp(-x));
+  const e = Math.exp(x);
+  return e / (1 + e);
+}
+
 /** `texts` through the route's sequence-classification model in one `inferTexts` call (the host
  * tokenizes them and batches their sequences, with other requests' too; no token crosses into the
- * interpreter), the softmax of each output, and the metadata every classifier reports. A host
- * refusal throws the response it stands for. `started` is the request's `performance.now()` at
- * arrival; `host`: the host (`HOST`, or the warm-up's stand-in). */
+ * interpreter), each output scored (`ScoreOptions`: the model's function, or what the request's
+ * `fields` ask for, checked before the model is called), and the metadata every classifier
+ * reports. A host refusal throws the response it stands for. `started` is the request's
+ * `performance.now()` at arrival; `host`: the host (`HOST`, or the warm-up's stand-in). */
 export class Classified {
-  constructor(texts, started, host = HOST) {
+  constructor(texts, started, host = HOST, fields = {}) {
     this.started = started;
     this.host = host;
     this.info = host.model();
+    this.labels = this.info.labels;
+    this.options = new ScoreOptions(host.modelScoring(), fields, this.labels.length);
     this.totalWords = texts.reduce((n, text) => n + words(text).length, 0);
     this.computed = hostCall(host.inferTexts, texts);
-    this.probabilities = this.computed.inference.outputs.map((t) => softmax(t.data));
-    this.labels = this.info.labels;
-    this.predictions = this.probabilities.map((p) => this.labels[argmax(p)]);
+    this.probabilities = this.computed.inference.outputs.map((t) => this.options.scores(t.data));
+    this.predictions = this.probabilities.map((p) => this.options.predicted(p, this.labels));
+  }
+
+  /** The classifier's answer: `probabilities` (the scores), `labels`, `predictions`, `scores`
+   * when the request asked for `top_k`, and `metadata` with `counts` (call it last). */
+  answer(counts) {
+    const answer = { probabilities: this.probabilities, labels: this.labels, predictions: this.predictions };
+    if (this.options.topK !== undefined) answer.scores = this.probabilities.map((p) => this.options.top(p, this.labels));
+    answer.metadata = this.metadata(counts);
+    return answer;
   }
 
   /** The response's `metadata`, with `counts` (e.g. `{ num_sentences: 3 }`) after the token
@@ -453,6 +578,7 @@ function warmUp() {
       labels: ["sports", "politics", "business"],
       maxLength: 16,
     }),
+    modelScoring: () => ({ activation: "softmax", multiLabel: false }),
     inferTexts: (texts) => ({
       inference: {
         outputs: texts.map(() => ({ data: Float32Array.of(0.5, -1.25, 2), shape: Uint32Array.of(3) })),
@@ -486,17 +612,20 @@ function warmUp() {
     '["a", " \\t "]',
     '["a", "b", "c", "d"]',
     `["${"x".repeat(41)}"]`,
+    '{"sentences": ["a"], "function_to_apply": "sigmoid", "top_k": 2}',
+    '{"sentences": ["a"], "raw_scores": true, "top_k": null}',
+    '{"sentences": ["a"], "function_to_apply": "tanh"}',
+    '{"sentences": ["a"], "top_k": 0}',
+    '{"sentences": ["a"], "threshold": 0.2}',
   ].map((body) => ENCODER.encode(body));
   bodies.push(Uint8Array.of(0x5b, 0x22, 0xff, 0x22, 0x5d)); // ["\xff"]: not UTF-8
   const classify = (body) => {
-    const texts = sentences.parse(body);
-    const result = new Classified(texts, standIn.now(), standIn);
-    return jsonResponse(200, {
-      probabilities: result.probabilities,
-      predictions: result.predictions,
-      metadata: result.metadata({ num_sentences: texts.length }),
-    });
+    const [texts, fields] = sentences.parseWith(body, SCORE_FIELDS);
+    const result = new Classified(texts, standIn.now(), standIn, fields);
+    return jsonResponse(200, result.answer({ num_sentences: texts.length }));
   };
+  const multiLabel = new ScoreOptions({ activation: "sigmoid", multiLabel: true }, { threshold: 0.4 }, 3);
+  warm(() => multiLabel.predicted(multiLabel.scores(Float32Array.of(0.1, 2, -3)), ["a", "b", "c"]));
   for (const body of bodies) warm(() => classify(body));
   for (const config of ["{}", '{"max_sentences": 3}', '{"max_sentences": "3"}', '{"other": 1}', "[]", "{"]) {
     const task = "sequence-classification";
@@ -536,13 +665,30 @@ export const openapi = {
   /** `{"$ref": "#/components/schemas/<name>"}`. */
   schema: (name) => ({ $ref: `#/components/schemas/${name}` }),
 
-  /** The usual body of a text model (`TextList`), with its limits. */
-  textList(field, maxItems, maxChars) {
+  /** The usual body of a text model (`TextList`), with its limits; the object form also takes
+   * the `optional` properties (e.g. `openapi.scoreOptions()`). */
+  textList(field, maxItems, maxChars, optional = {}) {
     const items = { type: "array", maxItems, items: { type: "string", minLength: 1, maxLength: maxChars } };
-    return {
-      oneOf: [{ type: "object", required: [field], additionalProperties: false, properties: { [field]: items } }, items],
-    };
+    const properties = { [field]: items, ...optional };
+    return { oneOf: [{ type: "object", required: [field], additionalProperties: false, properties }, items] };
   },
+
+  /** The request fields of `ScoreOptions`, as properties for `textList`. */
+  scoreOptions: () => ({
+    function_to_apply: {
+      enum: ["softmax", "sigmoid", "none", null],
+      description:
+        "The function from logits to scores; the model's own when absent (softmax, or a sigmoid per label " +
+        "for multi-label and one-label models, none for regression).",
+    },
+    raw_scores: { type: "boolean", description: 'true: the logits, as function_to_apply "none".' },
+    top_k: {
+      type: ["integer", "null"],
+      minimum: 1,
+      description: "Adds `scores`: each text's k highest labels and scores, sorted; null for all labels.",
+    },
+    threshold: { type: "number", description: "Multi-label models only: a label over it is predicted (default 0.5)." },
+  }),
 
   /** The `metadata` object `Classified.metadata` writes. */
   metadataSchema() {
@@ -575,16 +721,24 @@ export const openapi = {
     504: "timed_out: still waiting for the model when the request's time ran out",
   }),
 
-  /** What a classifier answers from `Classified`: `probabilities`, `labels`, `predictions`, `metadata`. */
+  /** What a classifier answers from `Classified.answer`: `probabilities` (the scores, in label
+   * order), `labels`, `predictions` (a label per text, or for a multi-label model the labels over
+   * the threshold), `scores` when asked for with `top_k`, and `metadata`. */
   predictionSchema() {
     const strings = { type: "array", items: { type: "string" } };
+    const labelScore = {
+      type: "object",
+      required: ["label", "score"],
+      properties: { label: { type: "string" }, score: { type: "number" } },
+    };
     return {
       type: "object",
       required: ["probabilities", "labels", "predictions", "metadata"],
       properties: {
         probabilities: { type: "array", items: { type: "array", items: { type: "number" } } },
         labels: strings,
-        predictions: strings,
+        predictions: { type: "array", items: { oneOf: [{ type: "string" }, strings] } },
+        scores: { type: "array", items: { type: "array", items: labelScore } },
         metadata: openapi.metadataSchema(),
       },
     };

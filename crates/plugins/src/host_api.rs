@@ -7,7 +7,7 @@ use crate::bindings::batchbox::plugin::{host, types};
 use crate::state::HostState;
 use batchbox_batcher::scheduler::Rejected;
 use batchbox_metrics::names;
-use batchbox_model::{Encoding, ModelError, Task};
+use batchbox_model::{Activation, Encoding, ModelError, Task};
 use batchbox_tenants::TenantLimits;
 use tracing::Instrument;
 
@@ -70,6 +70,18 @@ impl host::Host for HostState {
             },
             labels: manifest.labels.clone(),
             max_length: manifest.max_length as u32,
+        })
+    }
+
+    fn model_scoring(&mut self) -> wasmtime::Result<types::Scoring> {
+        let manifest = self.model.manifest();
+        Ok(types::Scoring {
+            activation: match manifest.activation() {
+                Activation::Softmax => types::Activation::Softmax,
+                Activation::Sigmoid => types::Activation::Sigmoid,
+                Activation::None => types::Activation::None,
+            },
+            multi_label: manifest.multi_label(),
         })
     }
 

@@ -9,8 +9,11 @@ The Python twin of the Rust SDK (plugins/sdk): the same JSON shapes, error codes
   are its parts, for bodies whose items are more than strings;
 - `Settings`: the plugin's config, parsed in `configure` (with the model's task checked);
 - `host_call`: a host call whose failure becomes the HTTP answer it stands for (see the WIT);
-- `Classified`: texts through the model in one `infer_texts` call, with the metadata every
-  classifier reports (timings, tokens, truncations, forward passes);
+- `Classified`: texts through the model in one `infer_texts` call, scored as the model's checkpoint
+  means them or as the request asks (`ScoreOptions`), with the metadata every classifier reports
+  (timings, tokens, truncations, forward passes);
+- `ScoreOptions`: a request's `function_to_apply`, `top_k`, `raw_scores` and `threshold` (the Rust
+  SDK's `scores` module, whose docs have the table), checked against the model;
 - `softmax`, `argmax`, `ms`, `round_ms`: the arithmetic every classifier repeats;
 - `warm`: runs a plugin's pure code at build time, so requests start with it warm (below).
 
@@ -168,24 +171,31 @@ def json_kind(value) -> str:
 def list_body(body: bytes, field: str, of: str = "strings") -> list:
     """The items of `{"<field>": [...]}` or of a bare array; anything else is a 400 naming what
     was wrong (`of` says what the array holds, for the messages)."""
+    return list_body_with(body, field, (), of)[0]
+
+
+def list_body_with(body: bytes, field: str, optional, of: str = "strings") -> tuple:
+    """As `list_body`, but the object form may also hold the `optional` fields (e.g.
+    `SCORE_FIELDS`): returns the items and a dict of those fields (empty for a bare array)."""
 
     def bad(message):
         return Respond(error(400, "invalid_request", message))
 
     value = parse_json(body)
     if isinstance(value, list):
-        return value
+        return value, {}
     if not isinstance(value, dict):
         raise bad(f'expected {{"{field}": [...]}} or an array of {of}, not {json_kind(value)}')
     if field not in value:
         raise bad(f"missing field `{field}`")
-    unknown = [key for key in value if key != field]
+    unknown = [key for key in value if key != field and key not in optional]
     if unknown:
-        raise bad(f'unknown field `{unknown[0]}`; the body is {{"{field}": [...]}}')
+        also = f", with optional {', '.join(optional)}" if optional else ""
+        raise bad(f'unknown field `{unknown[0]}`; the body is {{"{field}": [...]}}{also}')
     items = value[field]
     if not isinstance(items, list):
         raise bad(f"`{field}` must be an array of {of}, not {json_kind(items)}")
-    return items
+    return items, {key: item for key, item in value.items() if key != field}
 
 
 def check_count(count: int, item: str, limit: int) -> None:
@@ -214,9 +224,15 @@ class TextList:
         self.field, self.item, self.max_items, self.max_chars = field, item, max_items, max_chars
 
     def parse(self, body: bytes) -> list:
-        items = list_body(body, self.field)
+        return self.parse_with(body, ())[0]
+
+    def parse_with(self, body: bytes, optional) -> tuple:
+        """As `parse`, but the object form may also hold the `optional` fields: returns the texts
+        and a dict of those fields."""
+        items, options = list_body_with(body, self.field, optional)
         check_count(len(items), self.item, self.max_items)
-        return [check_text(text, f"{self.field}[{i}]", self.item, self.max_chars) for i, text in enumerate(items)]
+        texts = [check_text(text, f"{self.field}[{i}]", self.item, self.max_chars) for i, text in enumerate(items)]
+        return texts, options
 
 
 class Settings:
@@ -276,21 +292,137 @@ def host_call(function, *args):
         raise Respond(into_response(e.value)) from None
 
 
+# The request fields `ScoreOptions.parse` reads.
+SCORE_FIELDS = ("function_to_apply", "top_k", "raw_scores", "threshold")
+# A multi-label model's threshold when a request sets none.
+DEFAULT_THRESHOLD = 0.5
+FUNCTIONS = {"softmax": types.Activation.SOFTMAX, "sigmoid": types.Activation.SIGMOID, "none": types.Activation.NONE}
+
+
+class ScoreOptions:
+    """What one request asked of the scores, checked against the model (the Rust SDK's
+    `scores::ScoreOptions`, with the same fields, defaults and messages).
+
+    `function`: the `types.Activation` applied to each row of logits; `top_k`: absent (no sorted
+    `scores` in the answer), `None` (every label) or a count; `threshold`: over it a multi-label
+    model's label is predicted."""
+
+    ABSENT = object()
+
+    def __init__(self, scoring, fields=None, labels: int = 0):
+        fields = fields or {}
+
+        def bad(message):
+            return Respond(error(400, "invalid_request", message))
+
+        self.function, self.multi_label = scoring.activation, scoring.multi_label
+        self.top_k, self.threshold = ScoreOptions.ABSENT, DEFAULT_THRESHOLD
+        asked = fields.get("function_to_apply")
+        if asked is not None:
+            if not isinstance(asked, str):
+                raise bad(f"`function_to_apply` must be a string, not {json_kind(asked)}")
+            if asked not in FUNCTIONS:
+                raise bad(f'`function_to_apply` must be "softmax", "sigmoid" or "none", not {json.dumps(asked)}')
+            asked = FUNCTIONS[asked]
+        raw = fields.get("raw_scores")
+        if raw is not None and not isinstance(raw, bool):
+            raise bad(f"`raw_scores` must be a boolean, not {json_kind(raw)}")
+        if raw and asked is not None and asked != types.Activation.NONE:
+            raise bad(
+                f"`raw_scores: true` asks for the logits, but `function_to_apply` asks for {function_name(asked)}; "
+                "send one of them"
+            )
+        self.function = types.Activation.NONE if raw else (asked if asked is not None else self.function)
+        if "top_k" in fields:
+            top_k = fields["top_k"]
+            if top_k is not None and not (type(top_k) is int and 1 <= top_k <= labels):
+                given = json.dumps(top_k) if isinstance(top_k, (int, float)) and not isinstance(top_k, bool) else json_kind(top_k)
+                raise bad(
+                    f"`top_k` must be a whole number from 1 to {labels} (the model's labels) or null for all, not {given}"
+                )
+            self.top_k = top_k
+        threshold = fields.get("threshold")
+        if threshold is not None:
+            if not self.multi_label:
+                raise bad("`threshold` applies to multi-label models only; this model predicts one label per text")
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+                raise bad(f"`threshold` must be a number, not {json_kind(threshold)}")
+            self.threshold = float(threshold)
+
+    def scores(self, logits) -> list:
+        """A row of logits as scores."""
+        return apply(self.function, logits)
+
+    def predicted(self, scores, labels):
+        """The prediction from a row of scores: the top label, or for a multi-label model every
+        label over the threshold, highest first."""
+        if self.multi_label:
+            return [labels[i] for i in ranked(scores) if scores[i] > self.threshold]
+        return labels[argmax(scores)]
+
+    def top(self, scores, labels):
+        """The sorted `scores` the request asked for with `top_k`, or None if it did not."""
+        if self.top_k is ScoreOptions.ABSENT:
+            return None
+        order = ranked(scores)[: self.top_k]
+        return [{"label": labels[i], "score": scores[i]} for i in order]
+
+
+def ranked(scores) -> list:
+    """The label indices, highest score first; ties in label order."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def function_name(function) -> str:
+    """A `types.Activation` as requests spell it."""
+    return {types.Activation.SOFTMAX: "softmax", types.Activation.SIGMOID: "sigmoid"}.get(function, "none")
+
+
+def apply(function, logits) -> list:
+    """`function` (a `types.Activation`) applied to a row of logits."""
+    if function == types.Activation.SOFTMAX:
+        return softmax(logits)
+    if function == types.Activation.SIGMOID:
+        return [sigmoid(x) for x in logits]
+    return list(logits)
+
+
+def sigmoid(x: float) -> float:
+    """The logistic function, without overflow at either end."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 class Classified:
     """`texts` through the route's sequence-classification model in one `infer_texts` call (the
     host tokenizes them and batches their sequences, with other requests' too; no token crosses
-    into the interpreter), the softmax of each output, and the metadata every classifier reports.
-    A host refusal raises the response it stands for. `started` is the request's
-    `time.perf_counter()` at arrival; `host`: the host's imports (the warm-up's stand-in)."""
+    into the interpreter), each output scored (`ScoreOptions`: the model's function, or what the
+    request's `fields` ask for, checked before the model is called), and the metadata every
+    classifier reports. A host refusal raises the response it stands for. `started` is the
+    request's `time.perf_counter()` at arrival; `host`: the host's imports (the warm-up's
+    stand-in)."""
 
-    def __init__(self, texts: list, started: float, host=host):
+    def __init__(self, texts: list, started: float, host=host, fields=None):
         self.started = started
         self.info = host.model()
+        self.labels = self.info.labels
+        self.options = ScoreOptions(host.model_scoring(), fields, len(self.labels))
         self.total_words = sum(len(text.split()) for text in texts)
         self.computed = host_call(host.infer_texts, texts)
-        self.probabilities = [softmax(t.data) for t in self.computed.inference.outputs]
-        self.labels = self.info.labels
-        self.predictions = [self.labels[argmax(p)] for p in self.probabilities]
+        self.probabilities = [self.options.scores(t.data) for t in self.computed.inference.outputs]
+        self.predictions = [self.options.predicted(p, self.labels) for p in self.probabilities]
+        self.scores = [self.options.top(p, self.labels) for p in self.probabilities]
+
+    def answer(self, **counts) -> dict:
+        """The classifier's answer: `probabilities` (the scores), `labels`, `predictions`, `scores`
+        when the request asked for `top_k`, and `metadata` with `counts` (call it last)."""
+        answer = {"probabilities": self.probabilities, "labels": self.labels, "predictions": self.predictions}
+        if self.options.top_k is not ScoreOptions.ABSENT:
+            answer["scores"] = self.scores
+        answer["metadata"] = self.metadata(**counts)
+        return answer
 
     def metadata(self, **counts) -> dict:
         """The response's `metadata`, with `counts` (e.g. `num_sentences=3`) after the token count.
@@ -366,6 +498,7 @@ def _warm_up() -> None:
     labels = ["sports", "politics", "business"]
     stand_in = SimpleNamespace(
         model=lambda: types.ModelInfo("warm-up", "0", types.Task.SEQUENCE_CLASSIFICATION, labels, 16),
+        model_scoring=lambda: types.Scoring(types.Activation.SOFTMAX, False),
         infer_texts=lambda texts: types.TextInference(
             types.Inference([types.Tensor([0.5, -1.25, 2.0], [3])] * len(texts), 10, 20, 1, [1]),
             [3] * len(texts),
@@ -394,16 +527,19 @@ def _warm_up() -> None:
         b'["a", " \\t "]',
         b'["a", "b", "c", "d"]',
         b'["' + b"x" * 41 + b'"]',
+        b'{"sentences": ["a"], "function_to_apply": "sigmoid", "top_k": 2}',
+        b'{"sentences": ["a"], "raw_scores": true, "top_k": null}',
+        b'{"sentences": ["a"], "function_to_apply": "tanh"}',
+        b'{"sentences": ["a"], "top_k": 0}',
+        b'{"sentences": ["a"], "threshold": 0.2}',
     ]
 
     def classify(body):
-        texts = sentences.parse(body)
-        result = Classified(texts, time.perf_counter(), stand_in)
-        return json_response(200, {
-            "probabilities": result.probabilities,
-            "predictions": result.predictions,
-            "metadata": result.metadata(num_sentences=len(texts)),
-        })
+        texts, fields = sentences.parse_with(body, SCORE_FIELDS)
+        result = Classified(texts, time.perf_counter(), stand_in, fields)
+        return json_response(200, result.answer(num_sentences=len(texts)))
+
+    multi_label = ScoreOptions(types.Scoring(types.Activation.SIGMOID, True), {"threshold": 0.4}, 3)
 
     def configure(config):
         try:
@@ -437,6 +573,7 @@ def _warm_up() -> None:
         warm(lambda: require_method(Request(method, "/", "", [], b""), "POST"))
     warm(lambda: Settings()["unset"])
     warm(lambda: (argmax(softmax([0.1, 2.0, -3.0])), argmax([]), json_kind(1.5), json_kind({})))
+    warm(lambda: multi_label.predicted(multi_label.scores([0.1, 2.0, -3.0]), labels))
 
 
 _warm_up()

@@ -32,15 +32,38 @@ def error_response(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema("Error")}}}
 
 
-def text_list(field: str, max_items: int, max_chars: int) -> dict:
+def text_list(field: str, max_items: int, max_chars: int, optional: dict | None = None) -> dict:
     """The usual body of a text model (`TextList`): `{"<field>": [...]}` or a bare array of
-    non-empty strings, with its limits."""
+    non-empty strings, with its limits; the object form also takes the `optional` properties (e.g.
+    `score_options()`)."""
     items = {"type": "array", "maxItems": max_items, "items": {"type": "string", "minLength": 1, "maxLength": max_chars}}
+    properties = {field: items, **(optional or {})}
     return {
         "oneOf": [
-            {"type": "object", "required": [field], "additionalProperties": False, "properties": {field: items}},
+            {"type": "object", "required": [field], "additionalProperties": False, "properties": properties},
             items,
         ]
+    }
+
+
+def score_options() -> dict:
+    """The request fields of `ScoreOptions`, as properties for `text_list`."""
+    return {
+        "function_to_apply": {
+            "enum": ["softmax", "sigmoid", "none", None],
+            "description": "The function from logits to scores; the model's own when absent (softmax, or a "
+            "sigmoid per label for multi-label and one-label models, none for regression).",
+        },
+        "raw_scores": {"type": "boolean", "description": 'true: the logits, as function_to_apply "none".'},
+        "top_k": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "description": "Adds `scores`: each text's k highest labels and scores, sorted; null for all labels.",
+        },
+        "threshold": {
+            "type": "number",
+            "description": "Multi-label models only: a label over it is predicted (default 0.5).",
+        },
     }
 
 
@@ -86,15 +109,23 @@ def classified_errors(items: str) -> dict:
 
 
 def prediction_schema() -> dict:
-    """What a classifier answers from `Classified`: `probabilities`, `labels`, `predictions`, `metadata`."""
+    """What a classifier answers from `Classified.answer`: `probabilities` (the scores, in label
+    order), `labels`, `predictions` (a label per text, or for a multi-label model the labels over
+    the threshold), `scores` when asked for with `top_k`, and `metadata`."""
     strings = {"type": "array", "items": {"type": "string"}}
+    label_score = {
+        "type": "object",
+        "required": ["label", "score"],
+        "properties": {"label": {"type": "string"}, "score": {"type": "number"}},
+    }
     return {
         "type": "object",
         "required": ["probabilities", "labels", "predictions", "metadata"],
         "properties": {
             "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
             "labels": strings,
-            "predictions": strings,
+            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, strings]}},
+            "scores": {"type": "array", "items": {"type": "array", "items": label_score}},
             "metadata": metadata_schema(),
         },
     }

@@ -5,7 +5,7 @@ import json
 import time
 
 import wit_world
-from batchbox_sdk import Classified, Settings, TextList, json_response, openapi, require_method, respond
+from batchbox_sdk import SCORE_FIELDS, Classified, Settings, TextList, json_response, openapi, require_method, respond
 from wit_world.imports import types
 
 SETTINGS = Settings(max_sentences=1000, max_sentence_chars=10_000)
@@ -24,14 +24,18 @@ class Api(wit_world.exports.Api):
         """The route, its body with the configured limits, and its answers: as the Rust plugin's."""
         operation = openapi.operation(
             "Classify sentences",
-            "One row of probabilities (softmax over the labels) per sentence, in input order, the top "
-            "label of each, and timing metadata. An empty list gives empty results.",
+            "The scores of each sentence, in input order (softmax probabilities for a single-label model; "
+            "a sigmoid per label for a multi-label or one-label model; the logits for regression; or the "
+            "function_to_apply asked for), its prediction, and timing metadata. An empty list gives empty "
+            "results.",
             "Sentences",
             "Prediction",
             "The predictions",
             openapi.classified_errors("too_many_sentences, sentence_too_long"),
         )
-        sentences = openapi.text_list("sentences", SETTINGS["max_sentences"], SETTINGS["max_sentence_chars"])
+        sentences = openapi.text_list(
+            "sentences", SETTINGS["max_sentences"], SETTINGS["max_sentence_chars"], openapi.score_options()
+        )
         schemas = {"Sentences": sentences, "Prediction": openapi.prediction_schema(), "Error": openapi.error_schema()}
         return json.dumps({"paths": {"/": {"post": operation}}, "components": {"schemas": schemas}})
 
@@ -39,13 +43,8 @@ class Api(wit_world.exports.Api):
 def classify(request):
     started = time.perf_counter()
     require_method(request, "POST")
-    sentences = TextList("sentences", "sentence", SETTINGS["max_sentences"], SETTINGS["max_sentence_chars"]).parse(
-        request.body
-    )
-    result = Classified(sentences, started)
-    return json_response(200, {
-        "probabilities": result.probabilities,
-        "labels": result.labels,
-        "predictions": result.predictions,
-        "metadata": result.metadata(num_sentences=len(sentences)),
-    })
+    sentences, fields = TextList(
+        "sentences", "sentence", SETTINGS["max_sentences"], SETTINGS["max_sentence_chars"]
+    ).parse_with(request.body, SCORE_FIELDS)
+    result = Classified(sentences, started, fields=fields)
+    return json_response(200, result.answer(num_sentences=len(sentences)))

@@ -5,6 +5,8 @@
 //! - JSON in and out: [`parse_json`], [`parse_config`], [`json`], errors in the host's shape,
 //!   [`error`], and the usual body of a text model, [`TextList`];
 //! - the arithmetic every classifier repeats: [`softmax`], [`argmax`], [`ms`], [`round_ms`];
+//! - [`scores`]: a classifier's scores as its checkpoint means them (softmax, sigmoid or none) and
+//!   as a request asks for them (`function_to_apply`, `top_k`, `raw_scores`, `threshold`);
 //! - [`Error::into_response`]: a failed host call as the HTTP answer it stands for;
 //! - [`openapi`]: the pieces of a `describe` answer every plugin repeats.
 //!
@@ -30,12 +32,14 @@ wit_bindgen::generate!({
     default_bindings_module: "batchbox_sdk",
 });
 
+pub mod scores;
+
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 pub use batchbox::plugin::host;
 pub use batchbox::plugin::types::{Encoding, Error, Inference, Level, ModelInfo, Task, Tensor};
@@ -127,15 +131,28 @@ pub struct TextList<'a> {
 
 impl TextList<'_> {
     pub fn parse(&self, body: &[u8]) -> Result<Vec<String>, Response> {
+        Ok(self.parse_with(body, &[])?.0)
+    }
+
+    /// As [`parse`](Self::parse), but the object form may also hold the `optional` fields (e.g.
+    /// [`scores::SCORE_FIELDS`]), returned beside the texts for the caller to read; a bare array
+    /// has none.
+    pub fn parse_with(&self, body: &[u8], optional: &[&str]) -> Result<(Vec<String>, Map<String, Value>), Response> {
         let (field, item) = (self.field, self.item);
         let bad = |message: String| error(400, "invalid_request", message);
+        let mut options = Map::new();
         let items = match parse_json::<Value>(body)? {
             Value::Array(items) => items,
             Value::Object(mut fields) => {
                 let texts = fields.remove(field).ok_or_else(|| bad(format!("missing field `{field}`")))?;
-                if let Some(unknown) = fields.keys().next() {
-                    return Err(bad(format!("unknown field `{unknown}`; the body is {{\"{field}\": [...]}}")));
+                if let Some(unknown) = fields.keys().find(|key| !optional.contains(&key.as_str())) {
+                    let also = match optional {
+                        [] => String::new(),
+                        names => format!(", with optional {}", names.join(", ")),
+                    };
+                    return Err(bad(format!("unknown field `{unknown}`; the body is {{\"{field}\": [...]}}{also}")));
                 }
+                options = fields;
                 match texts {
                     Value::Array(items) => items,
                     other => return Err(bad(format!("`{field}` must be an array of strings, not {}", kind(&other)))),
@@ -152,7 +169,7 @@ impl TextList<'_> {
             let message = format!("{} {item}s in one request; the limit is {}", items.len(), self.max_items);
             return Err(error(413, &format!("too_many_{item}s"), message));
         }
-        items
+        let texts = items
             .into_iter()
             .enumerate()
             .map(|(i, value)| match value {
@@ -165,7 +182,8 @@ impl TextList<'_> {
                 Value::String(s) => Ok(s),
                 other => Err(bad(format!("{field}[{i}] must be a string, not {}", kind(&other)))),
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((texts, options))
     }
 }
 
@@ -273,14 +291,85 @@ pub mod openapi {
     /// The usual body of a text model (see [`TextList`](crate::TextList)): `{"<field>": [...]}` or a
     /// bare array of non-empty strings, with its limits.
     pub fn text_list(field: &str, max_items: usize, max_chars: usize) -> Value {
+        text_list_with(field, max_items, max_chars, json!({}))
+    }
+
+    /// [`text_list`] whose object form also takes the `optional` properties (a JSON object of
+    /// schemas, e.g. [`score_options`]).
+    pub fn text_list_with(field: &str, max_items: usize, max_chars: usize, optional: Value) -> Value {
         let list = json!({
             "type": "array",
             "maxItems": max_items,
             "items": { "type": "string", "minLength": 1, "maxLength": max_chars },
         });
+        let mut properties = json!({ field: list });
+        if let (Some(properties), Value::Object(optional)) = (properties.as_object_mut(), optional) {
+            properties.extend(optional);
+        }
         json!({ "oneOf": [
-            { "type": "object", "required": [field], "additionalProperties": false, "properties": { field: list } },
+            { "type": "object", "required": [field], "additionalProperties": false, "properties": properties },
             list,
         ] })
+    }
+
+    /// The request fields of [`scores`](crate::scores), as properties for [`text_list_with`].
+    pub fn score_options() -> Value {
+        json!({
+            "function_to_apply": {
+                "enum": ["softmax", "sigmoid", "none", null],
+                "description": "The function from logits to scores; the model's own when absent (softmax, or a \
+                    sigmoid per label for multi-label and one-label models, none for regression).",
+            },
+            "raw_scores": { "type": "boolean", "description": "true: the logits, as function_to_apply \"none\"." },
+            "top_k": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "Adds `scores`: each text's k highest labels and scores, sorted; null for all labels.",
+            },
+            "threshold": {
+                "type": "number",
+                "description": "Multi-label models only: a label over it is predicted (default 0.5).",
+            },
+        })
+    }
+
+    /// What a classifier answers: `probabilities` (the scores, in label order), `labels`,
+    /// `predictions` (a label per text, or for a multi-label model the labels over the threshold),
+    /// `scores` when asked for with `top_k`, and `metadata` (the `Classified` metadata of the
+    /// Python and JavaScript SDKs).
+    pub fn prediction_schema() -> Value {
+        let strings = json!({ "type": "array", "items": { "type": "string" } });
+        let number = json!({ "type": "number" });
+        let integer = json!({ "type": "integer" });
+        let integers = json!({ "type": "array", "items": integer });
+        let label_score = json!({
+            "type": "object",
+            "required": ["label", "score"],
+            "properties": { "label": { "type": "string" }, "score": number },
+        });
+        json!({
+            "type": "object",
+            "required": ["probabilities", "labels", "predictions", "metadata"],
+            "properties": {
+                "probabilities": { "type": "array", "items": { "type": "array", "items": number } },
+                "labels": strings,
+                "predictions": { "type": "array", "items": { "oneOf": [{ "type": "string" }, strings] } },
+                "scores": { "type": "array", "items": { "type": "array", "items": label_score } },
+                "metadata": {
+                    "type": "object",
+                    "properties": {
+                        "processing_time_ms": number,
+                        "total_words": integer,
+                        "total_tokens": integer,
+                        "num_sentences": integer,
+                        "model_version": { "type": "string" },
+                        "truncated": integers,
+                        "forward_passes": integer,
+                        "batch_ids": integers,
+                        "breakdown_ms": { "type": "object", "additionalProperties": number },
+                    },
+                },
+            },
+        })
     }
 }

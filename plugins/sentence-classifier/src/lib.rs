@@ -1,15 +1,17 @@
 //! `POST /api/v1/predict/sentences`: classify sentences with the route's model.
 //!
-//! Takes `{"sentences": [...]}` or a bare JSON array of strings; answers with the softmax
-//! probabilities per sentence (input order), the labels, the top label per sentence and timing
-//! metadata. See the README for the full response and the errors.
+//! Takes `{"sentences": [...]}` or a bare JSON array of strings; answers with the scores per
+//! sentence (input order: softmax probabilities for a single-label model, as the seed did), the
+//! labels, the prediction per sentence and timing metadata. The object form also takes the score
+//! options of `batchbox_sdk::scores` (`function_to_apply`, `top_k`, `raw_scores`, `threshold`).
+//! See the README for the full response and the errors.
 
 use std::time::Instant;
 
-use batchbox_sdk::openapi::{error_response, error_schema, schema, text_list};
+use batchbox_sdk::openapi::{error_response, error_schema, prediction_schema, schema, score_options, text_list_with};
+use batchbox_sdk::scores::{LabelScore, Predicted, SCORE_FIELDS, ScoreOptions};
 use batchbox_sdk::{
-    Describe, Plugin, Request, Response, Settings, Task, TextList, argmax, host, json, ms, require_method, round_ms,
-    softmax,
+    Describe, Plugin, Request, Response, Settings, Task, TextList, host, json, ms, require_method, round_ms,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -46,9 +48,13 @@ impl Plugin for SentenceClassifier {
 
 #[derive(Serialize)]
 struct Prediction {
+    /// Each sentence's scores, in label order: named for the seed's softmax, whatever the function.
     probabilities: Vec<Vec<f32>>,
     labels: Vec<String>,
-    predictions: Vec<String>,
+    predictions: Vec<Predicted>,
+    /// Asked for with `top_k`: each sentence's labels and scores, highest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scores: Option<Vec<Vec<LabelScore>>>,
     metadata: Metadata,
 }
 
@@ -79,14 +85,16 @@ fn classify(request: &Request) -> Result<Response, Response> {
     let started = Instant::now();
     require_method(request, "POST")?;
     let config = SETTINGS.get()?;
-    let sentences = sentences(&request.body, config)?;
+    let (sentences, fields) = sentences(&request.body, config)?;
     let info = host::model();
+    let options = ScoreOptions::parse(&fields, &host::model_scoring(), info.labels.len())?;
 
     // One host call: the token ids never cross into the plugin and back.
     let computed = host::infer_texts(&sentences).map_err(|e| e.into_response())?;
     let inference = &computed.inference;
-    let probabilities: Vec<Vec<f32>> = inference.outputs.iter().map(|t| softmax(&t.data)).collect();
-    let predictions = probabilities.iter().map(|p| info.labels[argmax(p)].clone()).collect();
+    let probabilities: Vec<Vec<f32>> = inference.outputs.iter().map(|t| options.scores(&t.data)).collect();
+    let predictions = probabilities.iter().map(|p| options.predicted(p, &info.labels)).collect();
+    let scores = options.top_k.map(|_| probabilities.iter().filter_map(|p| options.top(p, &info.labels)).collect());
     let (tokenize_ms, queue_ms, compute_ms) =
         (computed.tokenize_us as f64 / 1e3, inference.queue_us as f64 / 1e3, inference.compute_us as f64 / 1e3);
     let total_ms = ms(started);
@@ -108,31 +116,35 @@ fn classify(request: &Request) -> Result<Response, Response> {
             plugin: round_ms((total_ms - tokenize_ms - queue_ms - compute_ms).max(0.0)),
         },
     };
-    Ok(json(200, &Prediction { probabilities, labels: info.labels, predictions, metadata }))
+    Ok(json(200, &Prediction { probabilities, labels: info.labels, predictions, scores, metadata }))
 }
 
-/// The sentences of `{"sentences": [...]}` or of a bare array, checked one by one.
-fn sentences(body: &[u8], config: &Config) -> Result<Vec<String>, Response> {
+/// The sentences of `{"sentences": [...], <score options>}` or of a bare array, checked one by
+/// one, and the body's score options.
+fn sentences(
+    body: &[u8],
+    config: &Config,
+) -> Result<(Vec<String>, serde_json::Map<String, serde_json::Value>), Response> {
     TextList {
         field: "sentences",
         item: "sentence",
         max_items: config.max_sentences,
         max_chars: config.max_sentence_chars,
     }
-    .parse(body)
+    .parse_with(body, &SCORE_FIELDS)
 }
 
 impl Describe for SentenceClassifier {
     /// The route, its body with the configured limits, and its answers.
     fn describe() -> String {
         let config = SETTINGS.get().ok().copied().unwrap_or_default();
-        let strings = json!({ "type": "array", "items": { "type": "string" } });
-        let number = json!({ "type": "number" });
         json!({
             "paths": { "/": { "post": {
                 "summary": "Classify sentences",
-                "description": "One row of probabilities (softmax over the labels) per sentence, in input \
-                    order, the top label of each, and timing metadata. An empty list gives empty results.",
+                "description": "The scores of each sentence, in input order (softmax probabilities for a \
+                    single-label model; a sigmoid per label for a multi-label or one-label model; the logits \
+                    for regression; or the function_to_apply asked for), its prediction, and timing \
+                    metadata. An empty list gives empty results.",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": schema("Sentences") } } },
                 "responses": {
                     "200": { "description": "The predictions", "content": { "application/json": { "schema": schema("Prediction") } } },
@@ -145,30 +157,8 @@ impl Describe for SentenceClassifier {
                 },
             } } },
             "components": { "schemas": {
-                "Sentences": text_list("sentences", config.max_sentences, config.max_sentence_chars),
-                "Prediction": {
-                    "type": "object",
-                    "required": ["probabilities", "labels", "predictions", "metadata"],
-                    "properties": {
-                        "probabilities": { "type": "array", "items": { "type": "array", "items": number } },
-                        "labels": strings,
-                        "predictions": strings,
-                        "metadata": {
-                            "type": "object",
-                            "properties": {
-                                "processing_time_ms": number,
-                                "total_words": { "type": "integer" },
-                                "total_tokens": { "type": "integer" },
-                                "num_sentences": { "type": "integer" },
-                                "model_version": { "type": "string" },
-                                "truncated": { "type": "array", "items": { "type": "integer" } },
-                                "forward_passes": { "type": "integer" },
-                                "batch_ids": { "type": "array", "items": { "type": "integer" } },
-                                "breakdown_ms": { "type": "object", "additionalProperties": number },
-                            },
-                        },
-                    },
-                },
+                "Sentences": text_list_with("sentences", config.max_sentences, config.max_sentence_chars, score_options()),
+                "Prediction": prediction_schema(),
                 "Error": error_schema(),
             } },
         })
