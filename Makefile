@@ -14,7 +14,8 @@ PY_PLUGINS := plugins/target/python/sentence_classifier.wasm plugins/target/pyth
 JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json \
 	models/test/tiny-deberta-aoti/manifest.json models/test/tiny-deberta-ner-aoti/manifest.json \
-	models/test/batch-dependent/manifest.json
+	models/test/batch-dependent/manifest.json models/test/tiny-deberta-multilabel/manifest.json \
+	models/test/tiny-deberta-score/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 # What an export depends on: a change to any of it re-exports the models.
@@ -56,6 +57,17 @@ $(DEFAULT_MODEL)/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES)
 models/test/tiny-deberta/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-best
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-best --out models/test/tiny-deberta
+
+# The heads whose scores are not a softmax (tools/tests/test_scores.py): a multi-label classifier (a
+# sigmoid per label) and a one-label score (a sigmoid); fp32 only, which is what the tests serve.
+models/test/tiny-deberta-multilabel/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
+	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-multilabel \
+		--labels joy,anger,fear,sadness,surprise --problem-type multi_label_classification
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-multilabel --out models/test/tiny-deberta-multilabel --variants cpu-float32
+
+models/test/tiny-deberta-score/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
+	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-score --labels score
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-score --out models/test/tiny-deberta-score --variants cpu-float32
 
 models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-ner --token-classification
