@@ -1,7 +1,9 @@
 """What an export checks before it writes anything, and what it measures and records.
 
-- Each traced file against the eager model on padded batches (refused past its tolerance), and each
-  padded row against the same row alone (refused: the attention mask did not reach the graph).
+- Each traced file against the eager model on padded batches (refused past its tolerance, relative
+  to the largest logit when that is over 1), and each padded row against the same row alone
+  (refused: the attention mask did not reach the graph, or the model ignores it; the message
+  says which, with the eager model's own figure).
 - Agreement with fp32 on the agreement texts (at least 256, run as the server groups them): top
   labels must agree on at least 99%; the largest difference in probability is reported beside.
 - Batch invariance: a sentence's probabilities must not move with the sentences batched beside it
@@ -48,21 +50,34 @@ def check_traced(eager: torch.nn.Module, traced: torch.nn.Module, source: Source
             want = eager(*batch).float()
             got = traced(*batch).float()
             alone = [traced(*[t.to(variant.device) for t in pad([row], source.pad_token_id)]).float() for row in rows]
-        scale = 1.0 if variant.dtype == torch.float32 else max(1.0, want.abs().max().item())
+            eager_alone = [eager(*[t.to(variant.device) for t in pad([row], source.pad_token_id)]).float() for row in rows]
+        # Relative to the logits' size (absolute below 1): a head with logits near 780 rounds at
+        # 1e-4 in fp32 whatever the trace does.
+        scale = max(1.0, want.abs().max().item())
         diff = (want - got).abs().max().item() / scale
         if not diff <= variant.tolerance:
             raise ExportError(
                 f"{variant.name}: traced module differs from the eager model at length {length}: "
-                f"max |diff| = {diff:.3g} > {variant.tolerance} (shapes {list(want.shape)}, {list(got.shape)})"
+                f"max |diff| = {diff * scale:.3g}, {diff:.3g} relative to the largest logit {scale:.3g}, "
+                f"> {variant.tolerance} (shapes {list(want.shape)}, {list(got.shape)})"
             )
-        padding_diff = max(
-            (a - b).abs().max().item() / scale
-            for a, b in zip(rows_of(got, lengths, source.task), (rows_of(o, [n], source.task)[0] for o, n in zip(alone, lengths)))
-        )
+
+        def moved(padded, alone):
+            rows_alone = (rows_of(o, [n], source.task)[0] for o, n in zip(alone, lengths))
+            return max((a - b).abs().max().item() for a, b in zip(rows_of(padded, lengths, source.task), rows_alone))
+
+        padding_diff = moved(got, alone) / scale
         if not padding_diff <= variant.tolerance:
+            eager_moved = moved(want, eager_alone)
+            cause = (
+                f"the eager model moves as much ({eager_moved:.3g}): it does not honour the attention mask"
+                if eager_moved / scale > variant.tolerance
+                else f"the eager model moves by {eager_moved:.3g} only, so the attention mask did not reach the graph as an input"
+            )
             raise ExportError(
                 f"{variant.name}: padding changes the traced module's outputs at length {length}: max |diff| = "
-                f"{padding_diff:.3g} > {variant.tolerance}; the attention mask did not reach the graph as an input"
+                f"{padding_diff * scale:.3g}, {padding_diff:.3g} relative to the largest logit {scale:.3g}, "
+                f"> {variant.tolerance}; {cause}"
             )
         report.append(f"{variant.name} length {length:>3}: traced vs eager {diff:.2e}, padded vs alone {padding_diff:.2e}")
     return report

@@ -125,10 +125,31 @@ def check_against_sentencepiece(tokenizer: Tokenizer, spm: Path) -> None:
             )
 
 
+# Architectures that number positions from `padding_idx + 1` (fairseq's layout), so that
+# `max_position_embeddings` (514 for RoBERTa) counts `pad_token_id + 1` rows no token can reach.
+OFFSET_POSITIONS = {
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text", "roberta-prelayernorm",
+    "ibert", "longformer",
+}
+
+
+def position_limit(config) -> int:
+    """The longest sequence the model's position embeddings can number."""
+    limit = config.max_position_embeddings
+    if config.model_type in OFFSET_POSITIONS:
+        limit -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
+    return limit
+
+
 def _max_length(config, tokenizer_config: dict, override: int | None) -> int:
     if override:
+        if override > position_limit(config):
+            raise ExportError(
+                f"--max-length {override} is past what the model's positions reach ({position_limit(config)} tokens: "
+                f"{config.model_type}, max_position_embeddings {config.max_position_embeddings})"
+            )
         return override
-    limits = [config.max_position_embeddings]
+    limits = [position_limit(config)]
     declared = tokenizer_config.get("model_max_length")
     if isinstance(declared, int) and 0 < declared < 100_000:
         limits.append(declared)

@@ -49,8 +49,63 @@ def test_a_faithful_fp32_export_is_batch_invariant_and_agrees_with_itself(tmp_pa
 
 
 def test_refuses_a_model_that_ignores_padding(tmp_path):
-    with pytest.raises(ex.ExportError, match="padding changes"):
+    with pytest.raises(ex.ExportError, match="padding changes.*it does not honour the attention mask"):
         ex.export(toy_source(MeanOfEmbeddings(use_mask=False)), tmp_path / "bad", [ex.Variant("cpu", torch.float32)])
+
+
+def write_checkpoint(out: Path, model, tokenizer_config: dict | None = None) -> Path:
+    """A checkpoint directory as a user brings one: config, weights and MiniLM's tokenizer.json."""
+    model.save_pretrained(str(out))
+    (out / "tokenizer.json").write_bytes(ex.minilm_tokenizer_file().read_bytes())
+    if tokenizer_config is not None:
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["roberta", "xlm-roberta", "mpnet"])
+def test_offset_positions_limit_the_length_to_what_the_embeddings_reach(architecture, tmp_path):
+    """RoBERTa's kin number positions from pad_token_id + 1: 514 embeddings reach 512 tokens. With
+    no usable model_max_length the export took 514 and died on an out-of-range index."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(architecture, vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16, max_position_embeddings=514,
+                                  pad_token_id=1, num_labels=2)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    checkpoint = write_checkpoint(tmp_path / architecture, model, {"model_max_length": int(1e30)})
+    source = ex.from_checkpoint(checkpoint, None, None)
+    assert source.max_length == 512
+    manifest = ex.export(source, tmp_path / "out", [FP32])
+    assert manifest["max_length"] == 512
+    # The golden texts' longest was truncated to 512 tokens and still ran in the eager model.
+    golden = json.loads((tmp_path / "out" / "golden.json").read_text())
+    assert max(len(ids) for ids in golden["input_ids"]) == 512
+    with pytest.raises(ex.ExportError, match="past what the model's positions reach"):
+        ex.from_checkpoint(checkpoint, None, 514)
+
+
+def test_the_padding_check_is_relative_to_the_size_of_the_logits(tmp_path):
+    """A head with logits in the thousands rounds past 1e-4 in fp32 by itself (padded vs alone, in
+    the eager model); the check measures relative to the logits, so it exports."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, num_labels=2)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e5)
+        model.classifier.bias.fill_(780.0)
+    source = ex.from_checkpoint(write_checkpoint(tmp_path / "big", model), None, None)
+    rows = ex.random_rows([17, 8, 5], 30000, torch.Generator().manual_seed(1234))
+    with torch.inference_mode():
+        padded = source.module(*ex.pad(rows, source.pad_token_id))
+        alone = [source.module(*ex.pad([row], source.pad_token_id))[0] for row in rows]
+    moved = max((padded[i] - alone[i]).abs().max().item() for i in range(len(rows)))
+    assert moved > 1e-4, f"the eager model moved by {moved} only: not the case this test is about"
+    manifest = ex.export(source, tmp_path / "out", [FP32])
+    assert manifest["checks"][0].startswith("cpu-float32 length   3")
 
 
 INT8 = ex.Variant("cpu", torch.qint8)
