@@ -23,6 +23,7 @@ mod models;
 mod openapi;
 mod request;
 mod response;
+mod tenant_info;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -63,6 +64,8 @@ pub struct Loaded {
     pub plugins: PluginRuntime,
     /// Every tenant's routes, keys and quotas.
     pub tenants: Tenants,
+    /// The model behind each tenant's routes: tenant name to model name.
+    pub tenant_models: std::collections::HashMap<String, String>,
     /// The hashes of `server.admin_keys`; none: the admin routes are off.
     pub admin_keys: Vec<KeyHash>,
     /// What `GET /admin/config` shows of this config (never a key or a key's hash), and what
@@ -305,7 +308,10 @@ impl App {
         let tenant = loaded.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let started = Instant::now();
         served.tenant = Some(tenant.name.clone());
-        let result = self.for_tenant(&loaded, tenant, id, parts, body, served).await;
+        let result = match tenant_info::endpoint(tenant, host.as_deref(), &path) {
+            Some(page) => self.tenant_endpoint(&loaded, tenant, page, parts),
+            None => self.for_tenant(&loaded, tenant, id, parts, body, served).await,
+        };
         let status = match &result {
             Ok(response) => response.status(),
             Err(e) => e.status_and_code().0,
@@ -342,6 +348,28 @@ impl App {
             about
         };
         Ok(json_response(StatusCode::OK, &body))
+    }
+
+    /// `GET <route>/health` (public) or `GET <route>/info` (the tenant's key): see
+    /// [`tenant_info`].
+    fn tenant_endpoint(
+        &self,
+        loaded: &Loaded,
+        tenant: &Tenant,
+        page: &str,
+        parts: &hyper::http::request::Parts,
+    ) -> Result<Response, ApiError> {
+        let path = parts.uri.path().to_owned();
+        if parts.method != Method::GET {
+            return Err(ApiError::MethodNotAllowed { method: parts.method.clone(), path, allow: "GET" });
+        }
+        if page == "/health" {
+            return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })));
+        }
+        let key = single_header(&parts.headers, AUTHORIZATION, "several Authorization headers: send one")?;
+        loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
+        let info = tenant_info::info(loaded, tenant).ok_or(ApiError::NotFound(path))?;
+        Ok(json_response(StatusCode::OK, &info))
     }
 
     /// A request on one of `tenant`'s routes: its key, its quotas, then its plugin.
