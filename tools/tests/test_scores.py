@@ -11,12 +11,7 @@ and a one-label score (a sigmoid, as a cross-encoder's relevance). The server is
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import export_model as ex  # noqa: E402  (sets the offline switches before transformers loads)
+from batchbox_server import post, serve  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config, pipeline  # noqa: E402
 
 SENTENCES = json.loads((ROOT / "tests/fixtures/test_120_sentences.json").read_text())["sentences"]
@@ -46,7 +42,6 @@ PLUGINS = {
     "python": ROOT / "plugins/target/python/sentence_classifier.wasm",
     "js": ROOT / "plugins/target/js/sentence_classifier.wasm",
 }
-BINARY = ROOT / "target/release/batchbox"
 TOLERANCE = 1e-5
 
 
@@ -73,58 +68,16 @@ def test_the_exported_activation_is_the_one_the_pipeline_applies(problem_type, n
     np.testing.assert_allclose([got[label] for label in labels], expected[chosen], rtol=0, atol=1e-6)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    for path in [BINARY, *PLUGINS.values(), *(m / "manifest.json" for m in MODELS.values())]:
-        assert path.exists(), f"{path} is missing: run `make build plugins test-models` (or `make test`)"
-    port = free_port()
     tenants = [
         {"name": f"{language}-{kind}", "wasm": str(wasm), "routes": [f"/{language}/{kind}"], "model": kind}
         for language, wasm in PLUGINS.items() for kind in MODELS
         if language == "rust" or kind == "multi"
     ]
-    config = {
-        "models": [{"name": kind, "path": str(path), "cpu_dtype": "fp32"} for kind, path in MODELS.items()],
-        "api": {"use_fp16": True, "max_queue_delay_ms": 2},
-        "server": {"bind": f"127.0.0.1:{port}", "plugin_cache_dir": str(ROOT / "target/plugin-cache")},
-        "tenants": tenants,
-    }
-    folder = tmp_path_factory.mktemp("scores")
-    # YAML is a superset of JSON: the config file is JSON written with a .yaml name.
-    (folder / "config.yaml").write_text(json.dumps(config))
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen([str(BINARY), "--config", str(folder / "config.yaml"), "serve"], stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if urllib.request.urlopen(f"{base}/ready", timeout=5).status == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        assert process.poll() is None, f"the server exited: {(folder / 'server.log').read_text()[:1500]}"
-        assert time.monotonic() < deadline, "the server was not ready in 180 s"
-        time.sleep(0.2)
-    yield base
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
-
-
-def post(base: str, route: str, body) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{base}{route}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    models = [{"name": kind, "path": str(path), "cpu_dtype": "fp32"} for kind, path in MODELS.items()]
+    with serve(tmp_path_factory.mktemp("scores"), models, tenants) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

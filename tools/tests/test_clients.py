@@ -1,0 +1,129 @@
+"""The clients people already have, unchanged, against a real `batchbox serve` (issue 24):
+huggingface_hub's `InferenceClient` (PyPI, pinned in tools/requirements.txt) through the
+`hf-compat` plugin, with the host's `<route>/info` and `<route>/health`; scores judged against
+transformers' `text-classification` pipeline on the same checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import export_model  # noqa: E402,F401  (sets the offline switches before transformers loads)
+from batchbox_server import RUST_PLUGINS, get, key_hash, post, serve  # noqa: E402
+from huggingface_hub import InferenceClient  # noqa: E402
+from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
+from transformers import pipeline  # noqa: E402
+
+import json  # noqa: E402
+
+SENTENCES = json.loads((ROOT / "tests/fixtures/test_120_sentences.json").read_text())["sentences"]
+KEY = "hf-tenant-key"
+CHECKPOINTS = {"single": ROOT / "models/test/checkpoint-best", "multi": ROOT / "models/test/checkpoint-multilabel"}
+MODELS = {"single": ROOT / "models/test/tiny-deberta", "multi": ROOT / "models/test/tiny-deberta-multilabel"}
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    hf = str(RUST_PLUGINS / "hf_compat.wasm")
+    tenants = [
+        {"name": "hf-single", "wasm": hf, "routes": ["/hf/single"], "model": "single"},
+        {"name": "hf-multi", "wasm": hf, "routes": ["/hf/multi"], "model": "multi", "keys": [key_hash(KEY)]},
+    ]
+    models = [{"name": kind, "path": str(path), "cpu_dtype": "fp32"} for kind, path in MODELS.items()]
+    with serve(tmp_path_factory.mktemp("clients"), models, tenants) as base:
+        yield base
+
+
+@pytest.fixture(autouse=True)
+def online_for_the_client(monkeypatch):
+    """The export tools switch huggingface_hub offline (nothing here may reach a hub); the client
+    checks that switch before every request, this server's included. Its calls go to 127.0.0.1."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    return {kind: pipeline("text-classification", model=str(p), tokenizer=str(p), device="cpu") for kind, p in CHECKPOINTS.items()}
+
+
+def same(served, expected, what):
+    """Labels in the same order and scores within TOLERANCE."""
+    assert [e.label for e in served] == [e["label"] for e in expected], what
+    worst = max(abs(s.score - e["score"]) for s, e in zip(served, expected))
+    assert worst <= TOLERANCE, f"{what}: {served} vs {expected}"
+
+
+def test_inference_client_text_classification_matches_the_pipeline(server, pipelines):
+    single = InferenceClient(model=f"{server}/hf/single")
+    multi = InferenceClient(model=f"{server}/hf/multi", token=KEY)
+    for i, sentence in enumerate(SENTENCES[:40]):
+        same(single.text_classification(sentence), pipelines["single"](sentence, top_k=None), f"single {i}")
+        # A multi-label model: a sigmoid per label, as the pipeline chooses it, unasked.
+        same(multi.text_classification(sentence), pipelines["multi"](sentence, top_k=None), f"multi {i}")
+    sentence = SENTENCES[7]
+    for function in ["softmax", "sigmoid", "none"]:
+        served = multi.text_classification(sentence, function_to_apply=function)
+        same(served, pipelines["multi"](sentence, top_k=None, function_to_apply=function), function)
+    served = multi.text_classification(sentence, top_k=2)
+    assert len(served) == 2
+    same(served, pipelines["multi"](sentence, top_k=2), "top_k 2")
+
+
+def test_endpoint_info_and_health_come_from_the_host_under_the_route(server):
+    # The client asks these of "hf-inference" endpoints only, as a TEI or HF endpoint is.
+    multi = InferenceClient(model=f"{server}/hf/multi", token=KEY, provider="hf-inference")
+    assert multi.health_check()
+    info = multi.get_endpoint_info()
+    assert info["model_type"]["classifier"]["id2label"] == {"0": "joy", "1": "anger", "2": "fear", "3": "sadness", "4": "surprise"}
+    assert (info["max_input_length"], info["activation"], info["tenant"]) == (128, "sigmoid", "hf-multi")
+    # /info needs the tenant's key, as its route does; /health does not.
+    assert get(server, "/hf/multi/info")[0] == 401
+    assert get(server, "/hf/multi/health")[0] == 200
+    single = InferenceClient(model=f"{server}/hf/single", provider="hf-inference")
+    assert single.get_endpoint_info()["model_id"] == "checkpoint-best"
+    assert single.text_classification(SENTENCES[0])[0].label in {"negative", "neutral", "positive"}
+    # Not under a route: not found.
+    assert get(server, "/nowhere/info")[0] == 404
+
+
+def test_a_keyed_tenant_refuses_the_client_without_its_key(server):
+    with pytest.raises(HfHubHTTPError) as refused:
+        InferenceClient(model=f"{server}/hf/multi").text_classification("hello")
+    assert refused.value.response.status_code == 401
+    with pytest.raises(HfHubHTTPError) as refused:
+        InferenceClient(model=f"{server}/hf/multi", token="wrong").text_classification("hello")
+    assert refused.value.response.status_code == 401
+
+
+def test_tei_predict_answers_flat_for_one_text_and_nested_for_a_batch(server, pipelines):
+    status, one = post(server, "/hf/single/predict", {"inputs": SENTENCES[0]})
+    assert status == 200 and isinstance(one[0], dict), one
+    assert [r["label"] for r in one] == [r["label"] for r in pipelines["single"](SENTENCES[0], top_k=None)]
+    status, batch = post(server, "/hf/single/predict", {"inputs": [[s] for s in SENTENCES[:3]], "raw_scores": True})
+    assert status == 200 and len(batch) == 3 and all(isinstance(row, list) for row in batch), batch
+    status, batch = post(server, "/hf/single/predict", {"inputs": SENTENCES[:3]})
+    assert status == 200 and len(batch) == 3
+
+
+@pytest.mark.parametrize("route, body, status, names", [
+    ("/hf/single", {"inputs": "x", "parameters": {"top_k": 0}}, 400, "top_k"),
+    ("/hf/single", {"inputs": "x", "parameters": {"top_k": 4}}, 400, "top_k"),
+    ("/hf/single", {"inputs": "x", "parameters": {"function_to_apply": "tanh"}}, 400, "function_to_apply"),
+    ("/hf/single", {"inputs": "x", "parameters": {"temperature": 1}}, 400, "temperature"),
+    ("/hf/single", {"text": "x"}, 400, "text"),
+    ("/hf/single/predict", {"inputs": ["a premise", "a hypothesis"]}, 400, "pair"),
+    ("/hf/single/predict", {"inputs": "x", "truncation_direction": "left"}, 400, "truncation_direction"),
+    ("/hf/single/predict", {"inputs": "word " * 400, "truncate": False}, 413, "truncate"),
+])
+def test_bad_input_is_a_4xx_in_teis_shape_naming_the_field(server, route, body, status, names):
+    got, answer = post(server, route, body)
+    assert got == status and names in answer["error"] and answer["error_type"], answer
+    assert post(server, "/hf/single", {"inputs": "still serving"})[0] == 200
