@@ -166,7 +166,6 @@ fn main() -> anyhow::Result<()> {
             models: models.to_vec(),
             plugins,
             tenants,
-            tenant_models: config.tenants.iter().map(|t| (t.name.clone(), t.model.clone())).collect(),
             admin_keys: Vec::new(),
             about: Value::Null,
             settled_shares: Vec::new(),

@@ -148,10 +148,9 @@ impl Loader {
             "config loaded"
         );
         let admin_keys = config.server.admin_key_hashes.clone();
-        let tenant_models = config.tenants.iter().map(|t| (t.name.clone(), t.model.clone())).collect();
         *running = Some((config, version));
         self.plugins.trim_cache(&plugins);
-        Ok(Loaded { models, plugins, tenants, tenant_models, admin_keys, about, settled_shares })
+        Ok(Loaded { models, plugins, tenants, admin_keys, about, settled_shares })
     }
 
     /// Every model of `config`, in its order: those whose entry `old` has unchanged, shared with

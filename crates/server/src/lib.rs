@@ -64,8 +64,6 @@ pub struct Loaded {
     pub plugins: PluginRuntime,
     /// Every tenant's routes, keys and quotas.
     pub tenants: Tenants,
-    /// The model behind each tenant's routes: tenant name to model name.
-    pub tenant_models: std::collections::HashMap<String, String>,
     /// The hashes of `server.admin_keys`; none: the admin routes are off.
     pub admin_keys: Vec<KeyHash>,
     /// What `GET /admin/config` shows of this config (never a key or a key's hash), and what
@@ -305,10 +303,11 @@ impl App {
             }
             _ => {}
         }
-        let tenant = loaded.tenants.route(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
+        let (tenant, route) =
+            loaded.tenants.route_matched(host.as_deref(), &path).ok_or_else(|| ApiError::NotFound(path.clone()))?;
         let started = Instant::now();
         served.tenant = Some(tenant.name.clone());
-        let result = match tenant_info::endpoint(tenant, host.as_deref(), &path) {
+        let result = match tenant_info::endpoint(&route.path, &path) {
             Some(page) => self.tenant_endpoint(&loaded, tenant, page, parts),
             None => self.for_tenant(&loaded, tenant, id, parts, body, served).await,
         };
@@ -366,8 +365,7 @@ impl App {
         if page == "/health" {
             return Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })));
         }
-        let key = single_header(&parts.headers, AUTHORIZATION, "several Authorization headers: send one")?;
-        loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
+        authorize(loaded, tenant, parts)?;
         let info = tenant_info::info(loaded, tenant).ok_or(ApiError::NotFound(path))?;
         Ok(json_response(StatusCode::OK, &info))
     }
@@ -382,8 +380,7 @@ impl App {
         body: &mut Option<Incoming>,
         served: &mut Served,
     ) -> Result<Response, ApiError> {
-        let key = single_header(&parts.headers, AUTHORIZATION, "several Authorization headers: send one")?;
-        loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?;
+        authorize(loaded, tenant, parts)?;
         let _in_flight = tenant.admit()?;
         let body = body.take().expect("only a tenant's route reads the body");
         let request = self.plugin_request(tenant, parts, body).await?;
@@ -392,6 +389,12 @@ impl App {
         served.split = Some(split);
         plugin_response(response?, &tenant.limits)
     }
+}
+
+/// Checks the request's `Authorization` against `tenant`'s keys (401 or 403 if it does not hold).
+fn authorize(loaded: &Loaded, tenant: &Tenant, parts: &hyper::http::request::Parts) -> Result<(), ApiError> {
+    let key = single_header(&parts.headers, AUTHORIZATION, "several Authorization headers: send one")?;
+    Ok(loaded.tenants.authorize(tenant, key.map(HeaderValue::as_bytes))?)
 }
 
 /// How long a retired generation may wait for its last request before it is let go anyway (it

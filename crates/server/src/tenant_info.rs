@@ -18,21 +18,17 @@ use batchbox_tenants::Tenant;
 
 use crate::Loaded;
 
-/// Which of the two paths `path` is under one of `tenant`'s routes (matched for `host`), if any.
-pub(crate) fn endpoint(tenant: &Tenant, host: Option<&str>, path: &str) -> Option<&'static str> {
+/// Which of the two pages `path` is, if it is one directly under `route` (the tenant's route
+/// that matched it, by its path).
+pub(crate) fn endpoint(route: &str, path: &str) -> Option<&'static str> {
     let (prefix, page) = ["/info", "/health"].into_iter().find_map(|page| Some((path.strip_suffix(page)?, page)))?;
     let prefix = if prefix.is_empty() { "/" } else { prefix };
-    let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_ascii_lowercase());
-    tenant
-        .routes
-        .iter()
-        .any(|route| route.path == prefix && route.matches(host.as_deref(), path).is_some())
-        .then_some(page)
+    (prefix == route).then_some(page)
 }
 
 /// TEI's `GET /info` for the model behind `tenant`'s routes.
 pub(crate) fn info(loaded: &Loaded, tenant: &Tenant) -> Option<Value> {
-    let model_name = loaded.tenant_models.get(&tenant.name)?;
+    let model_name = &tenant.model;
     let model = &loaded.models.iter().find(|(name, _)| name == model_name)?.1;
     let info = model.info();
     let m = &info.manifest;

@@ -24,6 +24,8 @@ pub struct Tenant {
     pub routes: Vec<Route>,
     /// Its quotas and its plugin's limits.
     pub limits: TenantLimits,
+    /// The model behind its routes, by its name in the config.
+    pub model: String,
     key_hashes: Vec<KeyHash>,
     in_flight: Arc<Semaphore>,
     metrics: RequestMetrics,
@@ -80,6 +82,7 @@ impl Tenant {
             name: config.name.clone(),
             routes: config.routes.clone(),
             limits: config.limits,
+            model: config.model.clone(),
             key_hashes: config.key_hashes.clone(),
             in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent)),
             metrics: RequestMetrics::new(&config.name),
@@ -157,13 +160,18 @@ impl Tenants {
     /// The tenant whose route matches most specifically: the longest path prefix, then a route
     /// that names the host. `host` is the request's Host header.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Tenant> {
+        self.route_matched(host, path).map(|(tenant, _)| tenant)
+    }
+
+    /// [`route`](Self::route), with the route of the tenant's that matched.
+    pub fn route_matched(&self, host: Option<&str>, path: &str) -> Option<(&Tenant, &Route)> {
         let host = host.map(|h| h.rsplit_once(':').map_or(h, |(name, _port)| name).to_ascii_lowercase());
         let host = host.as_deref();
         self.tenants
             .iter()
-            .flat_map(|t| t.routes.iter().filter_map(move |r| Some((r.matches(host, path)?, t))))
+            .flat_map(|t| t.routes.iter().filter_map(move |r| Some((r.matches(host, path)?, (t, r)))))
             .max_by_key(|(score, _)| *score)
-            .map(|(_, tenant)| tenant)
+            .map(|(_, matched)| matched)
     }
 
     /// Checks the `Authorization` header against `tenant`'s keys: no or unknown key is
