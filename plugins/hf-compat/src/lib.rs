@@ -23,7 +23,10 @@
 
 use batchbox_sdk::openapi::error_response;
 use batchbox_sdk::scores::{LabelScore, SCORE_FIELDS, ScoreOptions};
-use batchbox_sdk::{Describe, Plugin, Request, Response, Settings, Task, host, json, parse_json, require_method};
+use batchbox_sdk::{
+    Describe, Plugin, Request, Response, Settings, Task, check_count, check_text, host, json, parse_json,
+    require_method,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -96,32 +99,19 @@ fn object(request: &Request, known: &[&str]) -> Result<Map<String, Value>, Respo
     }
 }
 
-/// One text, checked against the configured limits; `at` names it in errors.
+/// One text, checked against the configured limits (the SDK's `check_text`, in TEI's shape); `at`
+/// names it in errors. A pair is refused, saying so.
 fn text(value: &Value, at: &str, config: &Config) -> Result<String, Response> {
     match value {
-        Value::String(s) if s.trim().is_empty() => Err(bad(format!("{at} is empty"))),
-        Value::String(s) if s.chars().count() > config.max_input_chars => Err(tei_error(
-            413,
-            "validation",
-            format!("{at} has {} characters; the limit is {}", s.chars().count(), config.max_input_chars),
-        )),
-        Value::String(s) => Ok(s.clone()),
         Value::Array(pair) if pair.len() == 2 && pair.iter().all(Value::is_string) => {
             Err(bad(format!("{at} is a pair of texts; this model takes single texts (no model here takes pairs yet)")))
         }
-        _ => Err(bad(format!("{at} must be a string"))),
+        other => check_text(other, at, "input", config.max_input_chars).map_err(as_tei),
     }
 }
 
 fn count(n: usize, config: &Config) -> Result<(), Response> {
-    if n > config.max_inputs {
-        return Err(tei_error(
-            413,
-            "validation",
-            format!("{n} inputs in one request; the limit is {}", config.max_inputs),
-        ));
-    }
-    Ok(())
+    check_count(n, "input", config.max_inputs).map_err(as_tei)
 }
 
 /// The texts' scores, each row as `{label, score}` highest first and cut to the options' `top_k`

@@ -3,7 +3,8 @@
 //! - the bindings of `wit/batchbox.wit` (the host's [`host`] functions, the [`Plugin`] and
 //!   [`Describe`] traits a plugin implements, and [`export_plugin!`] to export it);
 //! - JSON in and out: [`parse_json`], [`parse_config`], [`json`], errors in the host's shape,
-//!   [`error`], and the usual body of a text model, [`TextList`];
+//!   [`error`], and the usual body of a text model, [`TextList`], with its parts [`check_count`]
+//!   and [`check_text`] for bodies whose items are more than strings;
 //! - the arithmetic every classifier repeats: [`softmax`], [`argmax`], [`ms`], [`round_ms`];
 //! - [`scores`]: a classifier's scores as its checkpoint means them (softmax, sigmoid or none) and
 //!   as a request asks for them (`function_to_apply`, `top_k`, `raw_scores`, `threshold`);
@@ -165,25 +166,38 @@ impl TextList<'_> {
                 )));
             }
         };
-        if items.len() > self.max_items {
-            let message = format!("{} {item}s in one request; the limit is {}", items.len(), self.max_items);
-            return Err(error(413, &format!("too_many_{item}s"), message));
-        }
+        check_count(items.len(), item, self.max_items)?;
         let texts = items
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(i, value)| match value {
-                Value::String(s) if s.trim().is_empty() => Err(bad(format!("{field}[{i}] is empty"))),
-                Value::String(s) if s.chars().count() > self.max_chars => Err(error(
-                    413,
-                    &format!("{item}_too_long"),
-                    format!("{field}[{i}] has {} characters; the limit is {}", s.chars().count(), self.max_chars),
-                )),
-                Value::String(s) => Ok(s),
-                other => Err(bad(format!("{field}[{i}] must be a string, not {}", kind(&other)))),
-            })
+            .map(|(i, value)| check_text(value, &format!("{field}[{i}]"), item, self.max_chars))
             .collect::<Result<_, _>>()?;
         Ok((texts, options))
+    }
+}
+
+/// 413 `too_many_<item>s` when `count` is over `limit` (the Python and JavaScript SDKs'
+/// `check_count`); a part of [`TextList`], for bodies whose items are more than strings.
+pub fn check_count(count: usize, item: &str, limit: usize) -> Result<(), Response> {
+    if count <= limit {
+        return Ok(());
+    }
+    Err(error(413, &format!("too_many_{item}s"), format!("{count} {item}s in one request; the limit is {limit}")))
+}
+
+/// `value` if it is a non-blank string of at most `max_chars` characters; else a 400 naming
+/// `at` (e.g. `sentences[3]`), or 413 `<item>_too_long` (the other SDKs' `check_text`).
+pub fn check_text(value: &Value, at: &str, item: &str, max_chars: usize) -> Result<String, Response> {
+    let bad = |message: String| error(400, "invalid_request", message);
+    match value {
+        Value::String(s) if s.trim().is_empty() => Err(bad(format!("{at} is empty"))),
+        Value::String(s) if s.chars().count() > max_chars => Err(error(
+            413,
+            &format!("{item}_too_long"),
+            format!("{at} has {} characters; the limit is {max_chars}", s.chars().count()),
+        )),
+        Value::String(s) => Ok(s.clone()),
+        other => Err(bad(format!("{at} must be a string, not {}", kind(other)))),
     }
 }
 
