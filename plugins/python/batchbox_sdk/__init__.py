@@ -413,14 +413,13 @@ class Classified:
         self.computed = host_call(host.infer_texts, texts)
         self.probabilities = [self.options.scores(t.data) for t in self.computed.inference.outputs]
         self.predictions = [self.options.predicted(p, self.labels) for p in self.probabilities]
-        self.scores = [self.options.top(p, self.labels) for p in self.probabilities]
 
     def answer(self, **counts) -> dict:
         """The classifier's answer: `probabilities` (the scores), `labels`, `predictions`, `scores`
         when the request asked for `top_k`, and `metadata` with `counts` (call it last)."""
         answer = {"probabilities": self.probabilities, "labels": self.labels, "predictions": self.predictions}
         if self.options.top_k is not ScoreOptions.ABSENT:
-            answer["scores"] = self.scores
+            answer["scores"] = [self.options.top(p, self.labels) for p in self.probabilities]
         answer["metadata"] = self.metadata(**counts)
         return answer
 
