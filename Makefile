@@ -15,7 +15,8 @@ JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json \
 	models/test/tiny-deberta-aoti/manifest.json models/test/tiny-deberta-ner-aoti/manifest.json \
 	models/test/batch-dependent/manifest.json models/test/tiny-deberta-multilabel/manifest.json \
-	models/test/tiny-deberta-score/manifest.json
+	models/test/tiny-deberta-score/manifest.json models/test/tiny-deberta-nli/manifest.json \
+	models/test/tiny-cross-encoder/manifest.json
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 # What an export depends on: a change to any of it re-exports the models.

@@ -85,6 +85,45 @@ def check_traced(eager: torch.nn.Module, traced: torch.nn.Module, source: Source
     return report
 
 
+PAIR_CHECK_LENGTHS = (3, 17, 64, 512)
+
+
+def check_pairs(module: torch.nn.Module, traced: torch.nn.Module, source: Source, variant: Variant) -> str:
+    """For a model with token types: the traced module, given pairs' types inside the ids
+    (`sources.LogitsOnly`), against the eager model given `token_type_ids` as its own input, on
+    padded batches of pairs split at different points. Refused past the variant's tolerance; the
+    report says how far the types move the logits, so that a graph that lost them would show."""
+    generator = torch.Generator().manual_seed(2468)
+    vocab = min(source.vocab_size, source.tokenizer.get_vocab_size())
+    worst, moved = 0.0, 0.0
+    for length in sorted({min(n, source.max_length) for n in PAIR_CHECK_LENGTHS}):
+        lengths = [length, max(2, length // 2), max(2, length // 3)]
+        rows = random_rows(lengths, vocab, generator)
+        ids, mask = pad(rows, source.pad_token_id)
+        # The second member starts somewhere inside each row; padding keeps type 0.
+        types = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            types[i, torch.randint(1, n, (1,), generator=generator).item() : n] = 1
+        with torch.inference_mode():
+            on = lambda t: t.to(variant.device)  # noqa: E731
+            want = module.model(input_ids=on(ids), attention_mask=on(mask), token_type_ids=on(types)).logits.float()
+            untyped = module.model(input_ids=on(ids), attention_mask=on(mask)).logits.float()
+            got = traced(on(ids + types * source.vocab_size), on(mask)).float()
+        scale = max(1.0, want.abs().max().item())
+        diff = (want - got).abs().max().item() / scale
+        if not diff <= variant.tolerance:
+            raise ExportError(
+                f"{variant.name}: sentence pairs: the traced module differs from the eager model given token_type_ids at "
+                f"length {length}: max |diff| = {diff * scale:.3g}, {diff:.3g} relative to the largest logit {scale:.3g}, "
+                f"> {variant.tolerance}"
+            )
+        worst, moved = max(worst, diff), max(moved, (want - untyped).abs().max().item())
+    return (
+        f"{variant.name} sentence pairs: traced (types in the ids) vs eager (token_type_ids) {worst:.2e} at lengths "
+        f"{', '.join(str(min(n, source.max_length)) for n in PAIR_CHECK_LENGTHS)}; the types move the logits by up to {moved:.3g}"
+    )
+
+
 # Lengths that cross the relative-position buckets' edges (DeBERTa-v3: 256 buckets, 512 positions).
 WINDOW_CHECK_LENGTHS = (1, 2, 3, 17, 64, 255, 256, 257, 300, 511, 512)
 

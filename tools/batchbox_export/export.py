@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import AGREEMENT_MAX_TOKENS, agreement, check_traced, check_window, invariance, invariance_bound, invariance_sets, sorted_outputs
+from .checks import AGREEMENT_MAX_TOKENS, agreement, check_pairs, check_traced, check_window, invariance, invariance_bound, invariance_sets, sorted_outputs
 from .errors import ExportError
 from .golden import agreement_texts, eager_outputs, golden
 from .rows import encode, pad, random_rows
@@ -95,6 +95,8 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
                 # Check what the host will load: the saved file, read back.
                 reloaded = torch.jit.load(str(tmp / variant.file), map_location=variant.device)
             report += check_traced(module, reloaded, source, variant)
+            if source.token_types:
+                report.append(check_pairs(module, reloaded, source, variant))
             if variant.dtype == torch.float32 and uses_window(module):
                 report += check_window(eager, reloaded, source, variant.device)
             outputs = eager_outputs(module, source, reference["input_ids"], variant.device)
@@ -132,6 +134,10 @@ def export(source: Source, out: Path, variants: list[Variant], freeze_cuda: bool
             "activation": source.activation,
             "max_length": source.max_length,
             "inputs": ["input_ids", "attention_mask"],
+            # Whether the model takes sentence pairs, and whether it reads their token types,
+            # which travel in the ids: `token + vocab_size * type` (`sources.LogitsOnly`).
+            "pairs": source.pairs,
+            "token_types": source.token_types,
             "pad_token_id": source.pad_token_id,
             "vocab_size": source.vocab_size,
             "variants": {v.name: v.manifest_entry for v in variants},

@@ -20,14 +20,31 @@ from .rows import encode, pad
 
 
 class LogitsOnly(torch.nn.Module):
-    """Hides the Hugging Face output object so the traced graph returns one tensor."""
+    """Hides the Hugging Face output object so the traced graph returns one tensor.
 
-    def __init__(self, model: torch.nn.Module):
+    A model with token types (BERT's `type_vocab_size: 2`: which member of a sentence pair a token
+    is in) takes them inside `input_ids`: an id is `token + vocab_size * token_type`, split here,
+    in the graph. A row stays one list of ids, so the host's batching, caching, quotas and both
+    module formats need no third tensor, and a single sentence (type 0) has the ids it always had.
+    `typed_vocab` is that `vocab_size`, or 0 for a model without token types."""
+
+    def __init__(self, model: torch.nn.Module, typed_vocab: int = 0):
         super().__init__()
         self.model = model
+        self.typed_vocab = typed_vocab
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.typed_vocab:
+            token_type_ids = torch.div(input_ids, self.typed_vocab, rounding_mode="floor")
+            input_ids = input_ids - token_type_ids * self.typed_vocab
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def uses_token_types(config) -> bool:
+    """Whether the model reads `token_type_ids`: it has an embedding for more than one type
+    (BERT, ELECTRA, ALBERT: 2; RoBERTa and XLM-R: 1; DeBERTa-v3: 0; DistilBERT: none)."""
+    return (getattr(config, "type_vocab_size", 0) or 0) >= 2
 
 
 class ZeroShotTopics(torch.nn.Module):
@@ -74,6 +91,10 @@ class Source:
     # `activation`.
     problem_type: str | None = None
     activation: str = "softmax"
+    # Whether the model takes sentence pairs (a sequence classifier: NLI, a cross-encoder), and
+    # whether their token types travel in the ids (`LogitsOnly`).
+    pairs: bool = False
+    token_types: bool = False
 
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
@@ -176,8 +197,10 @@ def from_checkpoint(checkpoint: Path, name: str | None, max_length: int | None) 
     tokenizer_config_path = checkpoint / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text()) if tokenizer_config_path.is_file() else {}
     labels = [config.id2label[i] for i in range(config.num_labels)]
+    pairs = task == "sequence-classification"
+    token_types = pairs and uses_token_types(config)
     return Source(
-        module=LogitsOnly(model),
+        module=LogitsOnly(model, config.vocab_size if token_types else 0),
         tokenizer=tokenizer,
         name=name or checkpoint.resolve().name,
         task=task,
@@ -188,6 +211,8 @@ def from_checkpoint(checkpoint: Path, name: str | None, max_length: int | None) 
         description=f"{config.model_type} {task} from {checkpoint.resolve().name}",
         problem_type=config.problem_type,
         activation=activation(task, config.problem_type, config.num_labels),
+        pairs=pairs,
+        token_types=token_types,
     )
 
 
@@ -334,4 +359,5 @@ def synthetic_deberta(size: str, num_labels: int, seed: int, tokenizer_file: Pat
         vocab_size=config.vocab_size,
         pad_token_id=0,
         description=f"DeBERTa-v3-{size} architecture, random weights (seed {seed}); for benchmarks only",
+        pairs=True,
     )
