@@ -70,6 +70,16 @@ models/test/tiny-deberta-score/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) te
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-score --labels score
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-score --out models/test/tiny-deberta-score --variants cpu-float32
 
+# Pair models (tools/tests/test_pairs.py): a DeBERTa-v3 NLI head, which zero-shot classification
+# reads, and a BERT cross-encoder with token types, whose every variant is checked with pairs.
+models/test/tiny-deberta-nli/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
+	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-nli --labels entailment,neutral,contradiction
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-nli --out models/test/tiny-deberta-nli --variants cpu-float32
+
+models/test/tiny-cross-encoder/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_cross_encoder_checkpoint.py
+	$(PY) tests/fixtures/make_cross_encoder_checkpoint.py models/test/checkpoint-cross-encoder
+	$(PY) $(EXPORT) checkpoint models/test/checkpoint-cross-encoder --out models/test/tiny-cross-encoder
+
 models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-ner --token-classification
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-ner --out models/test/tiny-deberta-ner

@@ -5,7 +5,7 @@
  * plugins/target/js/plugin_echo.wasm.
  */
 
-import { log, tokenize } from "batchbox:plugin/host@0.1.2";
+import { log, tokenize } from "batchbox:plugin/host@0.1.3";
 import { hostCall, jsonResponse, respond } from "../../plugins/js/batchbox_sdk.js";
 
 // Bytes that are not UTF-8 become U+FFFD, and a leading byte order mark stays, as in the Rust echo.

@@ -40,7 +40,7 @@
  * would without it.
  */
 
-import { inferTexts, model, modelScoring } from "batchbox:plugin/host@0.1.2";
+import { inferTexts, model, modelScoring } from "batchbox:plugin/host@0.1.3";
 
 /** What `Settings.configure` and `Classified` take from the host: its imports, and the clock (which
  * is not there at build time either: `performance.now()` traps then). */

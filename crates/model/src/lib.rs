@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 pub use backend::{Backend, LoadedBackend, Pad, warm_up};
 pub use manifest::{Activation, Format, Manifest, Task, Variant};
 pub use precision::{Candidate, Precision, PrecisionChoice};
-pub use tokenize::{Encoding, TextTokenizer};
+pub use tokenize::{Encoding, PairTruncation, TextTokenizer};
 
 use batchbox_batcher::scheduler::{Rejected, Scheduler, SchedulerConfig, SharesTooLarge};
 use batchbox_batcher::{BatchLimits, ChunkOrder};
@@ -313,6 +313,30 @@ impl Model {
         self.tokenizer.encode_batch(texts)
     }
 
+    /// Tokenizes sentence pairs as the model's tokenizer joins them (`[CLS] a [SEP] b [SEP]` or
+    /// the like), truncating by `truncation` to the max length; for a model with token types,
+    /// the second member's ids carry type 1 (see [`Manifest::token_types`]). `InvalidInput` for
+    /// a model that takes no pairs, or a pair that cannot be cut to fit as asked.
+    pub fn tokenize_pairs<S: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(S, S)],
+        truncation: PairTruncation,
+    ) -> Result<Vec<Encoding>, ModelError> {
+        let manifest = &self.info.manifest;
+        if !manifest.pairs {
+            return Err(ModelError::InvalidInput(format!(
+                "model {} takes single texts, not sentence pairs ({})",
+                manifest.name,
+                match manifest.task {
+                    Task::TokenClassification => "a token classifier",
+                    Task::SequenceClassification => "exported before pairs were recorded: re-export it to serve pairs",
+                }
+            )));
+        }
+        let types = manifest.token_types.then_some(manifest.vocab_size as u32);
+        self.tokenizer.encode_pairs(pairs, truncation, types)
+    }
+
     /// Runs token id sequences through the model for `tenant`; one output per sequence, in input
     /// order. Fails at once with `Overloaded` when the queue is full, and with `TimedOut` if the
     /// sequences are still waiting at `deadline`. Dropping the future withdraws what still waits.
@@ -391,10 +415,11 @@ fn validate(sequences: &[Vec<u32>], manifest: &Manifest) -> Result<(), ModelErro
                 manifest.max_length
             )));
         }
-        if let Some(id) = sequence.iter().find(|&&id| id as usize >= manifest.vocab_size) {
+        if let Some(id) = sequence.iter().find(|&&id| id as usize >= manifest.id_limit()) {
             return Err(ModelError::InvalidInput(format!(
-                "sequence {i} has token id {id}, outside the vocabulary of {}",
-                manifest.vocab_size
+                "sequence {i} has token id {id}, outside the vocabulary of {}{}",
+                manifest.vocab_size,
+                if manifest.token_types { " (twice that with a token type of 1)" } else { "" }
             )));
         }
     }

@@ -100,6 +100,15 @@ pub struct Manifest {
     pub max_length: usize,
     /// The traced module's inputs, by name; must be `[input_ids, attention_mask]`.
     pub inputs: Vec<String>,
+    /// The model takes sentence pairs (a sequence classifier: NLI, a cross-encoder). False in a
+    /// manifest exported before pairs were known: re-export to serve them.
+    #[serde(default)]
+    pub pairs: bool,
+    /// The model reads token types (BERT's `type_vocab_size: 2`), and they travel inside the
+    /// ids: `token + vocab_size * type`, split again in the traced graph. A pair's second member
+    /// is type 1; everything else is type 0, the plain token id.
+    #[serde(default)]
+    pub token_types: bool,
     /// Exported files by variant name: `<device>-<dtype>` (`cpu-float32`, `cuda-float16`, ...)
     /// for TorchScript, `<device>-<dtype>-aoti` for AOTInductor packages. A trace or a package
     /// bakes in its device and dtype, so each combination the host may run is its own file.
@@ -129,6 +138,11 @@ impl Manifest {
     /// that a text may have any number of them.
     pub fn multi_label(&self) -> bool {
         self.problem_type.as_deref() == Some("multi_label_classification")
+    }
+
+    /// Ids must be below this: `vocab_size`, or twice it for a model whose ids carry token types.
+    pub fn id_limit(&self) -> usize {
+        if self.token_types { 2 * self.vocab_size } else { self.vocab_size }
     }
 
     /// Reads `dir/manifest.json` and checks its format version, inputs, labels and `max_length`;

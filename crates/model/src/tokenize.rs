@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tokenizers::{PaddingParams, TruncationParams};
+use tokenizers::{EncodeInput, PaddingParams, TruncationParams, TruncationStrategy};
 
 use super::ModelError;
 
@@ -19,9 +19,24 @@ pub struct Encoding {
     pub truncated: bool,
 }
 
+/// How a sentence pair too long for the model is cut, as `tokenizers` and transformers name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairTruncation {
+    /// A token at a time from the longer member (a cross-encoder's and TEI's rule).
+    LongestFirst,
+    /// From the first member only (zero-shot classification: the text, never the hypothesis).
+    OnlyFirst,
+    /// From the second member only (a query kept whole against a long passage).
+    OnlySecond,
+}
+
 /// The exported `tokenizer.json`, set to truncate at the model's max length and never to pad.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same, truncating pairs by `only_first` and `only_second`; `inner` truncates
+    /// `longest_first` (for one text, all three are the same).
+    only_first: tokenizers::Tokenizer,
+    only_second: tokenizers::Tokenizer,
 }
 
 impl TextTokenizer {
@@ -33,10 +48,55 @@ impl TextTokenizer {
         // Whatever padding the file asks for, chunks are padded by the model runtime to their own
         // longest row; truncation is set to the model's limit so nothing too long reaches it.
         inner.with_padding(None::<PaddingParams>);
-        inner
-            .with_truncation(Some(TruncationParams { max_length, stride: 0, ..Default::default() }))
-            .map_err(|e| tokenizer_error(e.to_string()))?;
-        Ok(Self { inner })
+        let truncating = |strategy| {
+            let mut tokenizer = inner.clone();
+            tokenizer
+                .with_truncation(Some(TruncationParams { max_length, strategy, stride: 0, ..Default::default() }))
+                .map_err(|e| tokenizer_error(e.to_string()))?;
+            Ok::<_, ModelError>(tokenizer)
+        };
+        Ok(Self {
+            only_first: truncating(TruncationStrategy::OnlyFirst)?,
+            only_second: truncating(TruncationStrategy::OnlySecond)?,
+            inner: truncating(TruncationStrategy::LongestFirst)?,
+        })
+    }
+
+    /// Encodes sentence pairs, joined by the tokenizer's pair template and cut by `truncation`.
+    /// With `typed_vocab`, a token of type 1 (the second member, by the template) gets
+    /// `typed_vocab` added to its id: see `Manifest::token_types`.
+    pub fn encode_pairs<S: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(S, S)],
+        truncation: PairTruncation,
+        typed_vocab: Option<u32>,
+    ) -> Result<Vec<Encoding>, ModelError> {
+        let tokenizer = match truncation {
+            PairTruncation::LongestFirst => &self.inner,
+            PairTruncation::OnlyFirst => &self.only_first,
+            PairTruncation::OnlySecond => &self.only_second,
+        };
+        let inputs: Vec<EncodeInput> =
+            pairs.iter().map(|(a, b)| EncodeInput::Dual(a.as_ref().into(), b.as_ref().into())).collect();
+        // `only_first`/`only_second` fail when the other member alone leaves no room: the
+        // caller's input, not the host's fault.
+        let encodings = tokenizer
+            .encode_batch_char_offsets(inputs, true)
+            .map_err(|e| ModelError::InvalidInput(format!("a sentence pair cannot be cut to fit: {e}")))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| Encoding {
+                truncated: !e.get_overflowing().is_empty(),
+                ids: match typed_vocab {
+                    Some(vocab) => {
+                        e.get_ids().iter().zip(e.get_type_ids()).map(|(&id, &kind)| id + vocab * kind).collect()
+                    }
+                    None => e.get_ids().to_vec(),
+                },
+                word_ids: e.get_word_ids().to_vec(),
+                offsets: e.get_offsets().to_vec(),
+            })
+            .collect())
     }
 
     /// Encodes many texts at once; `tokenizers` spreads the work over its thread pool.
@@ -53,5 +113,55 @@ impl TextTokenizer {
                 offsets: e.get_offsets().to_vec(),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer whose pair template is BERT's: `[CLS] a [SEP] b [SEP]`, types 0 then 1.
+    fn tokenizer(max_length: usize) -> TextTokenizer {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "decoder": null,
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": "[SEP]", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                         {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+                "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [1], "tokens": ["[CLS]"]},
+                                   "[SEP]": {"id": "[SEP]", "ids": [2], "tokens": ["[SEP]"]}}},
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3, "b": 4}, "unk_token": "[UNK]"}}"#;
+        // One file per test (they run in parallel).
+        let path =
+            std::env::temp_dir().join(format!("batchbox-pair-tokenizer-{}-{max_length}.json", std::process::id()));
+        std::fs::write(&path, json).unwrap();
+        TextTokenizer::from_file(&path, max_length).unwrap()
+    }
+
+    fn ids(tokenizer: &TextTokenizer, pair: (&str, &str), truncation: PairTruncation, typed: Option<u32>) -> Vec<u32> {
+        tokenizer.encode_pairs(&[pair], truncation, typed).unwrap().remove(0).ids
+    }
+
+    #[test]
+    fn a_pair_takes_the_template_and_its_second_member_carries_type_one_in_the_ids() {
+        let tokenizer = tokenizer(16);
+        assert_eq!(ids(&tokenizer, ("a a", "b"), PairTruncation::LongestFirst, None), [1, 3, 3, 2, 4, 2]);
+        // Type 1 (the second member and its [SEP]) is `id + vocab`.
+        assert_eq!(ids(&tokenizer, ("a a", "b"), PairTruncation::LongestFirst, Some(10)), [1, 3, 3, 2, 14, 12]);
+    }
+
+    #[test]
+    fn each_truncation_cuts_the_member_it_names_and_one_that_cannot_fit_is_invalid_input() {
+        let tokenizer = tokenizer(7);
+        let (long, short) = ("a a a a a a", "b b");
+        // 3 special tokens leave 4: longest_first cuts the longer member down to the other's size.
+        assert_eq!(ids(&tokenizer, (long, short), PairTruncation::LongestFirst, None), [1, 3, 3, 2, 4, 4, 2]);
+        assert_eq!(ids(&tokenizer, (long, short), PairTruncation::OnlyFirst, None), [1, 3, 3, 2, 4, 4, 2]);
+        assert_eq!(ids(&tokenizer, (short, long), PairTruncation::OnlySecond, None), [1, 4, 4, 2, 3, 3, 2]);
+        let refused = tokenizer.encode_pairs(&[(long, short)], PairTruncation::OnlySecond, None);
+        assert!(matches!(refused, Err(ModelError::InvalidInput(_))), "{refused:?}");
+        assert!(tokenizer.encode_pairs(&[(long, short)], PairTruncation::OnlyFirst, None).unwrap()[0].truncated);
     }
 }

@@ -7,7 +7,7 @@ use crate::bindings::batchbox::plugin::{host, types};
 use crate::state::HostState;
 use batchbox_batcher::scheduler::Rejected;
 use batchbox_metrics::names;
-use batchbox_model::{Activation, Encoding, ModelError, Task};
+use batchbox_model::{Activation, Encoding, ModelError, PairTruncation, Task};
 use batchbox_tenants::TenantLimits;
 use tracing::Instrument;
 
@@ -25,10 +25,15 @@ pub(crate) struct Usage {
 impl Usage {
     /// Books a `tokenize` call, or refuses it (booking nothing) if it would pass a quota.
     fn charge_texts(&mut self, quotas: &TenantLimits, texts: &[String]) -> Result<(), types::Error> {
-        let bytes = texts.iter().map(String::len).sum::<usize>();
-        over("max_sequences", "texts tokenized", self.texts, texts.len(), quotas.max_sequences)?;
+        self.charge_text_bytes(quotas, texts.len(), texts.iter().map(String::len).sum())
+    }
+
+    /// Books `texts` texts of `bytes` bytes in all (a pair is one text of both members' bytes: it
+    /// becomes one sequence), or refuses them.
+    fn charge_text_bytes(&mut self, quotas: &TenantLimits, texts: usize, bytes: usize) -> Result<(), types::Error> {
+        over("max_sequences", "texts tokenized", self.texts, texts, quotas.max_sequences)?;
         over("max_text_bytes", "bytes of text tokenized", self.text_bytes, bytes, quotas.max_text_bytes)?;
-        self.texts += texts.len();
+        self.texts += texts;
         self.text_bytes += bytes;
         Ok(())
     }
@@ -112,17 +117,35 @@ impl host::Host for HostState {
             Ok(encodings) => encodings,
             Err(refused) => return Ok(Err(refused)),
         };
-        let tokenize_us = started.elapsed().as_micros() as u64;
-        let tokens = encodings.iter().map(|e| e.ids.len() as u32).collect();
-        let truncated = (0..).zip(&encodings).filter(|(_, e)| e.truncated).map(|(i, _)| i).collect();
-        let sequences: Vec<Vec<u32>> = encodings.into_iter().map(|e| e.ids).collect();
-        let inference = if sequences.is_empty() {
-            // Nothing to compute: no model call, no model time.
-            Ok(types::Inference { outputs: vec![], queue_us: 0, compute_us: 0, forward_passes: 0, batch_ids: vec![] })
-        } else {
-            self.inferred(sequences).await?
+        self.encodings_inferred(encodings, started).await
+    }
+
+    async fn infer_pairs(
+        &mut self,
+        pairs: Vec<(String, String)>,
+        truncation: types::Truncation,
+    ) -> wasmtime::Result<Result<types::TextInference, types::Error>> {
+        let started = Instant::now();
+        let bytes = pairs.iter().map(|(a, b)| a.len() + b.len()).sum();
+        if let Err(refused) = self.usage.charge_text_bytes(&self.quotas, pairs.len(), bytes) {
+            return Ok(Err(self.refused(refused)));
+        }
+        let truncation = match truncation {
+            types::Truncation::LongestFirst => PairTruncation::LongestFirst,
+            types::Truncation::OnlyFirst => PairTruncation::OnlyFirst,
+            types::Truncation::OnlySecond => PairTruncation::OnlySecond,
         };
-        Ok(inference.map(|inference| types::TextInference { inference, tokens, truncated, tokenize_us }))
+        let model = self.model.clone();
+        let span = tracing::debug_span!("tokenize", pairs = pairs.len());
+        let encoded =
+            tokio::task::spawn_blocking(move || model.tokenize_pairs(&pairs, truncation)).instrument(span).await?;
+        let took = started.elapsed();
+        self.times.host += took;
+        self.times.tokenize += took;
+        match encoded {
+            Ok(encodings) => self.encodings_inferred(encodings, started).await,
+            Err(refused) => Ok(Err(to_wit_error(refused))),
+        }
     }
 
     fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
@@ -150,6 +173,26 @@ impl host::Host for HostState {
 }
 
 impl HostState {
+    /// `infer`'s work on what `tokenize` (or its pair form) made, begun at `started`: the
+    /// `infer-texts` and `infer-pairs` answer.
+    async fn encodings_inferred(
+        &mut self,
+        encodings: Vec<Encoding>,
+        started: Instant,
+    ) -> wasmtime::Result<Result<types::TextInference, types::Error>> {
+        let tokenize_us = started.elapsed().as_micros() as u64;
+        let tokens = encodings.iter().map(|e| e.ids.len() as u32).collect();
+        let truncated = (0..).zip(&encodings).filter(|(_, e)| e.truncated).map(|(i, _)| i).collect();
+        let sequences: Vec<Vec<u32>> = encodings.into_iter().map(|e| e.ids).collect();
+        let inference = if sequences.is_empty() {
+            // Nothing to compute: no model call, no model time.
+            Ok(types::Inference { outputs: vec![], queue_us: 0, compute_us: 0, forward_passes: 0, batch_ids: vec![] })
+        } else {
+            self.inferred(sequences).await?
+        };
+        Ok(inference.map(|inference| types::TextInference { inference, tokens, truncated, tokenize_us }))
+    }
+
     /// `tokenize`'s work, charged to the request's quotas.
     async fn tokenized(&mut self, texts: Vec<String>) -> wasmtime::Result<Result<Vec<Encoding>, types::Error>> {
         if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {

@@ -50,6 +50,7 @@ mod bindings {
             "batchbox:plugin/host.tokenize": async | trappable,
             "batchbox:plugin/host.infer": async | trappable,
             "batchbox:plugin/host.infer-texts": async | trappable,
+            "batchbox:plugin/host.infer-pairs": async | trappable,
             default: trappable,
         },
         exports: { default: async },

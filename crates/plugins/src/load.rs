@@ -141,7 +141,7 @@ pub(crate) fn memory_limit(component: &Component, tenant: &TenantConfig) -> Resu
 }
 
 /// The interface a plugin of world `described-plugin` exports.
-pub(crate) const API_EXPORT: &str = "batchbox:plugin/api@0.1.2";
+pub(crate) const API_EXPORT: &str = "batchbox:plugin/api@0.1.3";
 
 /// The component's `api.describe`, if it exports one (it is optional: see the WIT).
 pub(crate) fn describe_export(component: &Component) -> Option<ComponentExportIndex> {

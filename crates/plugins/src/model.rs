@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use batchbox_model::cache::CachedModel;
-use batchbox_model::{Encoding, Inference, Manifest, Model, ModelError};
+use batchbox_model::{Encoding, Inference, Manifest, Model, ModelError, PairTruncation};
 use batchbox_tenants::TenantConfig;
 
 /// The future of one `infer` call.
@@ -21,6 +21,12 @@ pub trait PluginModel: Send + Sync + 'static {
     fn manifest(&self) -> &Manifest;
     /// `host.tokenize`: blocking, so the runtime calls it off the async workers.
     fn tokenize(&self, texts: &[String]) -> Result<Vec<Encoding>, ModelError>;
+    /// `host.infer-pairs`' tokenizing (see [`Model::tokenize_pairs`]); blocking, like `tokenize`.
+    fn tokenize_pairs(
+        &self,
+        pairs: &[(String, String)],
+        truncation: PairTruncation,
+    ) -> Result<Vec<Encoding>, ModelError>;
     /// `host.infer` for `tenant`: one output per sequence, or an error once `deadline` passes
     /// with sequences still waiting.
     fn infer<'a>(&'a self, tenant: &'a str, sequences: Vec<Vec<u32>>, deadline: Instant) -> InferFuture<'a>;
@@ -35,6 +41,14 @@ impl PluginModel for Model {
         Model::tokenize(self, texts)
     }
 
+    fn tokenize_pairs(
+        &self,
+        pairs: &[(String, String)],
+        truncation: PairTruncation,
+    ) -> Result<Vec<Encoding>, ModelError> {
+        Model::tokenize_pairs(self, pairs, truncation)
+    }
+
     fn infer<'a>(&'a self, tenant: &'a str, sequences: Vec<Vec<u32>>, deadline: Instant) -> InferFuture<'a> {
         Box::pin(self.infer_for(tenant, sequences, Some(deadline)))
     }
@@ -47,6 +61,14 @@ impl PluginModel for CachedModel {
 
     fn tokenize(&self, texts: &[String]) -> Result<Vec<Encoding>, ModelError> {
         self.model().tokenize(texts)
+    }
+
+    fn tokenize_pairs(
+        &self,
+        pairs: &[(String, String)],
+        truncation: PairTruncation,
+    ) -> Result<Vec<Encoding>, ModelError> {
+        self.model().tokenize_pairs(pairs, truncation)
     }
 
     fn infer<'a>(&'a self, tenant: &'a str, sequences: Vec<Vec<u32>>, deadline: Instant) -> InferFuture<'a> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use batchbox_model::{Encoding, Inference, Manifest, ModelError, Output, RunStats};
+use batchbox_model::{Encoding, Inference, Manifest, ModelError, Output, PairTruncation, RunStats};
 use batchbox_plugins::{InferFuture, PluginHost, PluginModel, PluginRuntime, json_post};
 use batchbox_tenants::TenantConfig;
 use serde_json::{Value, json};
@@ -41,6 +41,10 @@ impl PluginModel for Fake {
                 }
             })
             .collect())
+    }
+
+    fn tokenize_pairs(&self, _: &[(String, String)], _: PairTruncation) -> Result<Vec<Encoding>, ModelError> {
+        Err(ModelError::InvalidInput("the fake model takes no pairs".into()))
     }
 
     fn infer<'a>(&'a self, _tenant: &'a str, sequences: Vec<Vec<u32>>, _deadline: Instant) -> InferFuture<'a> {

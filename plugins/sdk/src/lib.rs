@@ -43,7 +43,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 pub use batchbox::plugin::host;
-pub use batchbox::plugin::types::{Encoding, Error, Inference, Level, ModelInfo, Task, Tensor};
+pub use batchbox::plugin::types::{
+    Encoding, Error, Inference, Level, ModelInfo, Task, Tensor, TextInference, Truncation,
+};
 pub use exports::batchbox::plugin::api::Guest as Describe;
 pub use exports::batchbox::plugin::handler::{Guest as Plugin, Request, Response};
 
