@@ -1,14 +1,18 @@
 """The clients people already have, unchanged, against a real `batchbox serve` (issue 24):
-huggingface_hub's `InferenceClient` (PyPI, pinned in tools/requirements.txt) through the
-`hf-compat` plugin, with the host's `<route>/info` and `<route>/health`; scores judged against
-transformers' `text-classification` pipeline on the same checkpoint."""
+huggingface_hub's `InferenceClient` through the `hf-compat` plugin, with the host's
+`<route>/info` and `<route>/health`, and `tritonclient.http` through the `kserve-v2` plugin (both
+PyPI, pinned in tools/requirements.txt); scores judged against transformers'
+`text-classification` pipeline on the same checkpoint. Pairs, zero-shot and rerank are
+test_pairs.py's."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.http as triton
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -23,6 +27,7 @@ import json  # noqa: E402
 
 SENTENCES = json.loads((ROOT / "tests/fixtures/test_120_sentences.json").read_text())["sentences"]
 KEY = "hf-tenant-key"
+KSERVE_KEY = "kserve-key"
 CHECKPOINTS = {"single": ROOT / "models/test/checkpoint-best", "multi": ROOT / "models/test/checkpoint-multilabel"}
 MODELS = {"single": ROOT / "models/test/tiny-deberta", "multi": ROOT / "models/test/tiny-deberta-multilabel"}
 TOLERANCE = 1e-5
@@ -34,6 +39,8 @@ def server(tmp_path_factory):
     tenants = [
         {"name": "hf-single", "wasm": hf, "routes": ["/hf/single"], "model": "single"},
         {"name": "hf-multi", "wasm": hf, "routes": ["/hf/multi"], "model": "multi", "keys": [key_hash(KEY)]},
+        {"name": "kserve", "wasm": str(RUST_PLUGINS / "kserve_v2.wasm"), "routes": ["/kserve"], "model": "single",
+         "keys": [key_hash(KSERVE_KEY)]},
     ]
     models = [{"name": kind, "path": str(path), "cpu_dtype": "fp32"} for kind, path in MODELS.items()]
     with serve(tmp_path_factory.mktemp("clients"), models, tenants) as base:
@@ -119,11 +126,83 @@ def test_tei_predict_answers_flat_for_one_text_and_nested_for_a_batch(server, pi
     ("/hf/single", {"inputs": "x", "parameters": {"function_to_apply": "tanh"}}, 400, "function_to_apply"),
     ("/hf/single", {"inputs": "x", "parameters": {"temperature": 1}}, 400, "temperature"),
     ("/hf/single", {"text": "x"}, 400, "text"),
-    ("/hf/single/predict", {"inputs": ["a premise", "a hypothesis"]}, 400, "pair"),
     ("/hf/single/predict", {"inputs": "x", "truncation_direction": "left"}, 400, "truncation_direction"),
     ("/hf/single/predict", {"inputs": "word " * 400, "truncate": False}, 413, "truncate"),
 ])
 def test_bad_input_is_a_4xx_in_teis_shape_naming_the_field(server, route, body, status, names):
     got, answer = post(server, route, body)
     assert got == status and names in answer["error"] and answer["error_type"], answer
+    assert post(server, "/hf/single", {"inputs": "still serving"})[0] == 200
+
+
+def test_tritonclient_http_infers_with_and_without_binary_data_and_classification(server, pipelines):
+    """KServe's Open Inference Protocol through the `kserve-v2` plugin, with Triton's own HTTP client
+    and the tenant's key in its `headers`: JSON and binary tensors both ways, the classification
+    extension, metadata and health; the scores are the pipeline's."""
+    def auth():
+        # A new dict per call: the client writes its Inference-Header-Content-Length into the one it is given.
+        return {"Authorization": f"Bearer {KSERVE_KEY}"}
+
+    client = triton.InferenceServerClient(url=server.removeprefix("http://") + "/kserve")
+    model = "checkpoint-best"
+    assert client.is_server_live(headers=auth()) and client.is_server_ready(headers=auth())
+    assert client.is_model_ready(model, headers=auth())
+    metadata = client.get_model_metadata(model, headers=auth())
+    assert metadata["inputs"][0]["name"] == "TEXT" and {o["name"] for o in metadata["outputs"]} == {"SCORES", "LOGITS"}
+    assert "classification" in client.get_server_metadata(headers=auth())["extensions"]
+    texts = SENTENCES[:24]
+    reference = pipelines["single"](texts, top_k=None)
+    labels = ["negative", "neutral", "positive"]
+    want = np.array([[next(r["score"] for r in row if r["label"] == label) for label in labels] for row in reference])
+    for binary in (True, False):
+        text = triton.InferInput("TEXT", [len(texts)], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_), binary_data=binary)
+        outputs = [triton.InferRequestedOutput("SCORES", binary_data=binary),
+                   triton.InferRequestedOutput("LOGITS", binary_data=binary, class_count=2)]
+        result = client.infer(model, [text], outputs=outputs, headers=auth())
+        scores = result.as_numpy("SCORES")
+        assert scores.shape == (len(texts), 3) and np.abs(scores - want).max() <= TOLERANCE, binary
+        # The classification extension: "<score>:<index>:<label>", highest first.
+        classes = result.as_numpy("LOGITS")
+        assert classes.shape == (len(texts), 2)
+        for row, expected in zip(classes, reference):
+            top = [c.decode() if isinstance(c, bytes) else c for c in row]
+            assert [c.split(":", 2)[2] for c in top] == [r["label"] for r in expected[:2]], top
+    # No outputs named: all of them, binary (the client asks so).
+    result = client.infer(model, [text], headers=auth())
+    assert np.abs(result.as_numpy("SCORES") - want).max() <= TOLERANCE
+    with pytest.raises(triton.InferenceServerException) as refused:
+        client.infer(model, [text])
+    assert refused.value.status() == "401"
+    with pytest.raises(triton.InferenceServerException) as refused:
+        client.infer("another-model", [text], headers=auth())
+    assert refused.value.status() == "404" and "checkpoint-best" in refused.value.message()
+
+
+@pytest.mark.parametrize("header, body, names", [
+    (None, {"inputs": [{"name": "WORDS", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, "WORDS"),
+    (None, {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["x"]}]}, "shape"),
+    (None, {"inputs": [{"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, "BYTES"),
+    (None, {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": [{"name": "SCORES", "parameters": {"classification": 4}}]}, "classification"),
+    # Binary sizes that do not add up: more declared than sent, and bytes left over.
+    ("binary", {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 99}}]},
+     "binary_data_size"),
+    ("extra", {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}]},
+     "do not add up"),
+])
+def test_a_bad_v2_request_is_a_400_naming_what_is_wrong(server, header, body, names):
+    import urllib.error
+    import urllib.request
+
+    head = json.dumps(body).encode()
+    data = head + ({"binary": b"\x01\x00\x00\x00x", "extra": b"\x01\x00\x00\x00x" + b"zz"}.get(header, b""))
+    headers = {"authorization": f"Bearer {KSERVE_KEY}", "content-type": "application/octet-stream"}
+    if header:
+        headers["inference-header-content-length"] = str(len(head))
+    request = urllib.request.Request(f"{server}/kserve/v2/models/checkpoint-best/infer", data=data, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 400 and names in answer["error"], answer
     assert post(server, "/hf/single", {"inputs": "still serving"})[0] == 200

@@ -16,16 +16,18 @@
 //!
 //! Scores follow the model's checkpoint (softmax, a sigmoid per label for multi-label and
 //! one-label heads, none for regression) unless the request asks for another function, through
-//! `batchbox_sdk::scores`, as the sentence classifier's do. A pair (TEI's `["a", "b"]`) is refused
-//! for now: no model here takes pairs yet. Errors are TEI's shape, `{"error": "...",
+//! `batchbox_sdk::scores`, as the sentence classifier's do. `/predict` takes TEI's pairs (`["a",
+//! "b"]`, or a batch of them, mixed with single texts as TEI allows) for a model that takes pairs
+//! (a cross-encoder, an NLI head), cut `longest_first` as TEI does; the host refuses them, saying
+//! so, for a model that does not. Errors are TEI's shape, `{"error": "...",
 //! "error_type": "..."}`, with batchbox's status codes; the host's own errors (401, 403, 429 for
 //! a tenant's quotas, 503) keep the host's shape.
 
 use batchbox_sdk::openapi::error_response;
 use batchbox_sdk::scores::{LabelScore, SCORE_FIELDS, ScoreOptions};
 use batchbox_sdk::{
-    Describe, Plugin, Request, Response, Settings, Task, check_count, check_text, host, json, parse_json,
-    require_method,
+    Describe, Plugin, Request, Response, Settings, Task, TextInference, Truncation, check_count, check_text, host,
+    json, parse_json, require_method,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -99,35 +101,84 @@ fn object(request: &Request, known: &[&str]) -> Result<Map<String, Value>, Respo
     }
 }
 
+/// What one input is: a text, or a sentence pair.
+enum Input {
+    One(String),
+    Pair(String, String),
+}
+
+/// Whether `value` is TEI's pair: a list of exactly two texts.
+fn is_pair(value: &Value) -> bool {
+    matches!(value, Value::Array(pair) if pair.len() == 2 && pair.iter().all(Value::is_string))
+}
+
 /// One text, checked against the configured limits (the SDK's `check_text`, in TEI's shape); `at`
-/// names it in errors. A pair is refused, saying so.
+/// names it in errors.
 fn text(value: &Value, at: &str, config: &Config) -> Result<String, Response> {
-    match value {
-        Value::Array(pair) if pair.len() == 2 && pair.iter().all(Value::is_string) => {
-            Err(bad(format!("{at} is a pair of texts; this model takes single texts (no model here takes pairs yet)")))
-        }
-        other => check_text(other, at, "input", config.max_input_chars).map_err(as_tei),
+    if is_pair(value) {
+        return Err(bad(format!(
+            "{at} is a pair of texts; this route takes single texts (TEI's /predict takes pairs)"
+        )));
     }
+    check_text(value, at, "input", config.max_input_chars).map_err(as_tei)
+}
+
+/// One text or one pair (any two-item list, each member checked as a text).
+fn input(value: &Value, at: &str, config: &Config) -> Result<Input, Response> {
+    match value {
+        Value::Array(pair) if pair.len() == 2 => {
+            Ok(Input::Pair(text(&pair[0], &format!("{at}[0]"), config)?, text(&pair[1], &format!("{at}[1]"), config)?))
+        }
+        other => text(other, at, config).map(Input::One),
+    }
+}
+
+/// The model's outputs for `inputs`, in their order, and the indices of those it truncated: the
+/// texts go in one `infer-texts` call and the pairs in one `infer-pairs` call.
+fn computed(inputs: Vec<Input>) -> Result<(Vec<Vec<f32>>, Vec<u32>), Response> {
+    let (mut texts, mut pairs) = (Vec::new(), Vec::new());
+    // Where each input's answer is: (is a pair, its index among its kind).
+    let mut at = Vec::with_capacity(inputs.len());
+    for item in inputs {
+        match item {
+            Input::One(text) => {
+                at.push((false, texts.len()));
+                texts.push(text);
+            }
+            Input::Pair(first, second) => {
+                at.push((true, pairs.len()));
+                pairs.push((first, second));
+            }
+        }
+    }
+    let call = |result: Result<TextInference, batchbox_sdk::Error>| result.map_err(|e| as_tei(e.into_response()));
+    let single = if texts.is_empty() { None } else { Some(call(host::infer_texts(&texts))?) };
+    let paired = if pairs.is_empty() { None } else { Some(call(host::infer_pairs(&pairs, Truncation::LongestFirst))?) };
+    let (mut outputs, mut truncated) = (Vec::with_capacity(at.len()), Vec::new());
+    for (i, &(pair, j)) in (0u32..).zip(&at) {
+        let answer = if pair { paired.as_ref() } else { single.as_ref() }.expect("called for every kind present");
+        outputs.push(answer.inference.outputs[j].data.clone());
+        if answer.truncated.contains(&(j as u32)) {
+            truncated.push(i);
+        }
+    }
+    Ok((outputs, truncated))
 }
 
 fn count(n: usize, config: &Config) -> Result<(), Response> {
     check_count(n, "input", config.max_inputs).map_err(as_tei)
 }
 
-/// The texts' scores, each row as `{label, score}` highest first and cut to the options' `top_k`
-/// (every label when the options have none), and the indices of the texts the model truncated.
-fn scored(texts: &[String], fields: &Map<String, Value>) -> Result<(Vec<Vec<LabelScore>>, Vec<u32>), Response> {
+/// The inputs' scores, each row as `{label, score}` highest first and cut to the options' `top_k`
+/// (every label when the options have none), and the indices of the inputs the model truncated.
+fn scored(inputs: Vec<Input>, fields: &Map<String, Value>) -> Result<(Vec<Vec<LabelScore>>, Vec<u32>), Response> {
     let info = host::model();
     let mut options = ScoreOptions::parse(fields, &host::model_scoring(), info.labels.len()).map_err(as_tei)?;
     options.top_k.get_or_insert(None);
-    let computed = host::infer_texts(texts).map_err(|e| as_tei(e.into_response()))?;
-    let rows = computed
-        .inference
-        .outputs
-        .iter()
-        .map(|t| options.top(&options.scores(&t.data), &info.labels).unwrap_or_default())
-        .collect();
-    Ok((rows, computed.truncated))
+    let (outputs, truncated) = computed(inputs)?;
+    let rows =
+        outputs.iter().map(|logits| options.top(&options.scores(logits), &info.labels).unwrap_or_default()).collect();
+    Ok((rows, truncated))
 }
 
 /// `POST <route>`: the Hugging Face text-classification shape.
@@ -150,7 +201,7 @@ fn text_classification(request: &Request) -> Result<Response, Response> {
     if let Some(unknown) = parameters.keys().find(|key| !["top_k", "function_to_apply"].contains(&key.as_str())) {
         return Err(bad(format!("unknown parameter `{unknown}`; expected top_k, function_to_apply")));
     }
-    let (rows, _) = scored(&texts, &parameters)?;
+    let (rows, _) = scored(texts.into_iter().map(Input::One).collect(), &parameters)?;
     Ok(json(200, &rows))
 }
 
@@ -159,17 +210,17 @@ fn predict(request: &Request) -> Result<Response, Response> {
     let config = SETTINGS.get()?;
     let mut fields = object(request, &["inputs", "raw_scores", "truncate", "truncation_direction"])?;
     let inputs = fields.remove("inputs").ok_or_else(|| bad("missing field `inputs`"))?;
-    let (texts, batch) = match &inputs {
-        Value::Array(items) if !(items.len() == 2 && items.iter().all(Value::is_string)) => {
+    let (inputs, batch) = match &inputs {
+        Value::Array(items) if !is_pair(&inputs) => {
             count(items.len(), config)?;
-            let texts = items.iter().enumerate().map(|(i, item)| match item {
-                // TEI's batch item: a one-text list, or a pair.
-                Value::Array(one) if one.len() == 1 => text(&one[0], &format!("inputs[{i}][0]"), config),
-                other => text(other, &format!("inputs[{i}]"), config),
+            let inputs = items.iter().enumerate().map(|(i, item)| match item {
+                // TEI's batch item: a text, a one-text list, or a pair.
+                Value::Array(one) if one.len() == 1 => input(&one[0], &format!("inputs[{i}][0]"), config),
+                other => input(other, &format!("inputs[{i}]"), config),
             });
-            (texts.collect::<Result<Vec<_>, _>>()?, true)
+            (inputs.collect::<Result<Vec<_>, _>>()?, true)
         }
-        single => (vec![text(single, "inputs", config)?], false),
+        single => (vec![input(single, "inputs", config)?], false),
     };
     match fields.get("truncation_direction").and_then(Value::as_str).map(str::to_ascii_lowercase).as_deref() {
         None | Some("right") => {}
@@ -185,7 +236,7 @@ fn predict(request: &Request) -> Result<Response, Response> {
     };
     let options: Map<String, Value> =
         fields.into_iter().filter(|(key, _)| SCORE_FIELDS.contains(&key.as_str())).collect();
-    let (mut rows, truncated) = scored(&texts, &options)?;
+    let (mut rows, truncated) = scored(inputs, &options)?;
     if let (false, Some(&first)) = (truncate, truncated.first()) {
         let max = host::model().max_length;
         return Err(tei_error(
@@ -206,6 +257,14 @@ impl Describe for HfCompat {
         } });
         let text_or_texts =
             json!({ "oneOf": [{ "type": "string" }, { "type": "array", "items": { "type": "string" } }] });
+        let pair = json!({ "type": "array", "items": { "type": "string" }, "minItems": 2, "maxItems": 2 });
+        let tei_inputs = json!({ "oneOf": [
+            { "type": "string" },
+            pair,
+            { "type": "array", "items": { "oneOf": [
+                { "type": "string" }, pair, { "type": "array", "items": { "type": "string" }, "minItems": 1, "maxItems": 1 },
+            ] } },
+        ] });
         let errors = json!({
             "400": error_response("validation: the message names the field"),
             "413": error_response("too many inputs, or an input too long"),
@@ -235,12 +294,13 @@ impl Describe for HfCompat {
                 } },
                 "/predict": { "post": {
                     "summary": "TEI's /predict",
-                    "description": "A flat list of {label, score} for one text, a list per text for a batch.",
+                    "description": "A flat list of {label, score} for one text or pair, a list per input for a batch. \
+                        A pair is two texts, for a model that takes pairs (a cross-encoder, an NLI head).",
                     "requestBody": { "required": true, "content": { "application/json": { "schema": {
                         "type": "object",
                         "required": ["inputs"],
                         "properties": {
-                            "inputs": text_or_texts,
+                            "inputs": tei_inputs,
                             "raw_scores": { "type": "boolean" },
                             "truncate": { "type": "boolean" },
                             "truncation_direction": { "enum": ["right", "Right"] },
