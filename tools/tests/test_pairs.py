@@ -46,6 +46,8 @@ def server(tmp_path_factory):
         {"name": "zero-shot", "wasm": zero_shot, "routes": ["/api/v1/zero-shot"], "model": "nli",
          "keys": [key_hash(KEY)], "config": {"max_candidate_labels": 8}},
         {"name": "rerank", "wasm": rerank, "routes": ["/rr"], "model": "cross", "keys": [key_hash(RERANK_KEY)]},
+        # Only for the OpenAPI document below: test_clients.py calls it.
+        {"name": "kserve", "wasm": str(RUST_PLUGINS / "kserve_v2.wasm"), "routes": ["/kserve"], "model": "cross"},
     ]
     models = [{"name": kind, "path": str(path), "cpu_dtype": "fp32"} for kind, path in MODELS.items()]
     with serve(tmp_path_factory.mktemp("pairs"), models, tenants) as base:
@@ -210,3 +212,28 @@ def test_bad_pair_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving
     got, answer = post(server, route, body, headers)
     assert got == status and named in json.dumps(answer), answer
     assert post(server, "/tei/cross/predict", {"inputs": list(PAIRS[0])})[0] == 200
+
+
+def test_the_protocol_plugins_describe_their_routes_in_a_valid_openapi_document(server):
+    from openapi_spec_validator import validate
+
+    from batchbox_server import get
+
+    status, document = get(server, "/openapi.json")
+    assert status == 200
+    validate(document)
+    paths = document["paths"]
+    for path in ["/tei/cross", "/tei/cross/predict", "/api/v1/zero-shot", "/rr/rerank", "/rr/v2/rerank",
+                 "/kserve/v2/models/{model}/infer"]:
+        assert "post" in paths[path], path
+
+
+def test_the_example_pair_config_passes_check_config():
+    import subprocess
+
+    from batchbox_server import BINARY
+
+    done = subprocess.run([str(BINARY), "--config", str(ROOT / "examples/pairs.yaml"), "check-config"],
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "tenant zero-shot" in output and "tenant rerank" in output, output

@@ -21,7 +21,7 @@
 //! Limits (the plugin's `config`): `max_documents` (1,000, Cohere's advice) and `max_input_chars`
 //! (10,000) per request. Errors are the host's shape and name the field.
 
-use batchbox_sdk::openapi::error_response;
+use batchbox_sdk::openapi::{error_response, error_schema};
 use batchbox_sdk::scores::apply;
 use batchbox_sdk::{
     Describe, Plugin, Request, Response, Settings, Task, Truncation, check_count, check_text, error, host, json,
@@ -295,6 +295,7 @@ impl Describe for Rerank {
                     },
                 } },
             },
+            "components": { "schemas": { "Error": error_schema() } },
         })
         .to_string()
     }

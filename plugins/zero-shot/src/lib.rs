@@ -22,7 +22,7 @@
 //! `max_candidate_labels` (32) per request; a request also stays within its tenant's quotas, which
 //! count each pair as one sequence. Errors are the host's shape and name the field.
 
-use batchbox_sdk::openapi::{error_response, schema};
+use batchbox_sdk::openapi::{error_response, error_schema, schema};
 use batchbox_sdk::{
     Describe, Plugin, Request, Response, Settings, Task, Truncation, check_count, check_text, error, host, json,
     parse_json, require_method,
@@ -277,6 +277,7 @@ impl Describe for ZeroShot {
                         "schema": schema("Error") } } },
                 },
             } } },
+            "components": { "schemas": { "Error": error_schema() } },
         })
         .to_string()
     }
