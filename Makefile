@@ -142,7 +142,14 @@ plugins/target/js/plugin_echo.wasm: $(JS_STAMP) FORCE
 
 # Tests build in release: one build serves tests, benchmarks and `make serve`, and plugins
 # compile faster with an optimised Cranelift.
-test: setup haproxy test-models plugins build
+# The JavaScript clients the Python tests call as users do (@huggingface/inference), pinned by
+# tools/tests/node/package-lock.json.
+NODE_CLIENTS_STAMP := tools/tests/node/node_modules/.installed
+$(NODE_CLIENTS_STAMP): tools/tests/node/package.json tools/tests/node/package-lock.json
+	cd tools/tests/node && npm ci --no-audit --no-fund
+	touch $@
+
+test: setup haproxy test-models plugins build $(NODE_CLIENTS_STAMP)
 	$(PY) -m pytest -q -p no:warnings tools/tests
 	cargo test --release --workspace
 

@@ -1,12 +1,14 @@
 """The clients people already have, unchanged, against a real `batchbox serve` (issue 24):
-huggingface_hub's `InferenceClient` through the `hf-compat` plugin, with the host's
-`<route>/info` and `<route>/health`, and `tritonclient.http` through the `kserve-v2` plugin (both
-PyPI, pinned in tools/requirements.txt); scores judged against transformers'
-`text-classification` pipeline on the same checkpoint. Pairs, zero-shot and rerank are
-test_pairs.py's."""
+huggingface_hub's `InferenceClient` and, from Node, `@huggingface/inference` through the
+`hf-compat` plugin, with the host's `<route>/info` and `<route>/health`, and `tritonclient.http`
+through the `kserve-v2` plugin (pinned in tools/requirements.txt and tools/tests/node); scores
+judged against transformers' `text-classification` pipeline on the same checkpoint. Pairs,
+zero-shot and rerank are test_pairs.py's."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +24,6 @@ from batchbox_server import RUST_PLUGINS, get, key_hash, post, serve  # noqa: E4
 from huggingface_hub import InferenceClient  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 from transformers import pipeline  # noqa: E402
-
-import json  # noqa: E402
 
 SENTENCES = json.loads((ROOT / "tests/fixtures/test_120_sentences.json").read_text())["sentences"]
 KEY = "hf-tenant-key"
@@ -206,3 +206,30 @@ def test_a_bad_v2_request_is_a_400_naming_what_is_wrong(server, header, body, na
     answer = json.loads(refused.value.read())
     assert refused.value.code == 400 and names in answer["error"], answer
     assert post(server, "/hf/single", {"inputs": "still serving"})[0] == 200
+
+
+def node_text_classification(endpoint: str, texts: list[str], token: str | None = None, parameters: dict | None = None):
+    """@huggingface/inference's textClassification, run by Node (tools/tests/node)."""
+    request = json.dumps({"endpointUrl": endpoint, "token": token, "texts": texts, "parameters": parameters})
+    done = subprocess.run(["node", str(ROOT / "tools/tests/node/text_classification.mjs"), request],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_huggingface_inference_js_text_classification_matches_the_pipeline(server, pipelines):
+    """The JavaScript client (npm, pinned in tools/tests/node/package-lock.json) from Node: it
+    throws on TEI's flat list, so this is what holds hf-compat to the nested one."""
+    texts = SENTENCES[:10]
+    answer = node_text_classification(f"{server}/hf/multi", texts, token=KEY)
+    for text, served in zip(texts, answer["answers"], strict=True):
+        expected = pipelines["multi"](text, top_k=None)
+        assert [s["label"] for s in served] == [e["label"] for e in expected], text
+        assert max(abs(s["score"] - e["score"]) for s, e in zip(served, expected)) <= TOLERANCE
+    answer = node_text_classification(f"{server}/hf/single", texts[:2], parameters={"top_k": 1, "function_to_apply": "none"})
+    for text, served in zip(texts, answer["answers"]):
+        expected = pipelines["single"](text, top_k=1, function_to_apply="none")
+        assert len(served) == 1 and served[0]["label"] == expected[0]["label"]
+        assert abs(served[0]["score"] - expected[0]["score"]) <= TOLERANCE
+    refused = node_text_classification(f"{server}/hf/multi", texts[:1], token="wrong")
+    assert refused["status"] == 401, refused
