@@ -194,6 +194,14 @@ models/deberta-v3-base/manifest.json: $(BASE_CHECKPOINT)/config.json $(EXPORT_SO
 	$(PY) $(EXPORT) checkpoint $(BASE_CHECKPOINT) --name deberta-v3-base --out models/deberta-v3-base \
 		--variants cpu-float32,cpu-bfloat16,cpu-int8,cpu-float32-aoti,cpu-bfloat16-aoti
 
+# DeBERTa-v3-base's shapes in fp32 alone, for the zero-shot benchmark (tools/bench_zero_shot.py).
+models/deberta-v3-base-fp32/manifest.json: $(BASE_CHECKPOINT)/config.json $(EXPORT_SOURCES)
+	$(PY) $(EXPORT) checkpoint $(BASE_CHECKPOINT) --name deberta-v3-base --out models/deberta-v3-base-fp32 --variants cpu-float32
+
+.PHONY: bench-zero-shot
+bench-zero-shot: setup plugins build models/deberta-v3-base-fp32/manifest.json
+	$(PY) tools/bench_zero_shot.py
+
 # fp32, bf16, int8 and auto, as TorchScript traces and AOTInductor packages, against the seed's way
 # in Python, over HTTP, on this CPU.
 bench-cpu: setup plugins models/deberta-v3-base/manifest.json
