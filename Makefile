@@ -12,11 +12,14 @@ DEFAULT_MODEL := models/minilm-topics
 PY_PLUGINS := plugins/target/python/sentence_classifier.wasm plugins/target/python/document_classifier.wasm \
 	plugins/target/python/hostile.wasm
 JS_PLUGINS := plugins/target/js/sentence_classifier.wasm
+# One tiny checkpoint per architecture users bring (tools/tests/test_architectures.py).
+ARCHITECTURES := bert distilbert roberta xlm-roberta electra albert deberta deberta-v2 deberta-v3 modernbert mpnet
+ARCH_MODELS := $(foreach a,$(ARCHITECTURES),models/test/arch-$(a)/manifest.json)
 TEST_MODELS := models/test/tiny-deberta/manifest.json models/test/tiny-deberta-ner/manifest.json \
 	models/test/tiny-deberta-aoti/manifest.json models/test/tiny-deberta-ner-aoti/manifest.json \
 	models/test/batch-dependent/manifest.json models/test/tiny-deberta-multilabel/manifest.json \
 	models/test/tiny-deberta-score/manifest.json models/test/tiny-deberta-nli/manifest.json \
-	models/test/tiny-cross-encoder/manifest.json
+	models/test/tiny-cross-encoder/manifest.json $(ARCH_MODELS)
 BENCH_MODEL := models/synthetic-deberta-v3-base
 EXPORT := tools/export_model.py
 # What an export depends on: a change to any of it re-exports the models.
@@ -79,6 +82,14 @@ models/test/tiny-deberta-nli/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) test
 models/test/tiny-cross-encoder/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_cross_encoder_checkpoint.py
 	$(PY) tests/fixtures/make_cross_encoder_checkpoint.py models/test/checkpoint-cross-encoder
 	$(PY) $(EXPORT) checkpoint models/test/checkpoint-cross-encoder --out models/test/tiny-cross-encoder
+
+# Random weights, MiniLM's tokenizer, no model_max_length: each export derives its own limit.
+models/test/architectures/.written: $(VENV_STAMP) tests/fixtures/make_architecture_checkpoints.py
+	$(PY) tests/fixtures/make_architecture_checkpoints.py models/test/architectures
+	touch $@
+
+models/test/arch-%/manifest.json: models/test/architectures/.written $(EXPORT_SOURCES)
+	$(PY) $(EXPORT) checkpoint models/test/architectures/$* --name arch-$* --out models/test/arch-$* --variants cpu-float32
 
 models/test/tiny-deberta-ner/manifest.json: $(VENV_STAMP) $(EXPORT_SOURCES) tests/fixtures/make_deberta_checkpoint.py
 	$(PY) tests/fixtures/make_deberta_checkpoint.py models/test/checkpoint-ner --token-classification
