@@ -50,6 +50,11 @@ tenants:
     for host_route in ["/health", "/ready", "/v1/models", "/metrics", "/openapi.json"] {
         assert!(paths[host_route]["get"].is_object(), "{host_route} in {paths}");
     }
+    // The host's pages under every tenant's route: /info keyed as the tenant is, /health public.
+    let info = &paths[format!("{PREDICT}/info")]["get"];
+    assert_eq!((info["tags"].clone(), info["security"].clone()), (json!(["a"]), json!([{ "bearer": [] }])));
+    assert!(paths[format!("{PREDICT}/health")]["get"]["security"].is_null(), "{paths}");
+    assert!(paths["/b/info"]["get"]["security"].is_null() && paths["/b/health"]["get"].is_object(), "{paths}");
     // Tenant a: its plugin's description, under its route, with its key and its configured limits.
     let post = &paths[PREDICT]["post"];
     let body = &post["requestBody"]["content"]["application/json"]["schema"];

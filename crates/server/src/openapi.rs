@@ -8,6 +8,8 @@
 //!   different plugins cannot collide.
 //! - A tenant with keys has its operations marked with the bearer scheme.
 //! - Paths only: a route bound to a host name is listed by its path, under `x-batchbox-host`.
+//! - Under every tenant route, the host's own `<route>/info` (keyed like the tenant) and
+//!   `<route>/health` (public) are listed beside the plugin's paths (`tenant_info`).
 
 use serde_json::{Map, Value, json};
 
@@ -34,8 +36,12 @@ pub(crate) fn document(tenants: &Tenants, plugins: &PluginRuntime, metrics: bool
                     json!({ "description": format!("Tenant {}'s plugin, which describes no API.", tenant.name) }),
                 )],
             };
-            for (path, mut item) in items {
-                mark(&mut item, &tenant.name, !tenant.is_public(), route.host.as_deref());
+            let host_pages = crate::tenant_info::described(&route.path)
+                .into_iter()
+                .map(|(path, item, keyed)| (path, item, keyed && !tenant.is_public()));
+            let plugin_paths = items.into_iter().map(|(path, item)| (path, item, !tenant.is_public()));
+            for (path, mut item, keyed) in host_pages.chain(plugin_paths) {
+                mark(&mut item, &tenant.name, keyed, route.host.as_deref());
                 paths.entry(path).or_insert(item);
             }
         }

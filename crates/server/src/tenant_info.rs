@@ -59,3 +59,33 @@ pub(crate) fn info(loaded: &Loaded, tenant: &Tenant) -> Option<Value> {
         "device": info.device,
     }))
 }
+
+/// The two pages' entries in `/openapi.json`, under `route`: `/info` needs the tenant's key when
+/// it has keys (the caller marks it), `/health` never does.
+pub(crate) fn described(route: &str) -> [(String, Value, bool); 2] {
+    let base = route.trim_end_matches('/');
+    let ok = |description: &str| {
+        json!({ "description": description, "content": { "application/json": {
+        "schema": { "type": "object" } } } })
+    };
+    [
+        (
+            format!("{base}/info"),
+            json!({ "get": {
+                "summary": "TEI's Info for this route's model",
+                "description": "model_id, model_type.classifier.id2label, max_input_length, max_batch_tokens, ..., \
+                    with task, activation and precision; what huggingface_hub's get_endpoint_info reads. Answered by the host.",
+                "responses": { "200": ok("The model behind this route") },
+            } }),
+            true,
+        ),
+        (
+            format!("{base}/health"),
+            json!({ "get": {
+                "summary": "200 while this route is served; what huggingface_hub's health_check reads",
+                "responses": { "200": ok("{\"status\": \"ok\"}") },
+            } }),
+            false,
+        ),
+    ]
+}
