@@ -6,7 +6,8 @@
 //!   score first.
 //! - `POST <route>/v2/rerank`: Cohere's v2, which the `cohere` SDK's `ClientV2(base_url=<route>)
 //!   .rerank(...)` sends. `{"model", "query", "documents": [...], "top_n", "max_tokens_per_doc",
-//!   "priority"}`, answered with `{"id", "results": [{"index", "relevance_score"}], "meta"}`,
+//!   "priority"}`, answered with `{"results": [{"index", "relevance_score"}], "meta"}` (and `"id"`,
+//!   the client's `X-Request-Id`, when it sends one),
 //!   highest first, cut to `top_n`. `model` is the client's to name: the tenant's model answers
 //!   whatever it says. `priority` is taken and not used: the host's scheduler shares the model
 //!   between tenants, not between one tenant's requests. `max_tokens_per_doc` is honoured only as
@@ -218,15 +219,15 @@ fn cohere(request: &Request) -> Result<Response, Response> {
     let (scores, _) = relevance(&query, &documents, false)?;
     let results: Vec<Value> =
         ranked(&scores).into_iter().take(top_n).map(|i| json!({ "index": i, "relevance_score": scores[i] })).collect();
-    let id = request.headers.iter().find(|(name, _)| name == "x-request-id").map(|(_, value)| value.clone());
-    Ok(json(
-        200,
-        &json!({
-            "id": id.unwrap_or_default(),
-            "results": results,
-            "meta": { "api_version": { "version": "2" }, "billed_units": { "search_units": 1 } },
-        }),
-    ))
+    let mut answer = json!({
+        "results": results,
+        "meta": { "api_version": { "version": "2" }, "billed_units": { "search_units": 1 } },
+    });
+    // Cohere's `id` is optional: echo the client's own request id when it sent one.
+    if let Some((_, id)) = request.headers.iter().find(|(name, _)| name == "x-request-id") {
+        answer["id"] = json!(id);
+    }
+    Ok(json(200, &answer))
 }
 
 impl Describe for Rerank {
@@ -283,7 +284,7 @@ impl Describe for Rerank {
                     "responses": {
                         "200": { "description": "Ranked documents", "content": { "application/json": { "schema": {
                             "type": "object", "required": ["results"], "properties": {
-                                "id": { "type": "string" },
+                                "id": { "type": "string", "description": "the request's X-Request-Id, when it has one" },
                                 "results": { "type": "array", "items": { "type": "object",
                                     "required": ["index", "relevance_score"], "properties": {
                                         "index": { "type": "integer" }, "relevance_score": { "type": "number" },
