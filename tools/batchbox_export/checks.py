@@ -33,6 +33,18 @@ if TYPE_CHECKING:
 
 
 
+def relative_diff(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """The largest |want - got| relative to the logits' size (absolute below 1), and that size: a
+    head with logits near 780 rounds at 1e-4 in fp32 whatever the trace does."""
+    scale = max(1.0, want.abs().max().item())
+    return (want - got).abs().max().item() / scale, scale
+
+
+def said(diff: float, scale: float) -> str:
+    """A relative difference as the refusals report it, with its absolute size."""
+    return f"max |diff| = {diff * scale:.3g}, {diff:.3g} relative to the largest logit {scale:.3g}"
+
+
 def check_traced(eager: torch.nn.Module, traced: torch.nn.Module, source: Source, variant: Variant) -> list[str]:
     """Compares traced with eager on padded batches, and padded with unpadded rows.
 
@@ -50,15 +62,11 @@ def check_traced(eager: torch.nn.Module, traced: torch.nn.Module, source: Source
             want = eager(*batch).float()
             got = traced(*batch).float()
             alone = [traced(*[t.to(variant.device) for t in pad([row], source.pad_token_id)]).float() for row in rows]
-        # Relative to the logits' size (absolute below 1): a head with logits near 780 rounds at
-        # 1e-4 in fp32 whatever the trace does.
-        scale = max(1.0, want.abs().max().item())
-        diff = (want - got).abs().max().item() / scale
+        diff, scale = relative_diff(want, got)
         if not diff <= variant.tolerance:
             raise ExportError(
                 f"{variant.name}: traced module differs from the eager model at length {length}: "
-                f"max |diff| = {diff * scale:.3g}, {diff:.3g} relative to the largest logit {scale:.3g}, "
-                f"> {variant.tolerance} (shapes {list(want.shape)}, {list(got.shape)})"
+                f"{said(diff, scale)}, > {variant.tolerance} (shapes {list(want.shape)}, {list(got.shape)})"
             )
 
         def moved(padded, alone):
@@ -77,9 +85,8 @@ def check_traced(eager: torch.nn.Module, traced: torch.nn.Module, source: Source
                 else f"the eager model moves by {eager_moved:.3g} only, so the attention mask did not reach the graph as an input"
             )
             raise ExportError(
-                f"{variant.name}: padding changes the traced module's outputs at length {length}: max |diff| = "
-                f"{padding_diff * scale:.3g}, {padding_diff:.3g} relative to the largest logit {scale:.3g}, "
-                f"> {variant.tolerance}; {cause}"
+                f"{variant.name}: padding changes the traced module's outputs at length {length}: "
+                f"{said(padding_diff, scale)}, > {variant.tolerance}; {cause}"
             )
         report.append(f"{variant.name} length {length:>3}: traced vs eager {diff:.2e}, padded vs alone {padding_diff:.2e}")
     return report
@@ -109,13 +116,11 @@ def check_pairs(module: torch.nn.Module, traced: torch.nn.Module, source: Source
             want = module.model(input_ids=on(ids), attention_mask=on(mask), token_type_ids=on(types)).logits.float()
             untyped = module.model(input_ids=on(ids), attention_mask=on(mask)).logits.float()
             got = traced(on(ids + types * source.vocab_size), on(mask)).float()
-        scale = max(1.0, want.abs().max().item())
-        diff = (want - got).abs().max().item() / scale
+        diff, scale = relative_diff(want, got)
         if not diff <= variant.tolerance:
             raise ExportError(
                 f"{variant.name}: sentence pairs: the traced module differs from the eager model given token_type_ids at "
-                f"length {length}: max |diff| = {diff * scale:.3g}, {diff:.3g} relative to the largest logit {scale:.3g}, "
-                f"> {variant.tolerance}"
+                f"length {length}: {said(diff, scale)}, > {variant.tolerance}"
             )
         worst, moved = max(worst, diff), max(moved, (want - untyped).abs().max().item())
     return (
