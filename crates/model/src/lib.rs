@@ -260,7 +260,7 @@ impl Model {
         F: FnOnce(&Path, &Manifest) -> Result<LoadedBackend<B>, ModelError> + Send + 'static,
     {
         let manifest = Manifest::load(dir)?;
-        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), manifest.max_length)?;
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), manifest.max_length, manifest.pairs)?;
         let scheduler = Scheduler::with_shares(
             SchedulerConfig {
                 limits,

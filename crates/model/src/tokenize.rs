@@ -32,17 +32,22 @@ pub enum PairTruncation {
 
 /// The exported `tokenizer.json`, set to truncate at the model's max length and never to pad.
 pub struct TextTokenizer {
+    /// Truncates `longest_first` (for one text, every strategy is the same).
     inner: tokenizers::Tokenizer,
-    /// The same, truncating pairs by `only_first` and `only_second`; `inner` truncates
-    /// `longest_first` (for one text, all three are the same).
+    /// Copies truncating pairs by the other strategies, made only for a model that takes pairs.
+    pairs: Option<PairTokenizers>,
+}
+
+/// The tokenizer again, truncating by `only_first` and by `only_second`.
+struct PairTokenizers {
     only_first: tokenizers::Tokenizer,
     only_second: tokenizers::Tokenizer,
 }
 
 impl TextTokenizer {
-    /// Loads `path`, drops any padding it asks for and truncates at `max_length` tokens;
-    /// `ModelError::Tokenizer` if either fails.
-    pub fn from_file(path: &Path, max_length: usize) -> Result<Self, ModelError> {
+    /// Loads `path`, drops any padding it asks for and truncates at `max_length` tokens, with the
+    /// pair truncations too when the model takes `pairs`; `ModelError::Tokenizer` if any fails.
+    pub fn from_file(path: &Path, max_length: usize, pairs: bool) -> Result<Self, ModelError> {
         let tokenizer_error = |message: String| ModelError::Tokenizer { path: path.to_owned(), message };
         let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| tokenizer_error(e.to_string()))?;
         // Whatever padding the file asks for, chunks are padded by the model runtime to their own
@@ -55,26 +60,31 @@ impl TextTokenizer {
                 .map_err(|e| tokenizer_error(e.to_string()))?;
             Ok::<_, ModelError>(tokenizer)
         };
-        Ok(Self {
-            only_first: truncating(TruncationStrategy::OnlyFirst)?,
-            only_second: truncating(TruncationStrategy::OnlySecond)?,
-            inner: truncating(TruncationStrategy::LongestFirst)?,
-        })
+        let pairs = match pairs {
+            true => Some(PairTokenizers {
+                only_first: truncating(TruncationStrategy::OnlyFirst)?,
+                only_second: truncating(TruncationStrategy::OnlySecond)?,
+            }),
+            false => None,
+        };
+        Ok(Self { inner: truncating(TruncationStrategy::LongestFirst)?, pairs })
     }
 
     /// Encodes sentence pairs, joined by the tokenizer's pair template and cut by `truncation`.
     /// With `typed_vocab`, a token of type 1 (the second member, by the template) gets
-    /// `typed_vocab` added to its id: see `Manifest::token_types`.
+    /// `typed_vocab` added to its id: see `Manifest::token_types`. `InvalidInput` for `only_first`
+    /// or `only_second` from a tokenizer loaded without pairs.
     pub fn encode_pairs<S: AsRef<str> + Sync>(
         &self,
         pairs: &[(S, S)],
         truncation: PairTruncation,
         typed_vocab: Option<u32>,
     ) -> Result<Vec<Encoding>, ModelError> {
-        let tokenizer = match truncation {
-            PairTruncation::LongestFirst => &self.inner,
-            PairTruncation::OnlyFirst => &self.only_first,
-            PairTruncation::OnlySecond => &self.only_second,
+        let tokenizer = match (truncation, &self.pairs) {
+            (PairTruncation::LongestFirst, _) => &self.inner,
+            (PairTruncation::OnlyFirst, Some(pairs)) => &pairs.only_first,
+            (PairTruncation::OnlySecond, Some(pairs)) => &pairs.only_second,
+            (_, None) => return Err(ModelError::InvalidInput("this model takes no sentence pairs".into())),
         };
         let inputs: Vec<EncodeInput> =
             pairs.iter().map(|(a, b)| EncodeInput::Dual(a.as_ref().into(), b.as_ref().into())).collect();
@@ -83,20 +93,7 @@ impl TextTokenizer {
         let encodings = tokenizer
             .encode_batch_char_offsets(inputs, true)
             .map_err(|e| ModelError::InvalidInput(format!("a sentence pair cannot be cut to fit: {e}")))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| Encoding {
-                truncated: !e.get_overflowing().is_empty(),
-                ids: match typed_vocab {
-                    Some(vocab) => {
-                        e.get_ids().iter().zip(e.get_type_ids()).map(|(&id, &kind)| id + vocab * kind).collect()
-                    }
-                    None => e.get_ids().to_vec(),
-                },
-                word_ids: e.get_word_ids().to_vec(),
-                offsets: e.get_offsets().to_vec(),
-            })
-            .collect())
+        Ok(encodings.into_iter().map(|e| encoding(e, typed_vocab)).collect())
     }
 
     /// Encodes many texts at once; `tokenizers` spreads the work over its thread pool.
@@ -104,15 +101,21 @@ impl TextTokenizer {
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
         let encodings =
             self.inner.encode_batch_char_offsets(inputs, true).map_err(|e| ModelError::Tokenize(e.to_string()))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| Encoding {
-                truncated: !e.get_overflowing().is_empty(),
-                ids: e.get_ids().to_vec(),
-                word_ids: e.get_word_ids().to_vec(),
-                offsets: e.get_offsets().to_vec(),
-            })
-            .collect())
+        Ok(encodings.into_iter().map(|e| encoding(e, None)).collect())
+    }
+}
+
+/// One of `tokenizers`' encodings as the host passes it on; with `typed_vocab`, each token's type
+/// goes into its id (`id + typed_vocab * type`).
+fn encoding(e: tokenizers::Encoding, typed_vocab: Option<u32>) -> Encoding {
+    Encoding {
+        truncated: !e.get_overflowing().is_empty(),
+        ids: match typed_vocab {
+            Some(vocab) => e.get_ids().iter().zip(e.get_type_ids()).map(|(&id, &kind)| id + vocab * kind).collect(),
+            None => e.get_ids().to_vec(),
+        },
+        word_ids: e.get_word_ids().to_vec(),
+        offsets: e.get_offsets().to_vec(),
     }
 }
 
@@ -137,7 +140,7 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("batchbox-pair-tokenizer-{}-{max_length}.json", std::process::id()));
         std::fs::write(&path, json).unwrap();
-        TextTokenizer::from_file(&path, max_length).unwrap()
+        TextTokenizer::from_file(&path, max_length, true).unwrap()
     }
 
     fn ids(tokenizer: &TextTokenizer, pair: (&str, &str), truncation: PairTruncation, typed: Option<u32>) -> Vec<u32> {
