@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::PluginModel;
 use crate::bindings::batchbox::plugin::{host, types};
 use crate::state::HostState;
 use batchbox_batcher::scheduler::Rejected;
@@ -135,16 +136,10 @@ impl host::Host for HostState {
             types::Truncation::OnlyFirst => PairTruncation::OnlyFirst,
             types::Truncation::OnlySecond => PairTruncation::OnlySecond,
         };
-        let model = self.model.clone();
         let span = tracing::debug_span!("tokenize", pairs = pairs.len());
-        let encoded =
-            tokio::task::spawn_blocking(move || model.tokenize_pairs(&pairs, truncation)).instrument(span).await?;
-        let took = started.elapsed();
-        self.times.host += took;
-        self.times.tokenize += took;
-        match encoded {
+        match self.encoded(span, move |model| model.tokenize_pairs(&pairs, truncation)).await? {
             Ok(encodings) => self.encodings_inferred(encodings, started).await,
-            Err(refused) => Ok(Err(to_wit_error(refused))),
+            Err(refused) => Ok(Err(refused)),
         }
     }
 
@@ -198,11 +193,23 @@ impl HostState {
         if let Err(refused) = self.usage.charge_texts(&self.quotas, &texts) {
             return Ok(Err(self.refused(refused)));
         }
+        let span = tracing::debug_span!("tokenize", texts = texts.len());
+        self.encoded(span, move |model| model.tokenize(&texts)).await
+    }
+
+    /// Runs `encode` (a `tokenize` of the model) off the async workers, since a large batch takes
+    /// milliseconds of CPU, and counts its time as the host's and as tokenizing.
+    async fn encoded<F>(
+        &mut self,
+        span: tracing::Span,
+        encode: F,
+    ) -> wasmtime::Result<Result<Vec<Encoding>, types::Error>>
+    where
+        F: FnOnce(&dyn PluginModel) -> Result<Vec<Encoding>, ModelError> + Send + 'static,
+    {
         let started = Instant::now();
         let model = self.model.clone();
-        let span = tracing::debug_span!("tokenize", texts = texts.len());
-        // Tokenizing a large batch takes milliseconds of CPU: keep it off the async workers.
-        let encoded = tokio::task::spawn_blocking(move || model.tokenize(&texts)).instrument(span).await?;
+        let encoded = tokio::task::spawn_blocking(move || encode(&*model)).instrument(span).await?;
         let took = started.elapsed();
         self.times.host += took;
         self.times.tokenize += took;
