@@ -25,7 +25,7 @@
 //! `{model}` is the served model's name (`GET /v1/models`); another is 404. Errors are the
 //! protocol's `{"error": "..."}`, with the status, and name what was wrong.
 
-use batchbox_sdk::scores::apply;
+use batchbox_sdk::scores::{apply, ranked};
 use batchbox_sdk::{Describe, Plugin, Request, Response, Settings, Task, check_count, host};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -365,9 +365,7 @@ fn outputs(asked: Option<&Value>, binary_output: bool, labels: usize) -> Result<
 
 /// A row's top `k` classes, highest first, as the classification extension writes them.
 fn top_classes(row: &[f32], k: usize, labels: &[String]) -> Vec<String> {
-    let mut order: Vec<usize> = (0..row.len()).collect();
-    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-    order.into_iter().take(k).map(|i| format!("{}:{i}:{}", row[i], labels[i])).collect()
+    ranked(row).into_iter().take(k).map(|i| format!("{}:{i}:{}", row[i], labels[i])).collect()
 }
 
 /// An output tensor's values.

@@ -23,7 +23,7 @@
 //! (10,000) per request. Errors are the host's shape and name the field.
 
 use batchbox_sdk::openapi::{error_response, error_schema};
-use batchbox_sdk::scores::apply;
+use batchbox_sdk::scores::{apply, ranked};
 use batchbox_sdk::{
     Describe, Plugin, Request, Response, Settings, Task, Truncation, check_count, check_text, error, host, json,
     parse_json, require_method,
@@ -120,7 +120,7 @@ fn query_and_documents(
 
 /// Each document's relevance to the query, in the documents' order: the one logit, raw or
 /// through the model's scoring function; and the indices of the pairs the model truncated.
-fn relevance(query: &str, documents: &[String], raw: bool) -> Result<(Vec<f64>, Vec<u32>), Response> {
+fn relevance(query: &str, documents: &[String], raw: bool) -> Result<(Vec<f32>, Vec<u32>), Response> {
     let pairs: Vec<(String, String)> = documents.iter().map(|d| (query.to_owned(), d.clone())).collect();
     let computed = host::infer_pairs(&pairs, Truncation::LongestFirst).map_err(|e| e.into_response())?;
     let activation = host::model_scoring().activation;
@@ -128,16 +128,9 @@ fn relevance(query: &str, documents: &[String], raw: bool) -> Result<(Vec<f64>, 
         .inference
         .outputs
         .iter()
-        .map(|t| if raw { f64::from(t.data[0]) } else { f64::from(apply(activation, &t.data)[0]) })
+        .map(|t| if raw { t.data[0] } else { apply(activation, &t.data)[0] })
         .collect();
     Ok((scores, computed.truncated))
-}
-
-/// Document indices, most relevant first (ties keep the documents' order).
-fn ranked(scores: &[f64]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    order
 }
 
 fn flag(fields: &Map<String, Value>, name: &str, default: bool) -> Result<bool, Response> {
@@ -178,8 +171,8 @@ fn tei(request: &Request) -> Result<Response, Response> {
     let results: Vec<Value> = ranked(&scores)
         .into_iter()
         .map(|i| match return_text {
-            true => json!({ "index": i, "score": scores[i], "text": texts[i] }),
-            false => json!({ "index": i, "score": scores[i] }),
+            true => json!({ "index": i, "score": f64::from(scores[i]), "text": texts[i] }),
+            false => json!({ "index": i, "score": f64::from(scores[i]) }),
         })
         .collect();
     Ok(json(200, &results))
@@ -217,8 +210,11 @@ fn cohere(request: &Request) -> Result<Response, Response> {
         Some(value) => return Err(bad(format!("`priority` must be a number, not {value}"))),
     }
     let (scores, _) = relevance(&query, &documents, false)?;
-    let results: Vec<Value> =
-        ranked(&scores).into_iter().take(top_n).map(|i| json!({ "index": i, "relevance_score": scores[i] })).collect();
+    let results: Vec<Value> = ranked(&scores)
+        .into_iter()
+        .take(top_n)
+        .map(|i| json!({ "index": i, "relevance_score": f64::from(scores[i]) }))
+        .collect();
     let mut answer = json!({
         "results": results,
         "meta": { "api_version": { "version": "2" }, "billed_units": { "search_units": 1 } },

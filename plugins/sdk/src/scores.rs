@@ -163,8 +163,8 @@ impl ScoreOptions {
     }
 }
 
-/// The label indices, highest score first; ties in label order.
-fn ranked(scores: &[f32]) -> Vec<usize> {
+/// The indices of `scores`, highest first; ties keep their order (labels, documents, ...).
+pub fn ranked(scores: &[f32]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     order
